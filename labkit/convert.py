@@ -1,0 +1,108 @@
+"""torchvision ``mobilenet_v2`` <-> labkit ``MobileNetV2`` weights. Nothing is downloaded.
+
+Key map (all 314 keys map 1:1): ``features.0.*`` -> ``pilot.*``; ``features.N.*`` -> ``features.(N-1).*``;
+``conv`` -> ``residual_branch``; block 0 ``.1`` -> ``.1.0`` and ``.2`` -> ``.1.1``; other blocks ``.2`` ->
+``.2.0`` and ``.3`` -> ``.2.1``; ``classifier.1.*`` unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from labkit.checkpoint import CheckpointError, load_file, make_checkpoint, save_atomic
+from labkit.models import MobileNetV2
+
+_BLOCK = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.+)$")
+_STEM_OR_HEAD = re.compile(r"^features\.(\d+)\.(\d+)\.(.+)$")
+CAPACITIES = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+TORCHVISION_WEIGHTS = "MobileNet_V2_Weights.IMAGENET1K_V1"
+
+
+def torchvision_key(key: str, n_features: int) -> str:
+    """Map one torchvision ``mobilenet_v2`` state-dict key to its labkit name."""
+    if key.startswith("classifier."):
+        return key
+    block = _BLOCK.match(key)
+    if block:
+        n, k, rest = int(block[1]), int(block[2]), block[3]
+        last = 1 if n == 1 else 2  # index of the project conv's first module in the torchvision block
+        if k >= last:  # project conv (k == last) and its BN (k == last + 1) become one ConvBN group
+            return f"features.{n - 1}.residual_branch.{last}.{k - last}.{rest}"
+        return f"features.{n - 1}.residual_branch.{k}.{rest}"
+    head = _STEM_OR_HEAD.match(key)
+    if head:
+        n, rest = int(head[1]), f"{head[2]}.{head[3]}"
+        return f"pilot.{rest}" if n == 0 else f"features.{n - 1}.{rest}"
+    raise CheckpointError(f"'{key}' is not a torchvision mobilenet_v2 state-dict key")
+
+
+def is_torchvision_state_dict(state_dict: dict) -> bool:
+    return any(k.startswith("features.0.0.") for k in state_dict) and not any(k.startswith("pilot.") for k in state_dict)
+
+
+def from_torchvision(model_or_state_dict: nn.Module | dict, capacity: float | None = None,
+                     config: str = "standard") -> MobileNetV2:
+    """A labkit ``MobileNetV2`` carrying torchvision's weights (identical logits in eval mode).
+
+    ``capacity`` (width) and ``num_classes`` are read off the tensor shapes when not given.
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    n_features = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("features."))
+    mapped = {torchvision_key(k, n_features): v for k, v in state.items()}
+    num_classes = mapped["classifier.1.weight"].shape[0]
+    candidates = [capacity] if capacity is not None else CAPACITIES
+    for width in candidates:
+        net = MobileNetV2(capacity=width, num_classes=num_classes, config=config)
+        if _shapes_match(net.state_dict(), mapped):
+            net.load_state_dict(mapped, strict=True)
+            return net
+    raise CheckpointError(
+        "the torchvision state dict matches no MobileNetV2 width "
+        f"({', '.join(map(str, candidates))}): pass capacity= explicitly, or check the file")
+
+
+def _shapes_match(reference: dict, state: dict) -> bool:
+    return reference.keys() == state.keys() and all(reference[k].shape == state[k].shape for k in reference)
+
+
+def torchvision_hub_file() -> Path:
+    """Where torchvision keeps ``mobilenet_v2`` IMAGENET1K_V1 weights in the local torch hub cache."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    url = MobileNet_V2_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_torchvision_weights(path: str | os.PathLike | None = None) -> dict:
+    """torchvision weights from ``path``, or from the torch hub cache when ``path`` is None."""
+    if path is None:
+        from torchvision.models import MobileNet_V2_Weights
+
+        path = torchvision_hub_file()
+        if not path.is_file():
+            raise CheckpointError(
+                f"torchvision's pretrained mobilenet_v2 weights are not in the local cache ('{path}') and "
+                f"nothing is downloaded at run time: on a machine with internet, fetch "
+                f"{MobileNet_V2_Weights.IMAGENET1K_V1.url} and copy it to that path, or pass the file with "
+                "--from FILE")
+    obj = load_file(path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not is_torchvision_state_dict(obj):
+        raise CheckpointError(f"'{path}' is not a torchvision mobilenet_v2 state dict (no 'features.0.0.*' keys)")
+    return obj
+
+
+def convert_file(output: str | os.PathLike, source: str | os.PathLike | None = None,
+                 capacity: float | None = None, config: str = "standard") -> tuple[Path, MobileNetV2]:
+    """Write a labkit checkpoint converted from a torchvision state-dict file (or the hub cache)."""
+    net = from_torchvision(load_torchvision_weights(source), capacity=capacity, config=config)
+    network = {"class": "MobileNetV2",
+               "kwargs": {"capacity": net.capacity, "num_classes": net.num_classes, "config": net.config}}
+    ckpt = make_checkpoint(net.state_dict(), network, source=str(source or torchvision_hub_file()))
+    return save_atomic(ckpt, output), net

@@ -1,0 +1,169 @@
+"""Datasets: ILSVRC12 from an ImageFolder tree, and the embedded default (scikit-learn's digits, 32x32 RGB).
+
+Nothing here downloads. ``build_datasets(data_cfg)`` returns ``(train, valid)``; both carry ``.classes``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PCA of ImageNet RGB pixels (AlexNet lighting noise): eigenvalues and eigenvectors (columns).
+_IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+_IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+EMBEDDED_SIZE = 32
+EMBEDDED_VAL_SIZE = 360
+EMBEDDED_SPLIT_SEED = 0
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as configured; the message names the path or value and the fix."""
+
+
+def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
+    """``data`` config section -> ``(train, valid)`` datasets."""
+    name = data_cfg.get("name", "imagenet")
+    augment = bool(_augment_flag(data_cfg, "train"))
+    if name == "embedded":
+        return EmbeddedDigits("train", augment=augment), EmbeddedDigits("valid")
+    if name == "imagenet":
+        size = int(data_cfg.get("image_size", 224))
+        root = data_cfg.get("root")
+        return (imagenet_folder(root, "train", imagenet_transform(size, augment)),
+                imagenet_folder(root, "val", imagenet_transform(size, _augment_flag(data_cfg, "valid"))))
+    raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
+
+
+def _augment_flag(data_cfg: dict, split: str) -> bool:
+    return bool(data_cfg.get(split, {}).get("dataset", {}).get("transform", {}).get("kwargs", {}).get("augment", False))
+
+
+def check_num_classes(dataset: Dataset, num_classes: int) -> None:
+    """Raise when the dataset's class count differs from the network's output size."""
+    found = len(dataset.classes)
+    if found != num_classes:
+        raise DatasetError(
+            f"the dataset has {found} classes but the network outputs {num_classes}: set "
+            f"network.kwargs.num_classes to {found} (or point data.root at the matching dataset)")
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+class Lighting:
+    """AlexNet PCA lighting noise: ``img += eigvec @ (alpha * eigval)``, ``alpha ~ N(0, std)``."""
+
+    def __init__(self, std: float = 0.1):
+        self.std = std
+        self.eigval = torch.tensor(_IMAGENET_EIGVAL)
+        self.eigvec = torch.tensor(_IMAGENET_EIGVEC)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.std == 0:
+            return img
+        alpha = torch.randn(3) * self.std
+        return img + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
+
+
+def imagenet_transform(size: int = 224, augment: bool = False):
+    """Train (augment): RandomResizedCrop, flip, colour jitter 0.4, lighting 0.1. Eval: Resize(size*8/7), CenterCrop."""
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if augment:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
+                          T.ToTensor(), Lighting(0.1), normalize])
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), normalize])
+
+
+def imagenet_folder(root: str | None, split: str, transform) -> Dataset:
+    """``root/split/<class>/<image>`` as a torchvision ImageFolder, with errors that say what to fix."""
+    from torchvision.datasets import ImageFolder
+
+    if not root:
+        raise DatasetError("data.root is not set: point it at the ILSVRC12 folder that holds train/ and val/")
+    folder = Path(root).expanduser() / split
+    if not Path(root).expanduser().is_dir():
+        raise DatasetError(f"ImageNet root '{root}' does not exist: set data.root (or --data-root) to the "
+                           "folder that holds train/ and val/ (one sub-folder of images per class)")
+    if not folder.is_dir():
+        raise DatasetError(f"'{folder}' is missing: the ImageNet root must hold train/ and val/, each with one "
+                           "sub-folder per class (run torchvision's valprep or an equivalent script for val/)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"'{folder}' holds no class folders: expected {split}/<class>/<image files>")
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:  # torchvision: a class folder without images
+        empty = [c for c in classes if not any(p.is_file() for p in (folder / c).iterdir())]
+        where = f"class folder(s) {', '.join(repr(str(folder / c)) for c in empty[:3])}" if empty else f"'{folder}'"
+        raise DatasetError(f"{where} hold(s) no images: every class needs at least one image "
+                           f"(.jpg, .jpeg, .png, ...); remove empty class folders or fill them") from err
+
+
+# -------------------------------------------------------------------------------------- embedded default
+class EmbeddedDigits(Dataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, 0..16), bilinearly resized to 32x32 RGB.
+
+    Fixed stratified split (seed 0): 1,437 train / 360 valid. Normalised by the train split's mean/std.
+    ``augment`` shifts each image by up to 2 pixels (background-filled).
+    """
+
+    def __init__(self, split: str = "train", augment: bool = False, max_shift: int = 2):
+        if split not in ("train", "valid"):
+            raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        images, labels, mean, std = _embedded_arrays()
+        index = _embedded_split()[split]
+        self.images = ((images[index] - mean) / std).contiguous()
+        self.targets = labels[index]
+        self.background = float((0.0 - mean) / std)
+        self.mean, self.std = mean, std
+        self.classes = [str(d) for d in range(10)]
+        self.augment, self.max_shift = augment, max_shift
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.augment and self.max_shift:
+            s = self.max_shift
+            dx, dy = torch.randint(-s, s + 1, (2,)).tolist()
+            padded = F.pad(img, (s, s, s, s), value=self.background)
+            img = padded[:, s + dy: s + dy + EMBEDDED_SIZE, s + dx: s + dx + EMBEDDED_SIZE]
+        return img, int(self.targets[i])
+
+
+_EMBEDDED_CACHE: dict = {}
+
+
+def _embedded_arrays():
+    """All 1,797 digits as float 3x32x32 in [0, 1], labels, and the train split's mean and std."""
+    if "arrays" not in _EMBEDDED_CACHE:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        small = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        big = F.interpolate(small, size=(EMBEDDED_SIZE, EMBEDDED_SIZE), mode="bilinear", align_corners=False)
+        images = big.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        train = images[_embedded_split(labels.numpy())["train"]]
+        _EMBEDDED_CACHE["arrays"] = (images, labels, float(train.mean()), float(train.std()))
+    return _EMBEDDED_CACHE["arrays"]
+
+
+def _embedded_split(labels: np.ndarray | None = None) -> dict:
+    """Stratified, seeded index split of the 1,797 digits: 360 valid, the rest train."""
+    if "split" not in _EMBEDDED_CACHE:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(labels))
+        train, valid = train_test_split(idx, test_size=EMBEDDED_VAL_SIZE, random_state=EMBEDDED_SPLIT_SEED,
+                                        stratify=labels)
+        _EMBEDDED_CACHE["split"] = {"train": torch.from_numpy(np.sort(train)), "valid": torch.from_numpy(np.sort(valid))}
+    return _EMBEDDED_CACHE["split"]
