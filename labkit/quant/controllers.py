@@ -1,0 +1,127 @@
+"""Epoch-schedule controllers for quantizers (facts §2).
+
+A schedule maps epochs (str or int) to a command or a list of commands, e.g.
+``{"0": ["start", "verbose_on"], "4": "freeze"}``. ``step_pre_training_epoch(e)`` applies, in epoch order,
+every scheduled command with ``last_epoch < epoch <= e`` (so skipped epochs are caught up) and records
+``last_epoch``. Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
+schedule to a net restored from a checkpoint reproduces the uninterrupted run's module state.
+The activation controller also covers the adders' quantizers and calls every adder's ``sync_eps`` after its
+commands, before every training batch and before validation.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from labkit.quant.modules import PACTIntegerAdd, QuantizerBase, _ActQuantizer, _WeightQuantizer
+
+COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
+START_KWARGS = ("init_clip_hi", "init_clip_lo")
+
+
+def parse_schedule(schedule: dict | None, what: str = "schedule") -> dict[int, list[str]]:
+    """``{"0": ["start"], "4": "freeze"}`` -> ``{0: ["start"], 4: ["freeze"]}``; validates commands."""
+    out: dict[int, list[str]] = {}
+    for key, cmds in (schedule or {}).items():
+        try:
+            epoch = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: epoch key {key!r} is not an integer") from None
+        cmds = [cmds] if isinstance(cmds, str) else list(cmds)
+        for c in cmds:
+            if c not in COMMANDS:
+                raise ValueError(f"{what}[{key!r}]: unknown command {c!r}; allowed: {', '.join(COMMANDS)}")
+        out.setdefault(epoch, []).extend(cmds)
+    return dict(sorted(out.items()))
+
+
+class PACTController:
+    """Drives a set of quantizers (``[(name, module)]``) by an epoch schedule; ``start_kwargs`` go to ``start``."""
+
+    def __init__(self, modules: list[tuple[str, QuantizerBase]], schedule: dict | None, adders=(),
+                 name: str = "quantizers", **start_kwargs):
+        for k in start_kwargs:
+            if k not in START_KWARGS:
+                raise TypeError(f"{name} controller: unknown keyword {k!r}; allowed: {', '.join(START_KWARGS)}")
+        self.modules = list(modules)
+        self.adders = list(adders)
+        self.name = name
+        self.schedule = parse_schedule(schedule, f"{name} schedule")
+        self.start_kwargs = start_kwargs
+        self.last_epoch = -1
+        self.verbose = False
+
+    # ------------------------------------------------------------------ commands
+    def apply(self, command: str) -> None:
+        if command not in COMMANDS:
+            raise ValueError(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
+        if command in ("verbose_on", "verbose_off"):
+            self.verbose = command == "verbose_on"
+            for _, m in self.modules:
+                m.verbose = self.verbose
+            return
+        for _, m in self.modules:
+            if command == "start":
+                m.start(**self.start_kwargs)
+            else:
+                getattr(m, command)()
+        if command == "start":
+            self.sync()
+        if self.verbose:
+            self._report(command)
+
+    def _report(self, command: str) -> None:
+        print(f"[{self.name} controller] {command} ({len(self.modules)} quantizers)")
+        if command == "start":
+            for n, m in self.modules:
+                s = m.quant_summary()
+                print(f"  {n}: lo={s['lo']:.5g} hi={s['hi']:.5g} eps={s['eps']:.5g} n_levels={s['n_levels']}")
+
+    def sync(self) -> None:
+        for a in self.adders:
+            a.sync_eps()
+
+    # ------------------------------------------------------------------ trainer hooks
+    def step_pre_training_epoch(self, epoch: int) -> None:
+        epoch = int(epoch)
+        for e, cmds in self.schedule.items():
+            if self.last_epoch < e <= epoch:
+                for c in cmds:
+                    self.apply(c)
+        self.last_epoch = max(self.last_epoch, epoch)
+
+    def step_pre_training_batch(self) -> None:
+        self.sync()
+
+    def step_pre_validation_epoch(self, epoch: int | None = None) -> None:
+        self.sync()
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "verbose": self.verbose,
+                "schedule": {str(k): v for k, v in self.schedule.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state.get("last_epoch", -1))
+        self.apply("verbose_on" if state.get("verbose", False) else "verbose_off")
+
+
+def get_pact_controllers(net: nn.Module, schedules: dict, kwargs_linear: dict | None = None,
+                         kwargs_activation: dict | None = None) -> list[PACTController]:
+    """Controllers for ``schedules = {"linear": {...}, "activation": {...}}`` (either key may be missing):
+    ``linear`` drives PACTConv2d/PACTLinear weight quantizers; ``activation`` drives activation quantizers
+    (adders' included) and syncs adder eps. ``kwargs_*`` (``init_clip_hi``/``init_clip_lo``) go to ``start``."""
+    schedules = dict(schedules or {})
+    unknown = set(schedules) - {"linear", "activation"}
+    if unknown:
+        raise ValueError(f"schedules: unknown key(s) {sorted(unknown)}; allowed: 'linear', 'activation'")
+    named = [(n, m) for n, m in net.named_modules() if isinstance(m, QuantizerBase)]
+    out = []
+    if "linear" in schedules:
+        mods = [(n, m) for n, m in named if isinstance(m, _WeightQuantizer)]
+        out.append(PACTController(mods, schedules["linear"], name="linear", **dict(kwargs_linear or {})))
+    if "activation" in schedules:
+        mods = [(n, m) for n, m in named if isinstance(m, _ActQuantizer)]
+        adders = [m for m in net.modules() if isinstance(m, PACTIntegerAdd)]
+        out.append(PACTController(mods, schedules["activation"], adders=adders, name="activation",
+                                  **dict(kwargs_activation or {})))
+    return out

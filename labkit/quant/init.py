@@ -1,0 +1,133 @@
+"""Clip-bound initialisation rules (facts §3).
+
+Weights (computed from the tensor at ``start``; per layer, or per output channel = dim 0):
+  ``max``        lo = min w, hi = max w (symmetric quantizers use m = max |w|)
+  ``std``        mean -/+ nb_std * std (symmetric: m = max(|mean - k std|, |mean + k std|))
+  ``sawb_symm``  m = c1 sqrt(E[w^2]) - c2 E|w| with the symmetric-range coefficients
+  ``sawb_asymm`` the same with the almost-symmetric-range coefficients (odd n_levels: the only column)
+  ``const``      [init_clip_lo, init_clip_hi]
+SAWB falls back to max |w| wherever alpha* <= 0.
+
+Activations (from statistics gathered in training mode before ``start``):
+  ``max`` EMA of the batch min / max; ``std`` mean -/+ nb_std * std (EMA of batch mean and variance);
+  ``percentile`` EMA of the batch ``percentile`` / ``100 - percentile`` percentiles; ``const`` as above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WEIGHT_INIT_MODES = ("max", "std", "sawb_symm", "sawb_asymm", "const")
+ACT_INIT_MODES = ("max", "std", "percentile", "const")
+
+# n_levels -> ((c1, c2) symmetric range, (c1, c2) almost-symmetric range or None for odd n_levels)
+SAWB_COEFFS: dict[int, tuple[tuple[float, float], tuple[float, float] | None]] = {
+    3: ((2.58072, 1.68371), None),
+    4: ((3.22824, 2.19780), (4.74932, 3.32860)),
+    7: ((6.99146, 6.34798), None),
+    8: ((7.57111, 6.96333), (8.26900, 7.36509)),
+    15: ((12.04287, 12.07040), None),
+    16: ((12.16637, 12.19222), (12.06485, 11.86833)),
+    31: ((14.71474, 15.13775), None),
+    32: ((15.18684, 15.72128), (15.47646, 15.98616)),
+    63: ((20.78714, 22.60234), None),
+    64: ((20.54678, 22.29264), (21.96366, 24.03408)),
+    127: ((27.15792, 30.50641), None),
+    128: ((27.75226, 31.25157), (28.26410, 31.87972)),
+    255: ((35.48044, 40.89530), None),
+    256: ((34.97231, 40.26019), (36.15292, 41.73554)),
+}
+
+# statistics sampled per batch for the percentile rule (strided subsample; no RNG draws)
+PERCENTILE_SAMPLES = 1 << 16
+
+
+def check_mode(mode: str, allowed: tuple[str, ...], what: str) -> str:
+    if mode not in allowed:
+        raise ValueError(f"init_clip={mode!r} is not a valid {what} init mode; allowed: {', '.join(allowed)}")
+    return mode
+
+
+def sawb_coefficients(n_levels: int, mode: str = "sawb_asymm") -> tuple[float, float]:
+    """``(c1, c2)`` for ``n_levels``; ``mode`` ``sawb_symm`` or ``sawb_asymm`` picks the column."""
+    if n_levels not in SAWB_COEFFS:
+        raise ValueError(f"no SAWB coefficients for n_levels={n_levels}; available: {sorted(SAWB_COEFFS)} "
+                         f"(use init_clip 'max' or 'std' instead)")
+    symm, asymm = SAWB_COEFFS[n_levels]
+    return asymm if (mode == "sawb_asymm" and asymm is not None) else symm
+
+
+def _reduce_dims(w: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
+    return tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
+
+
+def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
+    """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0."""
+    c1, c2 = sawb_coefficients(n_levels, mode)
+    dims = _reduce_dims(w, per_channel)
+    wf = w.detach().float()
+    alpha = c1 * torch.sqrt((wf ** 2).mean(dim=dims)) - c2 * wf.abs().mean(dim=dims)
+    return torch.where(alpha > 0, alpha, wf.abs().amax(dim=dims))
+
+
+def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False, nb_std: float = 3.0,
+                init_clip_lo: float = -1.0, init_clip_hi: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ``(lo, hi)`` for a weight tensor (shape ``()`` or ``(C_out,)``); symmetric rules give lo = -hi."""
+    check_mode(mode, WEIGHT_INIT_MODES, "weight")
+    dims = _reduce_dims(w, per_channel)
+    wf = w.detach().float()
+    if mode == "max":
+        return wf.amin(dim=dims), wf.amax(dim=dims)
+    if mode == "std":
+        mean, std = wf.mean(dim=dims), wf.std(dim=dims, unbiased=False)
+        return mean - nb_std * std, mean + nb_std * std
+    if mode in ("sawb_symm", "sawb_asymm"):
+        a = sawb_clip(w, n_levels, mode, per_channel)
+        return -a, a
+    shape = wf.amax(dim=dims).shape
+    return torch.full(shape, float(init_clip_lo)), torch.full(shape, float(init_clip_hi))
+
+
+def update_act_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, momentum: float, percentile: float) -> None:
+    """EMA (``new = (1 - momentum) old + momentum batch``; first batch copied) of batch min, max, mean, var
+    and the ``percentile`` / ``100 - percentile`` percentiles of a strided subsample. Updates ``stats`` in place."""
+    xf = x.detach().float().reshape(-1)
+    xf = xf[~torch.isnan(xf)]
+    if xf.numel() == 0:
+        return
+    step = max(1, xf.numel() // PERCENTILE_SAMPLES)
+    sub = xf[::step]
+    k_lo = max(1, min(sub.numel(), int(round((100.0 - percentile) / 100.0 * sub.numel()))))
+    k_hi = sub.numel() + 1 - k_lo
+    batch = {
+        "running_min": xf.min(), "running_max": xf.max(), "running_mean": xf.mean(),
+        "running_var": xf.var(unbiased=False),
+        "running_pct_lo": sub.kthvalue(k_lo).values, "running_pct_hi": sub.kthvalue(k_hi).values,
+    }
+    first = int(stats["n_stat_batches"]) == 0
+    for k, v in batch.items():
+        if first:
+            stats[k].copy_(v)
+        else:
+            stats[k].mul_(1.0 - momentum).add_(momentum * v)
+    stats["n_stat_batches"].add_(1)
+
+
+def act_clip(stats: dict[str, torch.Tensor], mode: str, nb_std: float = 3.0, init_clip_lo: float = -6.0,
+             init_clip_hi: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ``(lo, hi)`` scalars from gathered statistics (``const`` needs none)."""
+    check_mode(mode, ACT_INIT_MODES, "activation")
+    if mode == "const":
+        return torch.tensor(float(init_clip_lo)), torch.tensor(float(init_clip_hi))
+    if mode == "max":
+        lo, hi = stats["running_min"], stats["running_max"]
+    elif mode == "std":
+        mean, std = stats["running_mean"], stats["running_var"].clamp(min=0).sqrt()
+        lo, hi = mean - nb_std * std, mean + nb_std * std
+    else:
+        lo, hi = stats["running_pct_lo"], stats["running_pct_hi"]
+    lo, hi = lo.detach().float().clone(), hi.detach().float().clone()
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise ValueError(f"init_clip={mode!r}: gathered statistics are not finite (lo={float(lo)}, hi={float(hi)}); "
+                         "the network produced inf/NaN activations before start")
+    return lo, hi
