@@ -3,7 +3,7 @@
 A schedule maps epochs (str or int) to a command or a list of commands, e.g.
 ``{"0": ["start", "verbose_on"], "4": "freeze"}``. ``step_pre_training_epoch(e)`` applies, in epoch order,
 every scheduled command with ``last_epoch < epoch <= e`` (so skipped epochs are caught up) and records
-``last_epoch``. Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
+``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
 schedule to a net restored from a checkpoint reproduces the uninterrupted run's module state.
 The activation controller also covers the adders' quantizers and calls every adder's ``sync_eps`` after its
 commands, before every training batch and before validation.
@@ -86,7 +86,8 @@ class PACTController:
         epoch = int(epoch)
         for e, cmds in self.schedule.items():
             if self.last_epoch < e <= epoch:
-                for c in cmds:
+                # verbose_on/off first, so that the same epoch's other commands are reported
+                for c in sorted(cmds, key=lambda c: not c.startswith("verbose")):
                     self.apply(c)
         self.last_epoch = max(self.last_epoch, epoch)
 

@@ -24,7 +24,7 @@ The log2_t gradient may be normalised (Adam-like, without momentum):
 ``v <- beta v + (1 - beta) g^2``, ``g <- g / (sqrt(v / (1 - beta^k)) + 1e-12)`` then optionally ``tanh(g)``.
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
-Computation runs in float32 for half-precision inputs; the output has the input's dtype.
+Half-precision inputs are computed in float32; the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ _LN2 = math.log(2.0)
 def round_half_up(z: torch.Tensor) -> torch.Tensor:
     """``floor(z + 1/2)`` (ties away from -inf; matches an integer ``(acc + half) >> d`` requantization)."""
     return torch.floor(z + 0.5)
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """Half precision is computed in float32; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _rnd(z: torch.Tensor, rounding: bool) -> torch.Tensor:
@@ -68,8 +73,8 @@ class PACTQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, n_levels: int, rounding: bool = True):
-        xf = x.float()
-        lo_f, hi_f = lo.detach().float(), hi.detach().float()
+        xf = _work(x)
+        lo_f, hi_f = lo.detach().to(xf.dtype), hi.detach().to(xf.dtype)
         eps = grid_eps(lo_f, hi_f, n_levels)
         hi_f = torch.maximum(hi_f, lo_f + EPS_MIN * (n_levels - 1))  # consistent with the eps floor
         below, above = xf < lo_f, xf >= hi_f
@@ -85,9 +90,9 @@ class PACTQuantFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g * (r == 0)
         if ctx.needs_input_grad[1]:
-            glo = _sum_to(g.float() * (r == -1), ctx.lo_meta)
+            glo = _sum_to(_work(g) * (r == -1), ctx.lo_meta)
         if ctx.needs_input_grad[2]:
-            ghi = _sum_to(g.float() * (r == 1), ctx.hi_meta)
+            ghi = _sum_to(_work(g) * (r == 1), ctx.hi_meta)
         return gx, glo, ghi, None, None
 
 
@@ -115,17 +120,20 @@ def tqt_scale(log2_t: torch.Tensor, n_levels: int, signed: bool, pow2: bool) -> 
 
 def normalize_tqt_grad(g: torch.Tensor, var: torch.Tensor, step: torch.Tensor, beta: float,
                        clip_grad: bool) -> torch.Tensor:
-    """Adam-like normalisation of a log2_t gradient; updates ``var`` and ``step`` in place.
-
-    Non-finite gradients (e.g. an overflowing AMP loss scale) pass through untouched and leave the state alone.
-    """
-    if not bool(torch.isfinite(g).all()):
-        return g
-    step.add_(1)
-    var.mul_(beta).add_((1.0 - beta) * g.detach().to(var.dtype) ** 2)
-    v_hat = var / (1.0 - beta ** step.to(var.dtype))
-    out = g / (torch.sqrt(v_hat).to(g.dtype) + 1e-12)
-    return torch.tanh(out) if clip_grad else out
+    """Adam-like normalisation of a log2_t gradient; updates ``var`` and ``step`` in place:
+    ``v <- beta v + (1 - beta) g^2; k <- k + 1; g / (sqrt(v / (1 - beta^k)) + 1e-12)``, then ``tanh`` if
+    ``clip_grad``. A non-finite gradient (e.g. an overflowing AMP loss scale) passes through untouched and
+    leaves the state alone (no host synchronisation)."""
+    gd = g.detach().to(var.dtype)
+    ok = torch.isfinite(gd).all()
+    new_var = torch.where(ok, beta * var + (1.0 - beta) * gd ** 2, var)
+    var.copy_(new_var)
+    step.add_(ok.to(step.dtype))
+    v_hat = var / (1.0 - beta ** step.clamp(min=1.0))
+    out = gd / (torch.sqrt(v_hat) + 1e-12)
+    if clip_grad:
+        out = torch.tanh(out)
+    return torch.where(ok, out, gd).to(g.dtype)
 
 
 class TQTQuantFn(torch.autograd.Function):
@@ -135,8 +143,8 @@ class TQTQuantFn(torch.autograd.Function):
     def forward(ctx, x, log2_t, n_levels: int, signed: bool, pow2: bool, rounding: bool,
                 var, step, beta: float, clip_grad: bool, normalize: bool):
         n, p, _ = tqt_code_range(n_levels, signed)
-        xf = x.float()
-        s = tqt_scale(log2_t.detach().float(), n_levels, signed, pow2)
+        xf = _work(x)
+        s = tqt_scale(log2_t.detach().to(xf.dtype), n_levels, signed, pow2)
         z = xf / s
         c = _rnd(z, rounding)
         r = _regions(xf, c < n, c > p)
@@ -154,7 +162,7 @@ class TQTQuantFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g * (r == 0)
         if ctx.needs_input_grad[1]:
-            gf = g.float()
+            gf = _work(g)
             local = torch.where(r == 0, frac, torch.where(r == -1, float(n), torch.where(r == 1, float(p), 0.0)))
             gt = _sum_to(gf * local * (s * _LN2), t_meta)
             if normalize:

@@ -9,8 +9,10 @@ Weights (computed from the tensor at ``start``; per layer, or per output channel
 SAWB falls back to max |w| wherever alpha* <= 0.
 
 Activations (from statistics gathered in training mode before ``start``):
-  ``max`` EMA of the batch min / max; ``std`` mean -/+ nb_std * std (EMA of batch mean and variance);
-  ``percentile`` EMA of the batch ``percentile`` / ``100 - percentile`` percentiles; ``const`` as above.
+  ``max`` EMA of the batch min / max (unsigned: hi only); ``std`` mean -/+ nb_std * std (EMAs of the batch
+  mean and variance); ``percentile`` EMA of the batch ``100 - percentile`` / ``percentile`` percentiles
+  (linear interpolation); ``const`` [init_clip_lo, init_clip_hi] (unsigned: [0, init_clip_hi]).
+Signed symmetric quantizers take m = max(|lo|, |hi|); TQT takes t = hi (unsigned) or max(|lo|, |hi|).
 """
 
 from __future__ import annotations
@@ -89,27 +91,26 @@ def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = F
 
 
 def update_act_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, momentum: float, percentile: float) -> None:
-    """EMA (``new = (1 - momentum) old + momentum batch``; first batch copied) of batch min, max, mean, var
-    and the ``percentile`` / ``100 - percentile`` percentiles of a strided subsample. Updates ``stats`` in place."""
+    """EMA (``new = (1 - momentum) old + momentum batch``; the first batch is copied) of the batch min, max,
+    mean, variance and the ``100 - percentile`` / ``percentile`` percentiles (of a strided subsample of at most
+    ``PERCENTILE_SAMPLES`` values). NaN values are ignored (an all-NaN batch makes the statistics NaN, and a
+    later ``start`` then raises). Updates ``stats`` in place without host synchronisation."""
     xf = x.detach().float().reshape(-1)
-    xf = xf[~torch.isnan(xf)]
     if xf.numel() == 0:
         return
-    step = max(1, xf.numel() // PERCENTILE_SAMPLES)
-    sub = xf[::step]
-    k_lo = max(1, min(sub.numel(), int(round((100.0 - percentile) / 100.0 * sub.numel()))))
-    k_hi = sub.numel() + 1 - k_lo
+    nan = torch.isnan(xf)
+    mean = torch.nanmean(xf)
+    sub = xf[:: max(1, xf.numel() // PERCENTILE_SAMPLES)]
+    q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], device=xf.device)
+    pct = torch.nanquantile(sub, q)
     batch = {
-        "running_min": xf.min(), "running_max": xf.max(), "running_mean": xf.mean(),
-        "running_var": xf.var(unbiased=False),
-        "running_pct_lo": sub.kthvalue(k_lo).values, "running_pct_hi": sub.kthvalue(k_hi).values,
+        "running_min": torch.where(nan, torch.inf, xf).amin(), "running_max": torch.where(nan, -torch.inf, xf).amax(),
+        "running_mean": mean, "running_var": torch.nanmean((xf - mean) ** 2),
+        "running_pct_lo": pct[0], "running_pct_hi": pct[1],
     }
-    first = int(stats["n_stat_batches"]) == 0
+    first = stats["n_stat_batches"] == 0
     for k, v in batch.items():
-        if first:
-            stats[k].copy_(v)
-        else:
-            stats[k].mul_(1.0 - momentum).add_(momentum * v)
+        stats[k].copy_(torch.where(first, v, (1.0 - momentum) * stats[k] + momentum * v))
     stats["n_stat_batches"].add_(1)
 
 

@@ -12,6 +12,8 @@ Bounds (effective ``lo``/``hi``, ``eps = (hi - lo) / (n_levels - 1)``, floored a
   * signed, not ``symm``:   lo = ``clip_lo``, hi = ``clip_hi``
   * ``tqt``:                parameter ``log2_t``; scale s (see :mod:`labkit.quant.functional`), lo = n s, hi = p s;
                             TQT grids are symmetric by design (``symm`` is ignored)
+``start`` initialises by ``init_clip`` (rules in :mod:`labkit.quant.init`); symmetric grids take
+m = max(|lo|, |hi|) of the rule's range, except ``const`` where m = ``init_clip_hi``.
 With ``learn_clip`` the bound parameters receive the PACT gradients (or the TQT log2 t gradient) once started.
 ``requires_grad`` of bound parameters is ``learn_clip`` and never changes (DDP registers parameters once);
 frozen or not-yet-started bounds are simply not used with autograd.
@@ -125,6 +127,8 @@ class QuantizerBase(nn.Module):
         if init_clip_lo is not None:
             self.init_clip_lo = float(init_clip_lo)
         lo, hi = self._raw_init_bounds()
+        if self.init_clip == "const" and self.signed and (self.symm or self.tqt):
+            lo = -hi  # symmetric grids: const gives m = init_clip_hi
         self._set_bounds(lo, hi)
         self._set_flags(started=True)
 
