@@ -150,6 +150,9 @@ def _validate(cfg: dict) -> None:
             raise ConfigError(f"data.{split}.dataloader.bs", f"batch size must be >= 1, got {bs}")
         _expect(cfg, f"data.{split}.dataloader.num_workers", int, required=False)
         _expect(cfg, f"data.{split}.dataset.transform.kwargs.augment", bool, required=False)
+        limit = _expect(cfg, f"data.{split}.dataset.limit", (int, type(None)), required=False)
+        if limit is not None and limit < 1:
+            raise ConfigError(f"data.{split}.dataset.limit", f"must be >= 1 (or null for all), got {limit}")
     _expect(cfg, "data.image_size", int, required=False)
 
     _expect(cfg, "network.class", str, choices=NETWORKS)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,13 +32,27 @@ def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
     name = data_cfg.get("name", "imagenet")
     augment = bool(_augment_flag(data_cfg, "train"))
     if name == "embedded":
-        return EmbeddedDigits("train", augment=augment), EmbeddedDigits("valid")
-    if name == "imagenet":
+        train, valid = EmbeddedDigits("train", augment=augment), EmbeddedDigits("valid")
+    elif name == "imagenet":
         size = int(data_cfg.get("image_size", 224))
         root = data_cfg.get("root")
-        return (imagenet_folder(root, "train", imagenet_transform(size, augment)),
-                imagenet_folder(root, "val", imagenet_transform(size, _augment_flag(data_cfg, "valid"))))
-    raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
+        for split in ("train", "val"):  # both before the (slow) listing of either
+            _split_folder(root, split)
+        train = imagenet_folder(root, "train", imagenet_transform(size, augment))
+        valid = imagenet_folder(root, "val", imagenet_transform(size, _augment_flag(data_cfg, "valid")))
+    else:
+        raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
+    return _limit(train, data_cfg, "train"), _limit(valid, data_cfg, "valid")
+
+
+def _limit(dataset: Dataset, data_cfg: dict, split: str) -> Dataset:
+    """``data.<split>.dataset.limit = N`` keeps N samples evenly spread over the set (quick runs, tests)."""
+    limit = data_cfg.get(split, {}).get("dataset", {}).get("limit")
+    if not limit or limit >= len(dataset):
+        return dataset
+    subset = Subset(dataset, np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist())
+    subset.classes = dataset.classes
+    return subset
 
 
 def _augment_flag(data_cfg: dict, split: str) -> bool:
@@ -85,15 +99,7 @@ def imagenet_folder(root: str | None, split: str, transform) -> Dataset:
     """``root/split/<class>/<image>`` as a torchvision ImageFolder, with errors that say what to fix."""
     from torchvision.datasets import ImageFolder
 
-    if not root:
-        raise DatasetError("data.root is not set: point it at the ILSVRC12 folder that holds train/ and val/")
-    folder = Path(root).expanduser() / split
-    if not Path(root).expanduser().is_dir():
-        raise DatasetError(f"ImageNet root '{root}' does not exist: set data.root (or --data-root) to the "
-                           "folder that holds train/ and val/ (one sub-folder of images per class)")
-    if not folder.is_dir():
-        raise DatasetError(f"'{folder}' is missing: the ImageNet root must hold train/ and val/, each with one "
-                           "sub-folder per class (run torchvision's valprep or an equivalent script for val/)")
+    folder = _split_folder(root, split)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"'{folder}' holds no class folders: expected {split}/<class>/<image files>")
@@ -104,6 +110,19 @@ def imagenet_folder(root: str | None, split: str, transform) -> Dataset:
         where = f"class folder(s) {', '.join(repr(str(folder / c)) for c in empty[:3])}" if empty else f"'{folder}'"
         raise DatasetError(f"{where} hold(s) no images: every class needs at least one image "
                            f"(.jpg, .jpeg, .png, ...); remove empty class folders or fill them") from err
+
+
+def _split_folder(root: str | None, split: str) -> Path:
+    if not root:
+        raise DatasetError("data.root is not set: point it at the ILSVRC12 folder that holds train/ and val/")
+    folder = Path(root).expanduser() / split
+    if not Path(root).expanduser().is_dir():
+        raise DatasetError(f"ImageNet root '{root}' does not exist: set data.root (or --data-root) to the "
+                           "folder that holds train/ and val/ (one sub-folder of images per class)")
+    if not folder.is_dir():
+        raise DatasetError(f"'{folder}' is missing: the ImageNet root must hold train/ and val/, each with one "
+                           "sub-folder per class (run torchvision's valprep or an equivalent script for val/)")
+    return folder
 
 
 # -------------------------------------------------------------------------------------- embedded default

@@ -35,7 +35,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across all processes.
 
-    ``mean = sum(x) / N``, ``var = sum(x^2) / N - mean^2`` with sums all-reduced (autograd-aware), so any
+    ``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N`` with sums all-reduced (autograd-aware), so any
     backend works (gloo on CPU too, unlike ``nn.SyncBatchNorm``). Outside distributed training it is a
     plain BatchNorm2d; its state dict is the same.
     """
@@ -43,16 +43,16 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware: backward sums the grads
 
         dims = (0, 2, 3)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats)
         c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        sums = all_reduce(torch.cat([x.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum(dims)) / n  # two passes: no E[x^2] - mean^2 cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -60,7 +60,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
         shape = (1, c, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
