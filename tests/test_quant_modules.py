@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -212,9 +214,36 @@ def test_tqt_activation_module_pow2_and_normalised_grad():
     torch.testing.assert_close(a(x), s * torch.floor(x / s + 0.5).clamp(0, 255))
     a.zero_grad()
     a(x).sum().backward()
-    assert abs(a.log2_t.grad.item()) <= 1.0 and a.tqt_step.item() == 1  # normalised (+ tanh)
+    raw = a.log2_t.grad.item()
+    assert abs(raw) > 1.0 and a.tqt_step.item() == 0  # backward leaves the paper's raw gradient
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    before = a.log2_t.item()
+    opt.step()  # the step pre-hook normalises: first step |g| / sqrt(g^2) = 1, then tanh
+    assert a.tqt_step.item() == 1
+    assert a.log2_t.item() == pytest.approx(before - 0.1 * math.copysign(math.tanh(1.0), raw), rel=1e-6)
     summary = a.quant_summary()
     assert summary["log2_t"] == pytest.approx(a.log2_t.item())
+
+
+def test_tqt_normalisation_is_amp_loss_scale_invariant_and_survives_deepcopy():
+    torch.manual_seed(5)
+    x = torch.randn(512) * 3
+    steps = []
+    for amp in (False, True):
+        a = PACTAsymmetricAct(n_levels=16, init_clip="const", init_clip_hi=1.0, tqt=True, tqt_clip_grad=False)
+        a.start()
+        a = copy.deepcopy(a)  # a copy (e.g. a saved/loaded model) is normalised too
+        opt = torch.optim.SGD(a.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=amp)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale((a(x) - 0.5 * x).pow(2).sum()).backward()
+            scaler.step(opt)  # unscales, then steps: the normalisation sees unscaled gradients
+            scaler.update()
+        steps.append(a.log2_t.item())
+    assert a.tqt_step.item() == 3
+    assert steps[0] == pytest.approx(steps[1], rel=1e-6)
+    assert steps[0] != 0.0
 
 
 def test_tqt_continuous_scale():

@@ -14,7 +14,8 @@ Bounds (effective ``lo``/``hi``, ``eps = (hi - lo) / (n_levels - 1)``, floored a
                             TQT grids are symmetric by design (``symm`` is ignored)
 ``start`` initialises by ``init_clip`` (rules in :mod:`labkit.quant.init`); symmetric grids take
 m = max(|lo|, |hi|) of the rule's range, except ``const`` where m = ``init_clip_hi``.
-With ``learn_clip`` the bound parameters receive the PACT gradients (or the TQT log2 t gradient) once started.
+With ``learn_clip`` the bound parameters receive the PACT gradients (or the TQT log2 t gradient) once started;
+the TQT gradient is normalised right before each torch optimizer step (global step pre-hook, AMP-safe).
 ``requires_grad`` of bound parameters is ``learn_clip`` and never changes (DDP registers parameters once);
 frozen or not-yet-started bounds are simply not used with autograd.
 """
@@ -23,17 +24,50 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from labkit.quant import init as qinit
-from labkit.quant.functional import EPS_MIN, pact_quantize, tqt_code_range, tqt_quantize, tqt_scale
+from labkit.quant.functional import (
+    EPS_MIN,
+    normalize_tqt_grad,
+    pact_quantize,
+    tqt_code_range,
+    tqt_quantize,
+    tqt_scale,
+)
 
 ACT_KINDS = ("relu", "relu6", "leaky_relu", "identity")
 QUANTIZE_MODES = ("per_layer", "per_channel")
 _STAT_NAMES = ("running_min", "running_max", "running_mean", "running_var", "running_pct_lo", "running_pct_hi")
+
+
+# ---------------------------------------------------------------------------------------- TQT normalisation
+# TQT's log2 t gradient is normalised (Adam-like) just before the optimizer step, not in backward: there the
+# gradients are final (accumulated, DDP-averaged, unscaled by an AMP GradScaler, which also skips the step on
+# inf/NaN). A global optimizer step pre-hook normalises the log2_t of every live TQT quantizer that the
+# stepping optimizer holds; the running variance lives in the quantizer's buffers (checkpointed with the net).
+_TQT_MODULES: "weakref.WeakSet[QuantizerBase]" = weakref.WeakSet()
+
+
+def _tqt_step_pre_hook(optimizer, args, kwargs):
+    ids = None
+    for m in list(_TQT_MODULES):
+        p = m._parameters.get("log2_t")
+        if p is None or p.grad is None:
+            continue
+        if ids is None:
+            ids = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        if id(p) in ids:
+            m.normalize_log2_t_grad()
+    return None
+
+
+register_optimizer_step_pre_hook(_tqt_step_pre_hook)
 
 
 def _check_n_levels(n_levels) -> int:
@@ -75,6 +109,7 @@ class QuantizerBase(nn.Module):
                                        requires_grad=lg)
             self.register_buffer("tqt_var", torch.zeros(self.clip_shape))
             self.register_buffer("tqt_step", torch.zeros(()))
+            _TQT_MODULES.add(self)
         else:
             hi0 = self.init_clip_hi if not (self.signed and self.symm) else max(abs(self.init_clip_lo), abs(self.init_clip_hi))
             self.clip_hi = nn.Parameter(torch.full(self.clip_shape, hi0), requires_grad=lg)
@@ -84,6 +119,19 @@ class QuantizerBase(nn.Module):
         self.register_buffer("frozen_flag", torch.tensor(False))
         self._started = self._frozen = False
         self.verbose = False
+
+    def __setstate__(self, state):  # deepcopy / unpickling: register TQT quantizers for normalisation
+        super().__setstate__(state)
+        if getattr(self, "tqt", False):
+            _TQT_MODULES.add(self)
+
+    @torch.no_grad()
+    def normalize_log2_t_grad(self) -> None:
+        """Replace ``log2_t.grad`` (the paper's raw gradient) by its Adam-like normalisation (``tqt_beta``,
+        optional tanh); runs automatically before every torch optimizer step that holds ``log2_t``."""
+        if self.tqt and self.log2_t.grad is not None:
+            g = self.log2_t.grad
+            g.copy_(normalize_tqt_grad(g, self.tqt_var, self.tqt_step, self.tqt_beta, self.tqt_clip_grad))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -229,12 +277,9 @@ class QuantizerBase(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with the current bounds (regardless of ``started``)."""
         trainable = self.learn_clip and not self._frozen
-        if self.tqt:
+        if self.tqt:  # raw paper gradient here; normalised before the optimizer step (see top of module)
             log2_t = self.log2_t if trainable else self.log2_t.detach()
-            norm = trainable and self.log2_t.requires_grad and torch.is_grad_enabled()
-            return tqt_quantize(x, log2_t, self.n_levels, self.signed, self.pow2, self.rounding,
-                                self.tqt_var if norm else None, self.tqt_step if norm else None,
-                                self.tqt_beta, self.tqt_clip_grad)
+            return tqt_quantize(x, log2_t, self.n_levels, self.signed, self.pow2, self.rounding)
         lo, hi = self._bounds(trainable)
         if self.noisy and self.training:  # dithering: uniform noise of one step, centred
             eps = torch.clamp((hi - lo).detach() / (self.n_levels - 1), min=EPS_MIN)
