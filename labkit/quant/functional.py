@@ -20,8 +20,10 @@ power of two). Codes ``n..p``: signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``
     dq/dx = 1 if n <= R(x/s) <= p else 0
     dq/dlog2_t = s ln2 (R(x/s) - x/s) inside,  s ln2 n below,  s ln2 p above
 
-The log2_t gradient may be normalised (Adam-like, without momentum):
-``v <- beta v + (1 - beta) g^2``, ``g <- g / (sqrt(v / (1 - beta^k)) + 1e-12)`` then optionally ``tanh(g)``.
+The log2_t gradient is normalised (Adam-like, without momentum) by :func:`normalize_tqt_grad`:
+``v <- beta v + (1 - beta) g^2``, ``g <- g / (sqrt(v / (1 - beta^k)) + 1e-12)`` then optionally ``tanh(g)``;
+the layers apply it right before the optimizer step (see :mod:`labkit.quant.modules`); ``tqt_quantize`` can
+also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
 Half-precision inputs are computed in float32; the output has the input's dtype.
