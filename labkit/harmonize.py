@@ -137,6 +137,10 @@ def harmonize(net: nn.Module, *, requant_pool: bool = True, force_out_eps: bool 
                            "control flow must live inside leaf modules; pass their classes as leaf_types"
                            ) from err
     gm = fx.GraphModule(tracer.root, graph, class_name=type(net).__name__)
+    original = dict(net.named_modules())
+    for name, module in gm.named_modules():  # fx's stand-in containers start in training mode
+        if name in original:
+            module.training = original[name].training
     modules = dict(gm.named_modules())
     taken = set(modules)
     previous = getattr(net, "meta", {}).get(META_KEY, {}) if isinstance(net, fx.GraphModule) else {}

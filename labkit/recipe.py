@@ -23,7 +23,10 @@ replaced module unless the layer's own dict sets it.
 
 ``harmonize``: absent, ``null`` or ``true`` -> :func:`labkit.harmonize.harmonize` runs with its defaults
 (like the reference, which always harmonizes); an object -> runs with those kwargs; ``false`` -> skipped
-(the network then is not fully integerizable; for experiments only).
+(the network then is not fully integerizable; for experiments only). Its keys: ``requant_pool`` (default
+true: re-quantize after the average pool), ``force_out_eps`` (adders), ``layers`` (``{regex on inserted
+names: kwargs}``, e.g. ``{"avgpool_act$": {"n_levels": 256}}``) and the constructor kwargs of the inserted
+quantizers (``n_levels``, ``init_clip``, ``learn_clip``, ``symm``, ``rounding``, ``tqt``, ``pow2`` ...).
 
 Errors are raised before the network is touched (all layers are built first), as ``ValueError`` /
 ``TypeError`` naming the class key, the regex, the module and the fix.

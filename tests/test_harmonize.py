@@ -321,3 +321,11 @@ def test_default_config_harmonize_overrides_reach_inserted_modules():
     assert levels["features.4.integer_add"] == 16 and levels["features.0.output_act"] == 16
     assert dict(qnet.named_modules())["features.2.integer_add"].act_out.n_levels == 64
     assert META_KEY in qnet.meta
+
+
+def test_training_flag_of_the_graph_module_follows_the_net():
+    net = MobileNetV2(0.35, 10, "small").eval()
+    qnet, _ = pact_recipe(net, default_quantize_config(net))
+    assert not qnet.training and not any(m.training for m in qnet.modules())
+    qnet.train()
+    assert all(m.training for m in qnet.modules())
