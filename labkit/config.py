@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.models import STRIDE_TABLES
+from labkit.paths import resolve
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "PACTSGD", "PACTAdam")
 SCHEDULERS = ("HandScheduler", "StepLR", "MultiStepLR", "CosineAnnealingLR", "OneCycleLR")
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict:
     """Read ``path``, apply dotted-key ``overrides`` (``{"data.root": "/imagenet"}``), validate, return."""
-    path = Path(path)
+    path = resolve(path, must_exist=True)
     if not path.is_file():
         raise ConfigError("", f"config file '{path}' not found",
                           "Pass the path of a JSON config, e.g. configs/embedded/config.fp32.json")
@@ -109,6 +110,10 @@ def _normalise(cfg: dict) -> None:
     data = cfg.get("data")
     if isinstance(data, dict):
         data.setdefault("name", "imagenet")
+        if isinstance(data.get("root"), str):
+            data["root"] = str(resolve(data["root"], must_exist=True))
+    if isinstance(network, dict) and isinstance(network.get("pretrained"), str):
+        network["pretrained"] = str(resolve(network["pretrained"], must_exist=True))
 
 
 def _expect(cfg: dict, key_path: str, types: type | tuple, required: bool = True, choices=None) -> Any:

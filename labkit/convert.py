@@ -41,6 +41,34 @@ def torchvision_key(key: str, n_features: int) -> str:
     raise CheckpointError(f"'{key}' is not a torchvision mobilenet_v2 state-dict key")
 
 
+def random_torchvision_model(width: float = 1.0, num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    """A torchvision ``mobilenet_v2`` with random weights and non-trivial BN statistics, in eval mode.
+
+    Stands in for the pretrained weights where they cannot be had (no download here): conversion is
+    checked on it exactly as on the real file.
+    """
+    import torchvision
+
+    torch.manual_seed(seed)
+    tv = torchvision.models.mobilenet_v2(width_mult=width, num_classes=num_classes)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return tv.eval()
+
+
+def key_table(state_dict: dict):
+    """Table of torchvision key -> labkit key -> shape, one row per tensor."""
+    from labkit.report import Table
+
+    return Table(({"torchvision": k, "labkit": torchvision_key(k, 0), "shape": tuple(v.shape)}
+                  for k, v in state_dict.items()), title="state-dict key map")
+
+
 def is_torchvision_state_dict(state_dict: dict) -> bool:
     return any(k.startswith("features.0.0.") for k in state_dict) and not any(k.startswith("pilot.") for k in state_dict)
 

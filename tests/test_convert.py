@@ -4,24 +4,12 @@ import torchvision
 
 from labkit.checkpoint import CheckpointError, read_state_dict
 from labkit.cli import main
-from labkit.convert import convert_file, from_torchvision, torchvision_hub_file
-
-
-def randomised_torchvision(width=1.0, num_classes=1000, seed=0):
-    torch.manual_seed(seed)
-    tv = torchvision.models.mobilenet_v2(width_mult=width, num_classes=num_classes)
-    for m in tv.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial BN statistics
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1, 0.2)
-            m.bias.data.normal_(0, 0.2)
-    return tv.eval()
+from labkit.convert import convert_file, from_torchvision, key_table, random_torchvision_model, torchvision_hub_file
 
 
 @pytest.mark.parametrize("width,num_classes", [(1.0, 1000), (0.35, 10)])
 def test_conversion_gives_identical_logits(width, num_classes):
-    tv = randomised_torchvision(width, num_classes)
+    tv = random_torchvision_model(width, num_classes)
     net = from_torchvision(tv).eval()
     assert net.capacity == width and net.num_classes == num_classes
     x = torch.randn(2, 3, 224, 224)
@@ -30,17 +18,19 @@ def test_conversion_gives_identical_logits(width, num_classes):
 
 
 def test_conversion_from_state_dict_maps_all_314_keys():
-    state = randomised_torchvision().state_dict()
+    state = random_torchvision_model().state_dict()
     assert len(state) == 314
     net = from_torchvision(state)
     assert len(net.state_dict()) == 314
     assert torch.equal(net.state_dict()["features.0.residual_branch.1.1.running_var"],
                        state["features.1.conv.2.running_var"])
     assert torch.equal(net.state_dict()["features.5.residual_branch.2.0.weight"], state["features.6.conv.2.weight"])
+    table = key_table(state)
+    assert len(table) == 314 and set(r["labkit"] for r in table.rows) == set(net.state_dict())
 
 
 def test_cli_convert_writes_loadable_checkpoint(tmp_path, capsys):
-    tv = randomised_torchvision(0.5, 1000)
+    tv = random_torchvision_model(0.5, 1000)
     src = tmp_path / "tv.pth"
     torch.save(tv.state_dict(), src)
     out = tmp_path / "mnv2.ckpt"
@@ -59,7 +49,7 @@ def test_hub_cache_is_used_without_download(tmp_path, monkeypatch):
     cached = torchvision_hub_file()
     assert cached.is_relative_to(tmp_path)
     cached.parent.mkdir(parents=True)
-    torch.save(randomised_torchvision().state_dict(), cached)
+    torch.save(random_torchvision_model().state_dict(), cached)
     path, net = convert_file(tmp_path / "x.ckpt")
     assert path.is_file() and net.capacity == 1.0
 
