@@ -34,3 +34,14 @@ def tiny_config():
         return load_config(path, tiny_overrides(**extra))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per conv)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

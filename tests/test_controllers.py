@@ -20,13 +20,7 @@ from labkit.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per conv)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULES = {"linear": {"0": ["start", "verbose_on"], "2": "freeze"},
              "activation": {"1": ["start"], "3": "freeze"}}

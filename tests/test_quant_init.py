@@ -10,13 +10,7 @@ import torch
 from labkit.quant import init as qinit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per conv)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (n_levels, symmetric (c1, c2), almost-symmetric (c1, c2)) transcribed from facts §3
 TABLE = [

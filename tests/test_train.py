@@ -140,3 +140,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             assert two[split]["n"] == one[split]["n"]  # every sample seen once, no padding
             assert two[split]["loss"] == pytest.approx(one[split]["loss"], rel=3e-2)
             assert abs(two[split]["top1"] - one[split]["top1"]) <= 3.0
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["train"], ["eval"]])
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = {"convert": ["--from", "--output", "--capacity"],
+               "train": ["--output-dir", "--epochs", "--resume", "--device", "--data-root", "--pretrained", "--set"],
+               "eval": ["--config", "--data-root", "--device"]}.get(command[0] if command else "", ["convert", "train",
+                                                                                                     "eval", "torchrun"])
+    for option in options:
+        assert option in text
