@@ -9,14 +9,28 @@ import torch.distributed as dist
 from torch import nn
 
 
-def init_from_env(device_type: str) -> tuple[int, int, int]:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1); ``(rank, world, local_rank)``."""
+def init_from_env(device_type: str) -> tuple[int, int, int, bool]:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1).
+
+    Returns ``(rank, world, local_rank, created)``; ``created`` says this call made the group (and so whoever
+    called it should :func:`shutdown` it).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
+        return 0, 1, 0, False
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group (after a barrier when ``clean``): a gloo group left alive aborts the process
+    at interpreter exit."""
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -32,6 +46,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """``y = sum over processes of x``; its gradient is the sum over processes of ``dL/dy``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across all processes.
 
@@ -43,8 +73,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # autograd-aware: backward sums the grads
-
+        all_reduce = _AllReduceSum.apply
         dims = (0, 2, 3)
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from labkit.checkpoint import CheckpointError, load_file, make_checkpoint, read_state_dict, save_atomic
 from labkit.convert import is_torchvision_state_dict, torchvision_key
 from labkit.data import build_datasets, check_num_classes
-from labkit.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env
+from labkit.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env, shutdown
 from labkit.models import MobileNetV2
 from labkit.optim import build_optimizer, build_scheduler
 
@@ -230,11 +230,22 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, device: st
           callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] | None = print) -> dict:
     """Train ``cfg`` (a resolved config) into ``output_dir``; returns the final record plus ``best_top1``.
 
-    ``callbacks`` get each epoch's history record (notebooks draw live plots from them).
+    ``callbacks`` get each epoch's history record (notebooks draw live plots from them). Under ``torchrun``
+    the process group is joined here and left at the end.
     """
-    out = Path(output_dir)
     dev = resolve_device(device)
-    rank, world, local_rank = init_from_env(dev.type)
+    rank, world, local_rank, created = init_from_env(dev.type)
+    clean = False
+    try:
+        result = _train(cfg, Path(output_dir), resume, dev, rank, world, local_rank, progress, callbacks, log)
+        clean = True
+        return result
+    finally:
+        if created:
+            shutdown(clean)
+
+
+def _train(cfg, out, resume, dev, rank, world, local_rank, progress, callbacks, log) -> dict:
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

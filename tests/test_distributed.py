@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from labkit.distributed import SyncBatchNorm2d, convert_sync_batchnorm
+from labkit.distributed import SyncBatchNorm2d, convert_sync_batchnorm, shutdown
 
 
 def _free_port() -> int:
@@ -26,7 +26,7 @@ def _worker(rank, world, port, out):
     y = bn(local)
     (y * w[rank * 4:(rank + 1) * 4]).sum().backward()
     torch.save({"y": y.detach(), "grad": local.grad, "running_var": bn.running_var}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.slow
