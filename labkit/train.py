@@ -139,7 +139,7 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, amp: bool
     net.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = [0.0, 0.0, 0.0, 0.0]
-    for x, y in tqdm(loader, desc="valid", leave=False, disable=not progress):
+    for x, y in tqdm(loader, desc="valid", leave=False, disable=not progress, mininterval=1.0):
         x, y = _to_device(x, y, device)
         with _autocast(device, amp):
             logits = net(x)
@@ -167,7 +167,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
 
     model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0)
     for x, y in bar:
         for c in controllers:
             c.step_pre_training_batch()
@@ -185,7 +185,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
             scheduler_per_batch.step()
         c1, c5 = topk_correct(logits.detach().float(), y)
         sums = [s + v for s, v in zip(sums, (loss.item() * len(y), c1, c5, len(y)))]
-        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", top1=f"{100 * sums[1] / sums[3]:.1f}")
+        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", top1=f"{100 * sums[1] / sums[3]:.1f}", refresh=False)
     return _summarise(*all_reduce_sum(sums, device))
 
 
