@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the checkpoint")
     ev.add_argument("--data-root", metavar="DIR", help="override data.root")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sw = sub.add_parser(
+        "sweep", help="run a grid of QAT runs (algorithm x bits x seed) through the training notebook",
+        description="Execute notebooks/03_pact_training.ipynb once per grid point with papermill, keep every "
+                    "executed notebook, and write results.csv and results.png. A failing run is reported with its "
+                    "notebook, cell and error; the others go on.")
+    sw.add_argument("grid", nargs="?", metavar="GRID.json",
+                    help='grid file, e.g. {"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}')
+    sw.add_argument("--algorithms", nargs="+", metavar="ALG", help="pact, tqt, ... (configs/<data>/config.<ALG>.json)")
+    sw.add_argument("--bits", nargs="+", type=int, metavar="B", help="weight and activation bits of every layer")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="training seeds (default 0)")
+    sw.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
+    sw.add_argument("--data", default="embedded", help="config folder: embedded (default) or imagenet")
+    sw.add_argument("--data-root", metavar="DIR", help="ImageNet folder (with --data imagenet)")
+    sw.add_argument("--output-dir", "-o", default="runs/sweep", metavar="DIR", help="default: runs/sweep")
+    sw.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    lab = sub.add_parser(
+        "lab", help="the whole flow on the embedded default: FP32 -> PACT -> TQT -> integerize/export",
+        description="Execute the lab notebooks in order with papermill (their default parameters: the embedded "
+                    "default) and print where the executed notebooks, runs, plots and tables are.")
+    lab.add_argument("--output-dir", "-o", default="runs/lab", metavar="DIR",
+                     help="where the executed notebooks go (default runs/lab); runs go to runs/embedded-*")
     return parser
 
 
@@ -110,6 +132,33 @@ def cmd_eval(args) -> None:
           f"({m['n']} images)")
 
 
+def cmd_sweep(args) -> None:
+    import json
+
+    from labkit.sweep import run_sweep
+
+    grid = json.loads(Path(args.grid).read_text()) if args.grid else {}
+    if args.algorithms:
+        grid["algorithm"] = args.algorithms
+    if args.bits:
+        grid["bits"] = args.bits
+    grid.setdefault("seed", args.seeds)
+    table = run_sweep(grid, args.output_dir, epochs=args.epochs, data=args.data, data_root=args.data_root,
+                      device=args.device)
+    print(table)
+    print(f"results: {Path(args.output_dir) / 'results.csv'}, {Path(args.output_dir) / 'results.png'}")
+
+
+def cmd_lab(args) -> None:
+    from labkit.lab import run_notebooks
+
+    executed = run_notebooks(args.output_dir)
+    print("executed notebooks (open them in JupyterLab for tables and plots):")
+    for path in executed:
+        print(f"  {path}")
+    print("runs (config, history.jsonl, checkpoints): runs/embedded-fp32, runs/embedded-pact, runs/embedded-tqt")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from labkit.checkpoint import CheckpointError
@@ -117,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     from labkit.data import DatasetError
 
     try:
-        {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep,
+         "lab": cmd_lab}[args.command](args)
     except (ConfigError, CheckpointError, DatasetError) as err:
         print(f"labkit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -217,12 +217,11 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 def quant_state(net: nn.Module) -> dict:
-    """Per quantized layer lo/hi/eps(/log2 t) for the history; empty for a float net."""
-    try:
-        from labkit.quant import quant_summaries
-    except ImportError:
-        return {}
-    return quant_summaries(net)
+    """Per quantizer: lo/hi/eps(/log2 t) and ``kind`` (``weights`` or ``activations``); empty for a float net."""
+    from labkit.quant import PACTConv2d, PACTLinear, quant_summaries
+
+    weights = {n for n, m in net.named_modules() if isinstance(m, (PACTConv2d, PACTLinear))}
+    return {n: {**s, "kind": "weights" if n in weights else "activations"} for n, s in quant_summaries(net).items()}
 
 
 # ------------------------------------------------------------------------------------------- the run
