@@ -32,8 +32,11 @@ class ConfigError(ValueError):
         super().__init__(f"{message}. {fix}".rstrip(". ") + ("." if fix else ""))
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict:
-    """Read ``path``, apply dotted-key ``overrides`` (``{"data.root": "/imagenet"}``), validate, return."""
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check_files: bool = True) -> dict:
+    """Read ``path``, apply dotted-key ``overrides`` (``{"data.root": "/imagenet"}``), validate, return.
+
+    ``check_files=False`` leaves out the check that ``network.pretrained`` exists (for a caller that makes it).
+    """
     path = resolve(path, must_exist=True)
     if not path.is_file():
         raise ConfigError("", f"config file '{path}' not found",
@@ -44,7 +47,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ConfigError("", f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
     if not isinstance(cfg, dict):
         raise ConfigError("", f"config file '{path}' must hold a JSON object at the top level")
-    return resolve_config(cfg, overrides, name=config_name(path))
+    return resolve_config(cfg, overrides, name=config_name(path), check_files=check_files)
 
 
 def config_name(path: str | os.PathLike) -> str:
@@ -55,14 +58,15 @@ def config_name(path: str | os.PathLike) -> str:
     return f"{path.parent.name}-{stem}" if path.parent.name else stem
 
 
-def resolve_config(cfg: dict, overrides: dict[str, Any] | None = None, name: str = "run") -> dict:
+def resolve_config(cfg: dict, overrides: dict[str, Any] | None = None, name: str = "run",
+                   check_files: bool = True) -> dict:
     """Validate a config dict (after ``overrides``); returns a normalised deep copy."""
     cfg = copy.deepcopy(cfg)
     for key_path, value in (overrides or {}).items():
         set_key(cfg, key_path, value)
     cfg.setdefault("name", name)
     _normalise(cfg)
-    _validate(cfg)
+    _validate(cfg, check_files)
     return cfg
 
 
@@ -141,7 +145,7 @@ def _type_names(types) -> str:
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
-def _validate(cfg: dict) -> None:
+def _validate(cfg: dict, check_files: bool = True) -> None:
     for section in ("data", "network", "training"):
         _expect(cfg, section, dict)
 
@@ -174,7 +178,7 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"network.kwargs.{sorted(unknown)[0]}", "unknown MobileNetV2 argument",
                           "Known: capacity, num_classes, config, dropout, seed")
     pretrained = _expect(cfg, "network.pretrained", (str, type(None)), required=False)
-    if pretrained and not Path(pretrained).is_file():
+    if pretrained and check_files and not Path(pretrained).is_file():
         raise ConfigError("network.pretrained", f"checkpoint file '{pretrained}' not found",
                           "Train the FP32 network first (labkit train configs/<data>/config.fp32.json), "
                           "convert torchvision weights with `labkit convert`, or override it "

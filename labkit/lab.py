@@ -15,17 +15,16 @@ MAIN_FLOW = ("02_fp32_check", "03_pact_training", "04_tqt_training", "05_integer
 def run_config(config: str, *, data_root: str | None = None, epochs: int | None = None,
                pretrained: str | None = None, w_bits: int | None = None, a_bits: int | None = None,
                seed: int | None = None, overrides: dict | None = None) -> dict:
-    """A notebook's parameters -> resolved config. ``w_bits``/``a_bits`` re-plan every quantized layer
-    (first and last layer included) at those bits, keeping the config's algorithm (PACT or TQT)."""
+    """A notebook's parameters -> resolved config. ``pretrained`` None keeps the config's own.
+    ``w_bits``/``a_bits`` re-plan every quantized layer (first and last layer included) at those bits,
+    keeping the config's algorithm (PACT or TQT)."""
     extra = dict(overrides or {})
     for key, value in (("data.root", data_root), ("training.n_epochs", epochs), ("training.seed", seed)):
         if value is not None:
             extra[key] = value
     if pretrained is not None:
-        extra["network.pretrained"] = None  # checked below, after the FP32 run may have been made
-    cfg = load_config(config, extra)
-    if pretrained is not None:
-        cfg["network"]["pretrained"] = str(resolve(pretrained))
+        extra["network.pretrained"] = str(resolve(pretrained))
+    cfg = load_config(config, extra, check_files=False)  # ensure_pretrained() makes or reports the checkpoint
     if (w_bits or a_bits) and cfg["network"].get("quantize"):
         from labkit.bitwidths import BitPlan
         from labkit.models import MobileNetV2

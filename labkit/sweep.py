@@ -43,9 +43,11 @@ def run_name(point: dict) -> str:
 
 
 def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int = 2, data: str = "embedded",
-              data_root: str | None = None, device: str = "auto", pretrained: str = "runs/embedded-fp32/best.ckpt",
+              data_root: str | None = None, device: str = "auto", pretrained: str | None = None,
               notebook: str = TRAINING_NOTEBOOK, log=print) -> Table:
-    """Run every grid point; write ``results.csv`` and ``results.png`` into ``output_dir``; return the table."""
+    """Run every grid point; write ``results.csv`` and ``results.png`` into ``output_dir``; return the table.
+
+    ``pretrained`` None: each config's own ``network.pretrained``."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -60,7 +62,7 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
         run_dir = out / name
         parameters = {"config": str(config), "w_bits": point["bits"], "a_bits": point["bits"], "seed": point["seed"],
                       "epochs": epochs, "output_dir": str(run_dir), "device": device, "data_root": data_root,
-                      "pretrained": str(resolve(pretrained))}
+                      "pretrained": str(resolve(pretrained)) if pretrained else None}
         row = {"run": name, **point, "notebook": str(executed), "epochs": epochs}
         log(f"[sweep] {name}: running {source.name} -> {executed}")
         t0 = time.perf_counter()
