@@ -54,7 +54,8 @@ class BitWidthEditor:
             self.rows[row.name] = (w, a, pc)
             lines.append(W.HBox([W.Label(row.name, layout=W.Layout(width="300px")),
                                  W.Label(row.kind, layout=W.Layout(width="90px")), w, a, pc]))
-        return W.VBox(lines, layout=W.Layout(max_height="420px", overflow="auto"))
+        # display "block": a height-limited flex column would squeeze every row to a few pixels in the browser
+        return W.VBox(lines, layout=W.Layout(max_height="420px", overflow="auto", display="block"))
 
     def _bulk_bar(self) -> W.HBox:
         self.bulk_target = W.Dropdown(options=BULK_TARGETS, value="all layers", description="set",

@@ -86,8 +86,4 @@ def test_widget_editor_in_jupyterlab(tmp_path):
         collapsed = lab.collapsed_rows()
 
     assert NOTEBOOK.read_bytes() == before_notebook, "the repository's notebook was modified"
-    if collapsed:
-        # Known layout bug (labkit/widgets.py, the table VBox: max_height + flex column squeezes each row to
-        # ~8 px; W.Layout(..., display="block") fixes it). Turn this into an assert once fixed.
-        pytest.xfail(f"{len(collapsed)} of {len(names)} editor rows are drawn under 16 px tall (unreadable): "
-                     "labkit/widgets.py's table needs display='block'")
+    assert not collapsed, f"{len(collapsed)} editor rows drawn under 16 px tall: {collapsed[:3]}"
