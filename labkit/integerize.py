@@ -361,9 +361,12 @@ class _Builder:
                 self.env[node] = self._visit(node)
         finally:
             self.qnet.train(was)
+        from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+
         inet = fx.GraphModule(self.modules, self.graph, class_name="IntegerNet")
         inet.eps_in = self.eps_in
         inet.output_scale = self.output_scale
+        inet.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {"eps_in": self.eps_in, "output_scale": self.output_scale}
         inet.eval()
         return inet
 
