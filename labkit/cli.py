@@ -13,6 +13,8 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m labkit.cli train configs/imagenet/config.pact.json --data-root /data/ILSVRC12
   labkit convert --output pretrained/mnv2_1.0.ckpt          # from the torch hub cache, or --from FILE
   labkit eval runs/embedded-fp32/best.ckpt
+  labkit integerize runs/embedded-pact                      # integer twin: per-layer code agreement, size report
+  labkit export runs/embedded-tqt -o runs/export-tqt        # network.onnx + inputs.npz/outputs.npz, onnxruntime check
 """
 
 
@@ -83,6 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "default) and print where the executed notebooks, runs, plots and tables are.")
     lab.add_argument("--output-dir", "-o", default="runs/lab", metavar="DIR",
                      help="where the executed notebooks go (default runs/lab); runs go to runs/embedded-*")
+    ig = sub.add_parser(
+        "integerize", help="integer network of a PACT/TQT run; per-layer check against fake quantization",
+        description="Turn a trained PACT/TQT run into its integer twin (integer weight codes, BN folded into "
+                    "per-channel requantizations y = clip(floor((acc*mul + add) / 2^d)), integer adds and pool), run "
+                    "both on the validation set and print, per layer, the share of identical codes and the largest "
+                    "code difference, the prediction agreement and both top-1s; then the size report.")
+    ig.add_argument("run", help="run folder (uses best.ckpt, or last.ckpt when best.ckpt predates quantization) "
+                    "or checkpoint file, e.g. runs/embedded-pact")
+    ig.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer (e.g. 24); "
+                    "default: the most exact per layer (worst case below 2^53)")
+    ig.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
+    ig.add_argument("--limit", type=int, metavar="N", help="compare on the first N validation images only")
+    ig.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
+    ig.add_argument("--output-dir", "-o", metavar="DIR", help="also write comparison.csv and size.csv there")
+
+    ex = sub.add_parser(
+        "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data)",
+        description="Integerize a PACT/TQT run and write network.onnx (standard operators: Conv/Gemm with integer "
+                    "weights, requantization as Mul-Add-Div-Floor-Clip; --requant-shift: one RequantShift node "
+                    "each), inputs.npz (input codes) and outputs.npz (int64 logits) for the first validation images, "
+                    "and with --activations every layer's integer output. Then checks the export with onnxruntime.")
+    ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
+    ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export")
+    ex.add_argument("--n-inputs", type=int, default=8, metavar="N", help="validation images in the golden data "
+                    "(default 8)")
+    ex.add_argument("--requant-shift", action="store_true", help="RequantShift nodes (Deeploy) instead of "
+                    "Mul-Add-Div-Floor-Clip; onnxruntime cannot run them, so no check")
+    ex.add_argument("--activations", action="store_true", help="also write activations.npz (every layer)")
+    ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer; default: "
+                    "the most exact per layer")
+    ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
+    ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
     return parser
 
 
@@ -159,16 +193,81 @@ def cmd_lab(args) -> None:
     print("runs (config, history.jsonl, checkpoints): runs/embedded-fp32, runs/embedded-pact, runs/embedded-tqt")
 
 
+def _integer_run(args):
+    from labkit.data import build_datasets
+    from labkit.integerize import integerize_checkpoint
+
+    qnet, inet, cfg = integerize_checkpoint(args.run, input_bits=args.input_bits, d=args.d)
+    data = dict(cfg["data"])
+    if args.data_root:
+        data["root"] = args.data_root
+    _, val = build_datasets(data)
+    return qnet, inet, cfg, val
+
+
+def cmd_integerize(args) -> None:
+    from torch.utils.data import DataLoader, Subset
+
+    from labkit.integerize import compare
+    from labkit.size import size_report
+
+    qnet, inet, cfg, val = _integer_run(args)
+    if args.limit:
+        val = Subset(val, range(min(args.limit, len(val))))
+    result = compare(qnet, inet, DataLoader(val, batch_size=64))
+    sizes = size_report(inet)
+    print(result.table())
+    print()
+    print(sizes)
+    print()
+    print(result.summary())
+    print(f"target (>= 99.99% identical codes in every layer, identical predictions and top-1): "
+          f"{'met' if result.ok() else 'NOT met'}")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.table().to_csv(out / "comparison.csv")
+        sizes.to_csv(out / "size.csv")
+        print(f"wrote {out / 'comparison.csv'} and {out / 'size.csv'}")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from labkit.export import check_export, export
+
+    _, inet, cfg, val = _integer_run(args)
+    n = max(1, min(args.n_inputs, len(val)))
+    inputs = torch.stack([val[i][0] for i in range(n)])
+    run = Path(args.run)
+    out = Path(args.output_dir) if args.output_dir else (run if run.is_dir() else run.parent) / "export"
+    paths = export(inet, out, inputs, requant_shift=args.requant_shift, activations=args.activations)
+    for path in paths.values():
+        print(f"wrote {path}")
+    if args.requant_shift:
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(paths["network"])))
+        print("onnx checker: ok (RequantShift nodes: onnxruntime cannot run them, numbers not checked)")
+        return
+    check = check_export(out)
+    print(f"onnxruntime on {check['samples']} inputs: {'identical to outputs.npz' if check['exact'] else 'DIFFERS'}"
+          f" (max |difference| {check['max_abs_diff']}); {check['onnx_nodes']} nodes: {', '.join(check['ops'])}")
+    if not check["exact"]:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from labkit.checkpoint import CheckpointError
     from labkit.config import ConfigError
     from labkit.data import DatasetError
+    from labkit.integerize import IntegerizeError
 
     try:
         {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep,
-         "lab": cmd_lab}[args.command](args)
-    except (ConfigError, CheckpointError, DatasetError) as err:
+         "lab": cmd_lab, "integerize": cmd_integerize, "export": cmd_export}[args.command](args)
+    except (ConfigError, CheckpointError, DatasetError, IntegerizeError) as err:
         print(f"labkit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
