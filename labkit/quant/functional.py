@@ -31,7 +31,9 @@ Half-precision inputs are computed in float32; the output has the input's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
 
 import torch
 
@@ -70,31 +72,122 @@ def grid_eps(lo: torch.Tensor, hi: torch.Tensor, n_levels: int) -> torch.Tensor:
     return torch.clamp((hi - lo) / (n_levels - 1), min=EPS_MIN)
 
 
+# ------------------------------------------------------------------------------------------------ fused kernels
+# Forward computes the output in place in its own buffer plus a 1-byte region code per element, the only
+# tensor PACT saves for backward (TQT adds the rounding residual). The code's bit 0 is [x >= lo], bit 1 is
+# [x < hi] (TQT: on the integer codes, [c >= n] and [c <= p]); a NaN fails every comparison:
+#     below = 2, inside = 3, above = 1, NaN = 0   (NaN: no gradient to x nor to any bound)
+# Backward turns the code into 0/1 int8 masks with two or three int8 bit operations (b = code >> 1:
+# inside = b & code, above = (b ^ 1) & code, below = b & (code ^ 1)), copies a mask into one float scratch
+# buffer and either multiplies by g in place (the x gradient) or takes a dot product with g (a per-tensor
+# bound's gradient; per-channel bounds: multiply and sum to the bound's shape). On CPU that is several times
+# faster than ``torch.where`` or bool masks. Per-tensor bounds enter the big elementwise ops as Python
+# numbers on CPU (exactly the float32/float64 values of the bound tensors): cheaper than 0-dim tensors.
+
+
+def _region_code(ge_lo: torch.Tensor, lt_hi: torch.Tensor) -> torch.Tensor:
+    """int8 code ``a + 2 b`` from the bool tensors ``a = ge_lo``, ``b = lt_hi`` (``a``'s memory reused)."""
+    return ge_lo.view(torch.int8).add_(lt_hi.view(torch.int8), alpha=2)
+
+
+def _is_one(shape) -> bool:
+    return all(d == 1 for d in shape)
+
+
+def _f32(v: float) -> float:
+    """Round a Python float to the nearest float32 (for +, -, *, / of float32 operands this gives exactly the
+    float32 result: double rounding is harmless at 53 >= 2 * 24 + 2 bits)."""
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+_F32 = struct.Struct("f")
+
+
+def _cpu_scalar(x: torch.Tensor, *ts: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and all(t.numel() == 1 for t in ts)
+
+
+def _pact_params(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels: int):
+    """``(lo, hi, eps)`` with ``eps = grid_eps(lo, hi)`` and ``hi`` raised to ``lo + EPS_MIN (n - 1)``.
+
+    Per-tensor bounds on CPU come back as Python numbers, computed with exactly the float32 (float64)
+    arithmetic of the tensor formulas: cheaper in the elementwise ops than 0-dim tensors, and no tensor ops
+    for the scalars themselves. Elsewhere tensors (no host synchronisation on accelerators)."""
+    if _cpu_scalar(x, lo, hi):
+        r = _f32 if x.dtype == torch.float32 else float
+        lo_v, hi_v = lo.item(), hi.item()
+        eps = max(r(r(hi_v - lo_v) / (n_levels - 1)), r(EPS_MIN))
+        hi_v = max(hi_v, r(lo_v + r(EPS_MIN * (n_levels - 1))))
+        return lo_v, hi_v, eps
+    return lo, torch.maximum(hi, lo + EPS_MIN * (n_levels - 1)), grid_eps(lo, hi, n_levels)
+
+
+def _masked_reduce(g: torch.Tensor, mask: torch.Tensor, meta: tuple, buf: torch.Tensor) -> torch.Tensor:
+    """``sum(g * mask)`` reduced to ``meta = (shape, dtype)``; ``mask`` int8 0/1, ``buf`` float scratch."""
+    buf.copy_(mask)
+    shape, dtype = meta
+    if _is_one(shape):
+        if buf.is_contiguous() and g.is_contiguous() and buf.dtype == g.dtype:
+            out = torch.dot(buf.view(-1), g.view(-1))
+        else:
+            out = buf.mul_(g).sum()
+        return out.reshape(shape).to(dtype)
+    return _sum_to(buf.mul_(g), meta)
+
+
+def _pact_forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels: int, rounding: bool):
+    """(q, code): ``q = lo + eps R((clamp(x, lo, hi) - lo) / eps)``, all in q's buffer."""
+    lo, hi, eps = _pact_params(x, lo, hi, n_levels)
+    code = _region_code(torch.ge(x, lo), torch.lt(x, hi))
+    q = torch.clamp(x, lo, hi)
+    shift = not (isinstance(lo, float) and lo == 0.0)  # unsigned activations: lo = 0, nothing to shift
+    if shift:
+        q.sub_(lo)
+    q.div_(eps)
+    if rounding:
+        q.add_(0.5)
+    q.floor_().mul_(eps)
+    if shift:
+        q.add_(lo)
+    return q, code
+
+
+def _pact_backward(g: torch.Tensor, code: torch.Tensor, lo_meta, hi_meta, need_x: bool, need_lo: bool,
+                   need_hi: bool):
+    gf = _work(g)
+    buf = torch.empty_like(gf)
+    b = torch.bitwise_right_shift(code, 1)
+    m = torch.empty_like(code)
+    glo = ghi = gx = None
+    if need_lo:
+        glo = _masked_reduce(gf, torch.bitwise_and(b, torch.bitwise_xor(code, 1, out=m), out=m), lo_meta, buf)
+    if need_hi:
+        ghi = _masked_reduce(gf, torch.bitwise_and(torch.bitwise_xor(b, 1, out=m), code, out=m), hi_meta, buf)
+    if need_x:
+        gx = buf.copy_(torch.bitwise_and(b, code, out=m)).mul_(gf)
+        if gx.dtype != g.dtype:
+            gx = gx.to(g.dtype)
+    return gx, glo, ghi
+
+
 class PACTQuantFn(torch.autograd.Function):
-    """Fake quantization on ``[lo, hi]`` with STE for x and PACT gradients for the bounds (see module doc)."""
+    """Fake quantization on ``[lo, hi]`` with STE for x and PACT gradients for the bounds (see module doc).
+
+    Fused: forward writes the output and a 1-byte region code (the only saved tensor); backward derives the
+    x gradient and the bound reductions from that code in one scratch buffer (see the kernel notes above)."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, n_levels: int, rounding: bool = True):
         xf = _work(x)
-        lo_f, hi_f = lo.detach().to(xf.dtype), hi.detach().to(xf.dtype)
-        eps = grid_eps(lo_f, hi_f, n_levels)
-        hi_f = torch.maximum(hi_f, lo_f + EPS_MIN * (n_levels - 1))  # consistent with the eps floor
-        below, above = xf < lo_f, xf >= hi_f
-        ctx.save_for_backward(_regions(xf, below, above))
+        q, code = _ACTIVE.pact_forward(xf, lo.detach().to(xf.dtype), hi.detach().to(xf.dtype), n_levels, rounding)
+        ctx.save_for_backward(code)
         ctx.lo_meta, ctx.hi_meta = (lo.shape, lo.dtype), (hi.shape, hi.dtype)
-        q = lo_f + eps * _rnd((torch.minimum(torch.maximum(xf, lo_f), hi_f) - lo_f) / eps, rounding)
         return q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        gx = glo = ghi = None
-        if ctx.needs_input_grad[0]:
-            gx = g * (r == 0)
-        if ctx.needs_input_grad[1]:
-            glo = _sum_to(_work(g) * (r == -1), ctx.lo_meta)
-        if ctx.needs_input_grad[2]:
-            ghi = _sum_to(_work(g) * (r == 1), ctx.hi_meta)
+        (code,) = ctx.saved_tensors
+        gx, glo, ghi = _ACTIVE.pact_backward(g, code, ctx.lo_meta, ctx.hi_meta, *ctx.needs_input_grad[:3])
         return gx, glo, ghi, None, None
 
 
@@ -138,8 +231,53 @@ def normalize_tqt_grad(g: torch.Tensor, var: torch.Tensor, step: torch.Tensor, b
     return torch.where(ok, out, gd).to(g.dtype)
 
 
+def _tqt_forward(x: torch.Tensor, s: torch.Tensor, n: int, p: int, rounding: bool):
+    """(q, code, frac): codes ``c = R(x / s)``, ``q = s clamp(c, n, p)``, ``frac = c - x / s`` (0 at NaN/inf)."""
+    if _cpu_scalar(x, s):
+        s = s.item()
+    frac = torch.div(x, s)
+    q = torch.add(frac, 0.5) if rounding else frac.clone()
+    q.floor_()
+    code = _region_code(torch.ge(q, n), torch.le(q, p))
+    torch.sub(q, frac, out=frac).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    q.clamp_(n, p).mul_(s)
+    return q, code, frac
+
+
+def _tqt_backward(g: torch.Tensor, code: torch.Tensor, frac: torch.Tensor, s: torch.Tensor, n: int, p: int,
+                  t_meta, need_x: bool, need_t: bool):
+    """``dL/dx = g [inside]``; ``dL/dlog2_t = s ln2 (sum_in g frac + n sum_below g + p sum_above g)``."""
+    gf = _work(g)
+    buf = torch.empty_like(gf)
+    b = torch.bitwise_right_shift(code, 1)
+    m = torch.empty_like(code)
+    gt = None
+    if need_t:
+        meta = (t_meta[0], gf.dtype)
+        terms = []
+        if n != 0:
+            mask = torch.bitwise_and(b, torch.bitwise_xor(code, 1, out=m), out=m)
+            terms.append(n * _masked_reduce(gf, mask, meta, buf))
+        if p != 0:
+            mask = torch.bitwise_and(torch.bitwise_xor(b, 1, out=m), code, out=m)
+            terms.append(p * _masked_reduce(gf, mask, meta, buf))
+    gin = buf.copy_(torch.bitwise_and(b, code, out=m)).mul_(gf)  # g * [inside]
+    if need_t:
+        if _is_one(t_meta[0]) and gin.is_contiguous() and frac.is_contiguous() and gin.dtype == frac.dtype:
+            inner = torch.dot(gin.view(-1), frac.view(-1)).reshape(t_meta[0])
+        else:
+            inner = _sum_to(gin * frac, meta)
+        for term in terms:
+            inner = inner + term
+        gt = (inner * (s * _LN2)).to(t_meta[1])
+    gx = (gin if gin.dtype == g.dtype else gin.to(g.dtype)) if need_x else None
+    return gx, gt
+
+
 class TQTQuantFn(torch.autograd.Function):
-    """TQT fake quantization with the paper's log2_t gradient (see module doc)."""
+    """TQT fake quantization with the paper's log2_t gradient (see module doc).
+
+    Fused like :class:`PACTQuantFn`: saves the 1-byte region code and the rounding residual ``c - x/s``."""
 
     @staticmethod
     def forward(ctx, x, log2_t, n_levels: int, signed: bool, pow2: bool, rounding: bool,
@@ -147,29 +285,24 @@ class TQTQuantFn(torch.autograd.Function):
         n, p, _ = tqt_code_range(n_levels, signed)
         xf = _work(x)
         s = tqt_scale(log2_t.detach().to(xf.dtype), n_levels, signed, pow2)
-        z = xf / s
-        c = _rnd(z, rounding)
-        r = _regions(xf, c < n, c > p)
-        ctx.save_for_backward(r, c - z, s)
+        q, code, frac = _ACTIVE.tqt_forward(xf, s, n, p, rounding)
+        ctx.save_for_backward(code, frac, s)
         ctx.state = (var, step)  # mutated in backward: not saved (no version check)
         ctx.cfg = (n, p, beta, clip_grad, normalize, (log2_t.shape, log2_t.dtype))
-        return (s * torch.clamp(c, n, p)).to(x.dtype)
+        return q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        r, frac, s = ctx.saved_tensors
+        code, frac, s = ctx.saved_tensors
         var, step = ctx.state
         n, p, beta, clip_grad, normalize, t_meta = ctx.cfg
-        gx = gt = None
-        if ctx.needs_input_grad[0]:
-            gx = g * (r == 0)
-        if ctx.needs_input_grad[1]:
-            gf = _work(g)
-            local = torch.where(r == 0, frac, torch.where(r == -1, float(n), torch.where(r == 1, float(p), 0.0)))
-            gt = _sum_to(gf * local * (s * _LN2), t_meta)
-            if normalize:
-                gt = normalize_tqt_grad(gt, var, step, beta, clip_grad)
+        gx, gt = _ACTIVE.tqt_backward(g, code, frac, s, n, p, t_meta, *ctx.needs_input_grad[:2])
+        if gt is not None and normalize:
+            gt = normalize_tqt_grad(gt, var, step, beta, clip_grad)
         return gx, gt, None, None, None, None, None, None, None, None, None
+
+
+_NO_STATE = torch.zeros(())  # placeholder for var/step when not normalising in backward (never written)
 
 
 def tqt_quantize(x: torch.Tensor, log2_t: torch.Tensor, n_levels: int, signed: bool, pow2: bool = False,
@@ -178,6 +311,110 @@ def tqt_quantize(x: torch.Tensor, log2_t: torch.Tensor, n_levels: int, signed: b
     """TQT fake quantization; ``var``/``step`` (shaped like log2_t / scalar) enable gradient normalisation."""
     normalize = var is not None and step is not None
     if not normalize:
-        var = step = torch.zeros(())
+        var = step = _NO_STATE
     return TQTQuantFn.apply(x, log2_t, int(n_levels), bool(signed), bool(pow2), bool(rounding),
                             var, step, float(beta), bool(clip_grad), normalize)
+
+
+# ------------------------------------------------------------------------------------------------ kernel sets
+class _EagerKernels:
+    pact_forward = staticmethod(_pact_forward)
+    pact_backward = staticmethod(_pact_backward)
+    tqt_forward = staticmethod(_tqt_forward)
+    tqt_backward = staticmethod(_tqt_backward)
+
+
+_EAGER = _EagerKernels()
+_ACTIVE = _EAGER
+
+
+def _kernels():
+    return _ACTIVE
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+def _pact_forward_pure(x, lo, hi, eps, rounding: bool):
+    z = (torch.clamp(x, lo, hi) - lo) / eps
+    q = lo + eps * (torch.floor(z + 0.5) if rounding else torch.floor(z))
+    code = (x >= lo).to(torch.int8) + 2 * (x < hi).to(torch.int8)
+    return q, code
+
+
+def _tqt_forward_pure(x, s, n: int, p: int, rounding: bool):
+    z = x / s
+    c = torch.floor(z + 0.5) if rounding else torch.floor(z)
+    code = (c >= n).to(torch.int8) + 2 * (c <= p).to(torch.int8)
+    frac = torch.nan_to_num(c - z, nan=0.0, posinf=0.0, neginf=0.0)
+    return s * torch.clamp(c, n, p), code, frac
+
+
+def _masked_pure(g, code, value: int):
+    return torch.where(code == value, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+class _CompiledKernels:
+    """The same kernels as single fused loops generated by ``torch.compile`` (inductor): one pass forward
+    (output and code), one pass backward (x gradient and the bound reductions). Compiled on first use with
+    dynamic shapes (one compilation per dtype / broadcast pattern, not per layer shape)."""
+
+    def __init__(self):
+        self._fns: dict = {}
+
+    def _get(self, name, fn):
+        if name not in self._fns:
+            import torch._dynamo
+
+            # one graph per (rank, dtype, bound shape, flags): more than dynamo's default 8 in a network
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._fns[name] = torch.compile(fn, dynamic=True)
+        return self._fns[name]
+
+    def pact_forward(self, x, lo, hi, n_levels, rounding):
+        eps = grid_eps(lo, hi, n_levels)
+        hi = torch.maximum(hi, lo + EPS_MIN * (n_levels - 1))
+        return self._get("pf", _pact_forward_pure)(x.detach(), lo, hi, eps, rounding)
+
+    def pact_backward(self, g, code, lo_meta, hi_meta, need_x, need_lo, need_hi):
+        gf = _work(g)
+        gx, glo, ghi = self._get("pb", _pact_backward_pure)(gf, code)
+        return (gx.to(g.dtype) if need_x else None, _sum_to(glo, lo_meta) if need_lo else None,
+                _sum_to(ghi, hi_meta) if need_hi else None)
+
+    def tqt_forward(self, x, s, n, p, rounding):
+        return self._get("tf", _tqt_forward_pure)(x.detach(), s, n, p, rounding)
+
+    def tqt_backward(self, g, code, frac, s, n, p, t_meta, need_x, need_t):
+        gf = _work(g)
+        gx, local = self._get("tb", _tqt_backward_pure)(gf, code, frac, n, p)
+        gt = (_sum_to(local, (t_meta[0], gf.dtype)) * (s * _LN2)).to(t_meta[1]) if need_t else None
+        return (gx.to(g.dtype) if need_x else None), gt
+
+
+def _pact_backward_pure(g, code):
+    return _masked_pure(g, code, 3), _masked_pure(g, code, 2), _masked_pure(g, code, 1)
+
+
+def _tqt_backward_pure(g, code, frac, n: int, p: int):
+    gx = _masked_pure(g, code, 3)
+    local = gx * frac + n * _masked_pure(g, code, 2) + p * _masked_pure(g, code, 1)
+    return gx, local
+
+
+_COMPILED: _CompiledKernels | None = None
+
+
+@contextlib.contextmanager
+def compiled_kernels(enable: bool = True):
+    """Within the block, PACT/TQT fake quantization runs on ``torch.compile``'d fused kernels (``enable``)
+    or the eager ones. Optional: needs a working inductor backend (a C++ compiler on CPU); the first call per
+    dtype/broadcast pattern compiles (seconds to a minute). Same formulas; results can differ from eager in
+    the last bit where the compiler contracts multiply-adds."""
+    global _ACTIVE, _COMPILED
+    previous = _ACTIVE
+    if enable and _COMPILED is None:
+        _COMPILED = _CompiledKernels()
+    _ACTIVE = _COMPILED if enable else _EAGER
+    try:
+        yield
+    finally:
+        _ACTIVE = previous

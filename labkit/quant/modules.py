@@ -56,6 +56,7 @@ _TQT_MODULES: "weakref.WeakSet[QuantizerBase]" = weakref.WeakSet()
 
 def _tqt_step_pre_hook(optimizer, args, kwargs):
     ids = None
+    todo: dict[tuple, list] = {}
     for m in list(_TQT_MODULES):
         p = m._parameters.get("log2_t")
         if p is None or p.grad is None:
@@ -63,8 +64,43 @@ def _tqt_step_pre_hook(optimizer, args, kwargs):
         if ids is None:
             ids = {id(q) for g in optimizer.param_groups for q in g["params"]}
         if id(p) in ids:
-            m.normalize_log2_t_grad()
+            key = (m.tqt_beta, m.tqt_clip_grad, p.grad.device, p.grad.dtype, m.tqt_var.dtype, m.tqt_step.dtype)
+            todo.setdefault(key, []).append(m)
+    for (beta, clip_grad, *_), mods in todo.items():
+        if len(mods) == 1:
+            mods[0].normalize_log2_t_grad()
+        else:
+            _normalize_many(mods, beta, clip_grad)
     return None
+
+
+@torch.no_grad()
+def _normalize_many(mods: list, beta: float, clip_grad: bool) -> None:
+    """:func:`normalize_tqt_grad` for many quantizers at once (same beta, clip, device, dtypes): the same
+    elementwise formulas on the concatenated gradients and states, so a few dozen ops per optimizer step
+    instead of a dozen per quantizer. Each quantizer keeps its own finiteness check (a non-finite gradient
+    passes through and leaves that quantizer's state alone); no host synchronisation."""
+    grads = [m.log2_t.grad for m in mods]
+    var_list = [m.tqt_var for m in mods]
+    step_list = [m.tqt_step for m in mods]
+    sizes = [g.numel() for g in grads]
+    dev = grads[0].device
+    seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), torch.tensor(sizes, device=dev))
+    var = torch.cat([v.reshape(-1) for v in var_list])
+    gd = torch.cat([g.reshape(-1) for g in grads]).to(var.dtype)
+    ok = torch.ones(len(mods), dtype=var.dtype, device=dev).scatter_reduce_(
+        0, seg, torch.isfinite(gd).to(var.dtype), reduce="amin").bool()
+    ok_el = ok[seg]
+    new_var = torch.where(ok_el, beta * var + (1.0 - beta) * gd ** 2, var)
+    step = torch.stack([t.reshape(()) for t in step_list]) + ok.to(step_list[0].dtype)
+    v_hat = new_var / (1.0 - beta ** step.clamp(min=1.0))[seg]
+    out = gd / (torch.sqrt(v_hat) + 1e-12)
+    if clip_grad:
+        out = torch.tanh(out)
+    out = torch.where(ok_el, out, gd)
+    torch._foreach_copy_(var_list, [t.view_as(v) for t, v in zip(new_var.split(sizes), var_list)])
+    torch._foreach_copy_(step_list, [t.view_as(v) for t, v in zip(step.unbind(), step_list)])
+    torch._foreach_copy_(grads, [t.view_as(g).to(g.dtype) for t, g in zip(out.split(sizes), grads)])
 
 
 register_optimizer_step_pre_hook(_tqt_step_pre_hook)
