@@ -191,6 +191,7 @@ def cmd_lab(args) -> None:
     for path in executed:
         print(f"  {path}")
     print("runs (config, history.jsonl, checkpoints): runs/embedded-fp32, runs/embedded-pact, runs/embedded-tqt")
+    print("integer networks and exports (network.onnx, inputs.npz, outputs.npz): runs/integerize")
 
 
 def _integer_run(args):
