@@ -23,7 +23,7 @@ CAPACITIES = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 TORCHVISION_WEIGHTS = "MobileNet_V2_Weights.IMAGENET1K_V1"
 
 
-def torchvision_key(key: str, n_features: int) -> str:
+def torchvision_key(key: str) -> str:
     """Map one torchvision ``mobilenet_v2`` state-dict key to its labkit name."""
     if key.startswith("classifier."):
         return key
@@ -65,7 +65,7 @@ def key_table(state_dict: dict):
     """Table of torchvision key -> labkit key -> shape, one row per tensor."""
     from labkit.report import Table
 
-    return Table(({"torchvision": k, "labkit": torchvision_key(k, 0), "shape": tuple(v.shape)}
+    return Table(({"torchvision": k, "labkit": torchvision_key(k), "shape": tuple(v.shape)}
                   for k, v in state_dict.items()), title="state-dict key map")
 
 
@@ -80,8 +80,7 @@ def from_torchvision(model_or_state_dict: nn.Module | dict, capacity: float | No
     ``capacity`` (width) and ``num_classes`` are read off the tensor shapes when not given.
     """
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    n_features = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("features."))
-    mapped = {torchvision_key(k, n_features): v for k, v in state.items()}
+    mapped = {torchvision_key(k): v for k, v in state.items()}
     num_classes = mapped["classifier.1.weight"].shape[0]
     candidates = [capacity] if capacity is not None else CAPACITIES
     for width in candidates:

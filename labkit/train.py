@@ -48,7 +48,7 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     """Load full-precision weights (labkit checkpoint, or a torchvision state dict) into ``net``."""
     state, _ = read_state_dict(path)
     if is_torchvision_state_dict(state):
-        state = {torchvision_key(k, 0): v for k, v in state.items()}
+        state = {torchvision_key(k): v for k, v in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -460,6 +460,14 @@ class _WeightQuantizer(QuantizerBase):
         """The weight used in forward: fake-quantized after ``start``, float before."""
         return self.fake_quant(self.weight) if self._started else self.weight
 
+    @torch.no_grad()
+    def _copy_from(self, module: nn.Module):
+        """Take ``module``'s weight, bias and train/eval mode (for ``from_float``); returns self."""
+        self.weight.copy_(module.weight)
+        if module.bias is not None:
+            self.bias.copy_(module.bias)
+        return self.train(module.training)
+
     def get_eps_w(self) -> torch.Tensor:
         """Weight quantizer's eps, shape ``()`` or ``(C_out,)``."""
         return self.get_eps()
@@ -505,12 +513,7 @@ class PACTConv2d(nn.Conv2d, _WeightQuantizer):
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, module.padding_mode,
                   device=module.weight.device, dtype=module.weight.dtype, **quant_kwargs)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
-        return new
+        return new._copy_from(module)
 
 
 class PACTLinear(nn.Linear, _WeightQuantizer):
@@ -537,12 +540,7 @@ class PACTLinear(nn.Linear, _WeightQuantizer):
             raise TypeError(f"PACTLinear.from_float needs an nn.Linear, got {type(module).__name__}")
         new = cls(module.in_features, module.out_features, module.bias is not None,
                   device=module.weight.device, dtype=module.weight.dtype, **quant_kwargs)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
-        return new
+        return new._copy_from(module)
 
 
 # ---------------------------------------------------------------------------------------- adder
