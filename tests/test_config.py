@@ -24,6 +24,31 @@ def test_shipped_fp32_configs_load(path):
     assert cfg["network"]["class"] == "MobileNetV2" and cfg["training"]["n_epochs"] >= 1
 
 
+QUANTIZED_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/config.*.json") if p.name != "config.fp32.json")
+
+
+@pytest.mark.parametrize("path", QUANTIZED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_quantized_configs_build_their_network(path):
+    """Every key of ``network.quantize`` names real layers (the recipe refuses unknown ones), every quantizer
+    starts on the config's grid, and the controllers and optimizer build (pretrained weights left out)."""
+    from labkit.optim import build_optimizer
+    from labkit.quant import quantizers
+    from labkit.train import build_controllers, build_network
+
+    cfg = load_config(path, {"network.pretrained": None}, check_files=False)
+    net, report = build_network(cfg)
+    levels = {q.n_levels for _, q in quantizers(net)}
+    assert report and levels
+    if ".4b." in path.name:
+        assert levels == {16}
+    elif "mixed" not in path.name:
+        assert levels == {256}
+    tqt = {q.tqt for _, q in quantizers(net)}
+    assert tqt == {"tqt" in path.name}
+    assert build_controllers(cfg, net)
+    build_optimizer(cfg["training"]["gd"], net)
+
+
 def test_imagenet_fp32_config_has_the_reference_values():
     cfg = load_config(ROOT / "configs" / "imagenet" / "config.fp32.json")
     opt = cfg["training"]["gd"]["opt"]
