@@ -41,24 +41,9 @@ EPS_MIN = 1e-8  # floor for eps: all-zero / constant tensors give a defined, fin
 _LN2 = math.log(2.0)
 
 
-def round_half_up(z: torch.Tensor) -> torch.Tensor:
-    """``floor(z + 1/2)`` (ties away from -inf; matches an integer ``(acc + half) >> d`` requantization)."""
-    return torch.floor(z + 0.5)
-
-
 def _work(x: torch.Tensor) -> torch.Tensor:
     """Half precision is computed in float32; float32/float64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _rnd(z: torch.Tensor, rounding: bool) -> torch.Tensor:
-    return round_half_up(z) if rounding else torch.floor(z)
-
-
-def _regions(x: torch.Tensor, below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
-    """int8 region code: 0 inside, -1 below, 1 above, 2 NaN."""
-    r = above.to(torch.int8) - below.to(torch.int8)
-    return r.masked_fill_(torch.isnan(x), 2)
 
 
 def _sum_to(t: torch.Tensor, meta: tuple) -> torch.Tensor:
@@ -214,13 +199,15 @@ def tqt_scale(log2_t: torch.Tensor, n_levels: int, signed: bool, pow2: bool) -> 
 
 
 def normalize_tqt_grad(g: torch.Tensor, var: torch.Tensor, step: torch.Tensor, beta: float,
-                       clip_grad: bool) -> torch.Tensor:
+                       clip_grad: bool, ok: torch.Tensor | None = None) -> torch.Tensor:
     """Adam-like normalisation of a log2_t gradient; updates ``var`` and ``step`` in place:
     ``v <- beta v + (1 - beta) g^2; k <- k + 1; g / (sqrt(v / (1 - beta^k)) + 1e-12)``, then ``tanh`` if
     ``clip_grad``. A non-finite gradient (e.g. an overflowing AMP loss scale) passes through untouched and
-    leaves the state alone (no host synchronisation)."""
+    leaves the state alone (no host synchronisation). ``ok``: which elements count as finite (default: all of
+    them iff every element of g is; several quantizers' concatenated gradients pass one flag per element)."""
     gd = g.detach().to(var.dtype)
-    ok = torch.isfinite(gd).all()
+    if ok is None:
+        ok = torch.isfinite(gd).all()
     new_var = torch.where(ok, beta * var + (1.0 - beta) * gd ** 2, var)
     var.copy_(new_var)
     step.add_(ok.to(step.dtype))
@@ -326,10 +313,6 @@ class _EagerKernels:
 
 _EAGER = _EagerKernels()
 _ACTIVE = _EAGER
-
-
-def _kernels():
-    return _ACTIVE
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

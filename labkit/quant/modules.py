@@ -76,10 +76,10 @@ def _tqt_step_pre_hook(optimizer, args, kwargs):
 
 @torch.no_grad()
 def _normalize_many(mods: list, beta: float, clip_grad: bool) -> None:
-    """:func:`normalize_tqt_grad` for many quantizers at once (same beta, clip, device, dtypes): the same
-    elementwise formulas on the concatenated gradients and states, so a few dozen ops per optimizer step
-    instead of a dozen per quantizer. Each quantizer keeps its own finiteness check (a non-finite gradient
-    passes through and leaves that quantizer's state alone); no host synchronisation."""
+    """:func:`normalize_tqt_grad` for many quantizers at once (same beta, clip, device, dtypes), on their
+    concatenated gradients and states: a few dozen ops per optimizer step instead of a dozen per quantizer.
+    Each quantizer keeps its own finiteness check (a non-finite gradient passes through and leaves that
+    quantizer's state alone); no host synchronisation."""
     grads = [m.log2_t.grad for m in mods]
     var_list = [m.tqt_var for m in mods]
     step_list = [m.tqt_step for m in mods]
@@ -90,16 +90,10 @@ def _normalize_many(mods: list, beta: float, clip_grad: bool) -> None:
     gd = torch.cat([g.reshape(-1) for g in grads]).to(var.dtype)
     ok = torch.ones(len(mods), dtype=var.dtype, device=dev).scatter_reduce_(
         0, seg, torch.isfinite(gd).to(var.dtype), reduce="amin").bool()
-    ok_el = ok[seg]
-    new_var = torch.where(ok_el, beta * var + (1.0 - beta) * gd ** 2, var)
-    step = torch.stack([t.reshape(()) for t in step_list]) + ok.to(step_list[0].dtype)
-    v_hat = new_var / (1.0 - beta ** step.clamp(min=1.0))[seg]
-    out = gd / (torch.sqrt(v_hat) + 1e-12)
-    if clip_grad:
-        out = torch.tanh(out)
-    out = torch.where(ok_el, out, gd)
-    torch._foreach_copy_(var_list, [t.view_as(v) for t, v in zip(new_var.split(sizes), var_list)])
-    torch._foreach_copy_(step_list, [t.view_as(v) for t, v in zip(step.unbind(), step_list)])
+    steps = torch.stack([t.reshape(()) for t in step_list])
+    out = normalize_tqt_grad(gd, var, steps[seg], beta, clip_grad, ok=ok[seg])
+    torch._foreach_copy_(var_list, [t.view_as(v) for t, v in zip(var.split(sizes), var_list)])
+    torch._foreach_copy_(step_list, [t.view_as(v) for t, v in zip((steps + ok).unbind(), step_list)])
     torch._foreach_copy_(grads, [t.view_as(g).to(g.dtype) for t, g in zip(out.split(sizes), grads)])
 
 
