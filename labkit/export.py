@@ -84,8 +84,9 @@ class _OnnxBuilder:
 
         if self.requant_shift:
             x, _ = self._cast(value, "f", base)
-            mul = self._const(f"{base}_mul", vec(req.mul).astype(np.float32))
-            add = self._const(f"{base}_add", vec(req.add).astype(np.float32))
+            # int64: mul and add need up to ~50 bits at the automatic d (float32 would round them)
+            mul = self._const(f"{base}_mul", vec(req.mul).astype(np.int64))
+            add = self._const(f"{base}_add", vec(req.add).astype(np.int64))
             out = self._node("RequantShift", [x, mul, add], base, domain=CUSTOM_DOMAIN, div=int(req.div),
                              n_levels_out=int(req.n_levels), signed=int(req.signed))
             return out, "f"

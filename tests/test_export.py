@@ -61,6 +61,7 @@ def test_pure_shifts_have_no_multiplier(nets):
     inet = nets["tqt_pow2"]
     model = to_onnx(inet)
     pool = [n for n in model.graph.node if n.name.startswith("avgpool_act")]
+    assert pool
     assert dict(requant_layers(inet))["avgpool_act"].shift is not None
     assert [n.op_type for n in pool if n.op_type != "Cast"] == [op for op in ("Add", "Div", "Floor", "Clip")
                                                                 if any(n.op_type == op for n in pool)]
@@ -79,5 +80,11 @@ def test_requant_shift_nodes_for_deeploy(nets, tmp_path):
     first = requant_layers(inet)[0][1]
     assert attrs == {"div": first.div, "n_levels_out": first.n_levels, "signed": int(first.signed)}
     assert not any(n.op_type in ("Floor", "Div") for n in model.graph.node)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node, (_, req) in zip(rs, requant_layers(inet)):  # the integers exactly, not rounded to float32
+        mul, add = (inits[name] for name in node.input[1:])
+        assert mul.dtype == add.dtype == np.int64
+        assert np.array_equal(mul.reshape(-1), req.mul.reshape(-1).numpy())
+        assert np.array_equal(add.reshape(-1), req.add.reshape(-1).numpy())
     with pytest.raises(Exception, match="RequantShift"):
         check_export(tmp_path)
