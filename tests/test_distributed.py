@@ -56,3 +56,20 @@ def test_convert_keeps_state_and_is_plain_batchnorm_outside_ddp():
     x = torch.randn(2, 3, 5, 5)
     assert torch.allclose(net(x), nn.functional.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias,
                                                            training=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sync_batchnorm_normalises_half_inputs_in_float32(monkeypatch, dtype):
+    """Under AMP the conv output is half precision; 2 x 256 x 256 = 131072 values per channel overflow a
+    float16 count or sum (max 65504). One process stands in for the group (the all-reduce of one is itself)."""
+    import labkit.distributed as ld
+
+    monkeypatch.setattr(ld, "is_distributed", lambda: True)
+    monkeypatch.setattr(ld._AllReduceSum, "apply", staticmethod(lambda t: t))
+    torch.manual_seed(0)
+    x = (torch.randn(2, 2, 256, 256) * 3 + 1).to(dtype)
+    bn, ref = SyncBatchNorm2d(2), nn.BatchNorm2d(2)
+    y, y_ref = bn(x), ref(x.float())
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert torch.allclose(y.float(), y_ref, atol=2e-2)
+    assert torch.allclose(bn.running_var, ref.running_var, rtol=1e-4)
