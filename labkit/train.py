@@ -105,8 +105,10 @@ def make_train_loader(cfg: dict, dataset, rank: int, world: int, seed: int, pin:
         raise ValueError(f"the training set ({len(dataset)} images) is smaller than one batch ({bs}): "
                          "lower data.train.dataloader.bs")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # workers are started anew each epoch (not persistent): their seeds then come from the epoch's reseeded
+    # global RNG (_seed_epoch), so augmentation after a resume matches the uninterrupted run
     return DataLoader(dataset, batch_size=bs // world, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=pin, persistent_workers=workers > 0)
+                      pin_memory=pin)
 
 
 def make_val_loader(cfg: dict, dataset, rank: int = 0, world: int = 1, pin: bool = False) -> DataLoader:

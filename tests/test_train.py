@@ -56,9 +56,10 @@ def stop_after(epoch):
     return callback
 
 
-def test_resume_reaches_the_same_weights(tiny_config, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reaches_the_same_weights(tiny_config, tmp_path, workers):
     cfg = tiny_config(**{"training.n_epochs": 3, "data.train.dataset.transform.kwargs.augment": True,
-                         "network.kwargs.dropout": 0.2,
+                         "network.kwargs.dropout": 0.2, "data.train.dataloader.num_workers": workers,
                          "training.gd.lr_sched": {"class": "OneCycleLR", "kwargs": {"max_lr": 0.05}}})
     train(cfg, tmp_path / "full", progress=False, log=None)
     with pytest.raises(Interrupt):  # killed right after epoch 1 was saved
