@@ -20,7 +20,6 @@ from labkit.models import MobileNetV2
 _BLOCK = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.+)$")
 _STEM_OR_HEAD = re.compile(r"^features\.(\d+)\.(\d+)\.(.+)$")
 CAPACITIES = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
-TORCHVISION_WEIGHTS = "MobileNet_V2_Weights.IMAGENET1K_V1"
 
 
 def torchvision_key(key: str) -> str:
@@ -97,26 +96,26 @@ def _shapes_match(reference: dict, state: dict) -> bool:
     return reference.keys() == state.keys() and all(reference[k].shape == state[k].shape for k in reference)
 
 
-def torchvision_hub_file() -> Path:
-    """Where torchvision keeps ``mobilenet_v2`` IMAGENET1K_V1 weights in the local torch hub cache."""
+def _torchvision_url() -> str:
     from torchvision.models import MobileNet_V2_Weights
 
-    url = MobileNet_V2_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return MobileNet_V2_Weights.IMAGENET1K_V1.url
+
+
+def torchvision_hub_file() -> Path:
+    """Where torchvision keeps ``mobilenet_v2`` IMAGENET1K_V1 weights in the local torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_torchvision_url())
 
 
 def load_torchvision_weights(path: str | os.PathLike | None = None) -> dict:
     """torchvision weights from ``path``, or from the torch hub cache when ``path`` is None."""
     if path is None:
-        from torchvision.models import MobileNet_V2_Weights
-
         path = torchvision_hub_file()
         if not path.is_file():
             raise CheckpointError(
                 f"torchvision's pretrained mobilenet_v2 weights are not in the local cache ('{path}') and "
-                f"nothing is downloaded at run time: on a machine with internet, fetch "
-                f"{MobileNet_V2_Weights.IMAGENET1K_V1.url} and copy it to that path, or pass the file with "
-                "--from FILE")
+                f"nothing is downloaded at run time: on a machine with internet, fetch {_torchvision_url()} "
+                "and copy it to that path, or pass the file with --from FILE")
     obj = load_file(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

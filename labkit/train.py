@@ -49,6 +49,13 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     state, _ = read_state_dict(path)
     if is_torchvision_state_dict(state):
         state = {torchvision_key(k): v for k, v in state.items()}
+    own = net.state_dict()
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"'{path}' does not fit this network: '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, the "
+            f"network's is {tuple(own[wrong[0]].shape)} ({len(wrong)} tensors differ): network.pretrained needs a "
+            "full-precision checkpoint of the same width and classes (network.kwargs capacity, num_classes)")
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

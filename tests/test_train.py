@@ -9,6 +9,7 @@ import torch
 from conftest import EMBEDDED_FP32, tiny_overrides
 from labkit.checkpoint import CheckpointError, load_file, save_atomic
 from labkit.cli import main
+from labkit.models import MobileNetV2
 from labkit.optim import HandScheduler
 from labkit.train import evaluate_checkpoint, read_history, topk_correct, train
 
@@ -155,3 +156,13 @@ def test_help_documents_every_option(command, capsys):
                                                                                                      "eval", "torchrun"])
     for option in options:
         assert option in text
+
+
+def test_pretrained_of_another_shape_names_the_tensor_and_the_fix(tmp_path):
+    from labkit.train import load_pretrained
+
+    path = tmp_path / "ten_classes.pt"
+    torch.save(MobileNetV2(capacity=0.35, num_classes=10, config="small").state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"classifier\.1\.weight' has shape \(10, 1280\).*\(1000, 1280\)"
+                                              r".*same width and classes"):
+        load_pretrained(MobileNetV2(capacity=0.35, num_classes=1000, config="small"), str(path))
