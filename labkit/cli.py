@@ -155,12 +155,13 @@ def cmd_eval(args) -> None:
     from labkit.config import load_config
     from labkit.train import evaluate_checkpoint
 
-    cfg = load_config(args.config, _overrides(args)) if args.config else None
+    # the run's network.pretrained is not needed (the checkpoint holds the weights): not checked
+    cfg = load_config(args.config, _overrides(args), check_files=False) if args.config else None
     if cfg is None and args.data_root:
         from labkit.checkpoint import load_file
         from labkit.config import resolve_config
 
-        cfg = resolve_config(load_file(args.checkpoint)["config"], _overrides(args))
+        cfg = resolve_config(load_file(args.checkpoint)["config"], _overrides(args), check_files=False)
     m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
     print(f"{args.checkpoint}: valid loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
           f"({m['n']} images)")
@@ -169,6 +170,7 @@ def cmd_eval(args) -> None:
 def cmd_sweep(args) -> None:
     import json
 
+    from labkit.paths import resolve
     from labkit.sweep import run_sweep
 
     grid = json.loads(Path(args.grid).read_text()) if args.grid else {}
@@ -180,7 +182,8 @@ def cmd_sweep(args) -> None:
     table = run_sweep(grid, args.output_dir, epochs=args.epochs, data=args.data, data_root=args.data_root,
                       device=args.device)
     print(table)
-    print(f"results: {Path(args.output_dir) / 'results.csv'}, {Path(args.output_dir) / 'results.png'}")
+    out = resolve(args.output_dir)  # where run_sweep wrote them
+    print(f"results: {out / 'results.csv'}, {out / 'results.png'}")
 
 
 def cmd_lab(args) -> None:

@@ -9,7 +9,6 @@ notebook, cell and error; the others go on.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -51,6 +50,8 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from labkit.train import read_history
+
     out = resolve(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = resolve(notebook, must_exist=True)
@@ -71,7 +72,9 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
                 raise FileNotFoundError(f"no config {config} for algorithm '{point['algorithm']}'")
             papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(source.parent),
                                        progress_bar=False, kernel_name="python3")
-            history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
+            history = read_history(run_dir)
+            if not history:
+                raise RuntimeError(f"the notebook ran but wrote no history in {run_dir}")
             row.update(status="ok", final_top1=history[-1]["valid"]["top1"], best_top1=history[-1]["best_top1"])
         except PapermillExecutionError as err:
             row.update(status="failed", error=f"cell {err.exec_count}: {err.ename}: {err.evalue}")

@@ -108,6 +108,13 @@ def test_cli_train_prints_progress_and_top1(tmp_path, capsys):
     assert "epoch   1/1" in out and "final valid top-1" in out
     assert main(["eval", str(tmp_path / "r" / "best.ckpt"), "--device", "cpu"]) == 0
     assert "top-1" in capsys.readouterr().out
+    # a config whose network.pretrained is gone still evaluates: the checkpoint holds the weights
+    cfg = json.loads(EMBEDDED_FP32.read_text())
+    cfg["network"]["pretrained"] = str(tmp_path / "gone.ckpt")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(tmp_path / "r" / "best.ckpt"), "--config", str(tmp_path / "cfg.json"),
+                 "--device", "cpu"]) == 0
+    assert "(360 images)" in capsys.readouterr().out
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
