@@ -27,6 +27,13 @@ class DatasetError(ValueError):
     """A dataset that cannot be used as configured; the message names the path or value and the fix."""
 
 
+def input_size(data_cfg: dict) -> int:
+    """Image side in pixels of the ``data`` section's dataset: embedded 32, ImageNet ``image_size`` (224)."""
+    if data_cfg.get("name", "imagenet") == "embedded":
+        return EMBEDDED_SIZE
+    return int(data_cfg.get("image_size", 224))
+
+
 def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
     """``data`` config section -> ``(train, valid)`` datasets."""
     name = data_cfg.get("name", "imagenet")
@@ -34,7 +41,7 @@ def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
     if name == "embedded":
         train, valid = EmbeddedDigits("train", augment=augment), EmbeddedDigits("valid")
     elif name == "imagenet":
-        size = int(data_cfg.get("image_size", 224))
+        size = input_size(data_cfg)
         root = data_cfg.get("root")
         for split in ("train", "val"):  # both before the (slow) listing of either
             _split_folder(root, split)

@@ -904,9 +904,9 @@ def _all_started(ckpt) -> bool:
 
 def input_shape_of(cfg: dict, batch: int = 1) -> tuple:
     """``(batch, 3, H, W)`` of the config's dataset (embedded: 32 px; ImageNet: ``data.image_size``, 224)."""
-    from labkit.data import EMBEDDED_SIZE
+    from labkit.data import input_size
 
-    size = EMBEDDED_SIZE if cfg["data"].get("name") == "embedded" else int(cfg["data"].get("image_size", 224))
+    size = input_size(cfg["data"])
     return (batch, 3, size, size)
 
 

@@ -27,9 +27,10 @@ def run_config(config: str, *, data_root: str | None = None, epochs: int | None 
     cfg = load_config(config, extra, check_files=False)  # ensure_pretrained() makes or reports the checkpoint
     if (w_bits or a_bits) and cfg["network"].get("quantize"):
         from labkit.bitwidths import BitPlan
+        from labkit.data import input_size
         from labkit.models import MobileNetV2
 
-        plan = BitPlan(MobileNetV2(**cfg["network"]["kwargs"]), 32 if cfg["data"]["name"] == "embedded" else 224)
+        plan = BitPlan(MobileNetV2(**cfg["network"]["kwargs"]), input_size(cfg["data"]))
         plan.set_all(w_bits or 8, a_bits or 8)
         cfg = plan.to_config(cfg)
     return cfg

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -114,29 +112,6 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
     plot_quantized_histogram(conv.weight, lo_w, hi_w, conv.n_levels, f"{weight_layer} weights", axes[0])
     lo_a, hi_a = (float(t.float().mean()) for t in act.get_clip())
     plot_quantized_histogram(captured["x"], lo_a, hi_a, act.n_levels, f"{act_layer} input", axes[1])
-    fig.tight_layout()
-    return fig
-
-
-def plot_comparison(runs: dict[str, list[dict]], title: str = "FP32 vs PACT vs TQT"):
-    """Valid top-1 per epoch of several runs (``{label: history}``) and their final top-1 as bars."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2, 1]})
-    finals = {}
-    for label, history in runs.items():
-        if not history:
-            continue
-        ax_curve.plot([r["epoch"] + 1 for r in history], [r["valid"]["top1"] for r in history], marker="o", label=label)
-        finals[label] = history[-1]["valid"]["top1"]
-    ax_curve.set(xlabel="epoch", ylabel="valid top-1 (%)")
-    ax_curve.grid(alpha=0.3)
-    ax_curve.legend()
-    bars = ax_bar.bar(list(finals), list(finals.values()), color="#55a868")
-    ax_bar.bar_label(bars, fmt="%.2f")
-    low = min(finals.values(), default=0)
-    ax_bar.set(ylim=(max(0, math.floor(low) - 2), 100.5), ylabel="final top-1 (%)")
-    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

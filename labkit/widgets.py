@@ -12,6 +12,7 @@ from pathlib import Path
 import ipywidgets as W
 
 from labkit.bitwidths import MAX_BITS, MIN_BITS, BitPlan
+from labkit.data import input_size as data_input_size
 
 BULK_TARGETS = ("all layers", "depthwise", "pointwise", "first and last")
 
@@ -26,7 +27,7 @@ class BitWidthEditor:
     def __init__(self, net, base_config: dict, input_size: int | None = None, w_bits: int = 8, a_bits: int = 8):
         self.base_config = base_config
         if input_size is None:
-            input_size = 32 if base_config.get("data", {}).get("name") == "embedded" else 224
+            input_size = data_input_size(base_config.get("data", {}))
         self.plan = BitPlan(net, input_size, w_bits, a_bits)
         self.rows: dict[str, tuple[W.BoundedIntText, W.BoundedIntText, W.Checkbox]] = {}
         self.totals = W.HTML()

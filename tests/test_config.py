@@ -20,8 +20,10 @@ def base():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/config.fp32.json")))
 def test_shipped_fp32_configs_load(path):
+    raw = json.loads(path.read_text())
     cfg = load_config(path)
-    assert cfg["network"]["class"] == "MobileNetV2" and cfg["training"]["n_epochs"] >= 1
+    assert cfg["training"]["n_epochs"] == raw["training"]["n_epochs"]
+    assert cfg["network"]["kwargs"]["num_classes"] == (10 if raw["data"]["name"] == "embedded" else 1000)
 
 
 QUANTIZED_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/config.*.json") if p.name != "config.fp32.json")

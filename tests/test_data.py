@@ -86,3 +86,11 @@ def test_class_count_mismatch_is_reported():
 def test_limit_keeps_an_even_subset():
     train, valid = build_datasets({"name": "embedded", "train": {"dataset": {"limit": 100}}})
     assert len(train) == 100 and len(valid) == 360 and train.classes == valid.classes
+
+
+def test_input_size_follows_the_data_section():
+    from labkit.data import input_size
+
+    assert input_size({"name": "embedded", "image_size": 224}) == 32  # the digits are 32 px whatever is asked
+    assert input_size({"name": "imagenet", "image_size": 160}) == 160
+    assert input_size({"name": "imagenet"}) == input_size({}) == 224
