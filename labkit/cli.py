@@ -215,7 +215,7 @@ def cmd_integerize(args) -> None:
     from labkit.integerize import compare
     from labkit.size import size_report
 
-    qnet, inet, cfg, val = _integer_run(args)
+    qnet, inet, _, val = _integer_run(args)
     if args.limit:
         val = Subset(val, range(min(args.limit, len(val))))
     result = compare(qnet, inet, DataLoader(val, batch_size=64))
@@ -240,7 +240,7 @@ def cmd_export(args) -> None:
 
     from labkit.export import check_export, export
 
-    _, inet, cfg, val = _integer_run(args)
+    _, inet, _, val = _integer_run(args)
     n = max(1, min(args.n_inputs, len(val)))
     inputs = torch.stack([val[i][0] for i in range(n)])
     run = Path(args.run)

@@ -30,6 +30,7 @@ difference, and the agreement of predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -208,7 +209,6 @@ class IntSumPool(nn.Module):
     def __init__(self, kernel_size: tuple | None = None, stride: tuple | None = None):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
-        self.window = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size is None:
@@ -287,8 +287,6 @@ class _Val:
     shift: torch.Tensor
     bound: torch.Tensor
     origin: str
-    lo: int = 0
-    hi: int = 0
     bits: int = 32
 
 
@@ -469,7 +467,7 @@ class _Builder:
 
     def _codes(self, node: fx.Node, eps: float, lo: int, hi: int, origin: str) -> _Val:
         one = torch.tensor(1.0, dtype=torch.float64)
-        return _Val(node, "codes", one * eps, one * 0.0, one * max(abs(lo), abs(hi)), origin, lo, hi,
+        return _Val(node, "codes", one * eps, one * 0.0, one * max(abs(lo), abs(hi)), origin,
                     math.ceil(math.log2(hi - lo + 1)))
 
     def _input_codes(self, node: fx.Node, m: nn.Module) -> _Val:
@@ -617,7 +615,6 @@ class _Builder:
                 raise IntegerizeError(f"integerize: {self._describe(node)}: only unpadded average pools are supported")
             window = k[0] * k[1]
             pool = IntSumPool(k, _pair(m.stride or m.kernel_size))
-        pool.window = window
         out = self._add_module(node.target, pool, (v.node,), self.shape.get(node))
         return _Val(out, "acc", v.scale / window, v.shift * 0.0, v.bound * window,
                     f"average pool '{node.target}' (an integer sum)")
@@ -645,7 +642,7 @@ def _check_bound(layer: _IntLinearBase, bound: torch.Tensor, name: str) -> None:
 
 
 def _replace(v: _Val, node: fx.Node) -> _Val:
-    return _Val(node, v.kind, v.scale, v.shift, v.bound, v.origin, v.lo, v.hi, v.bits)
+    return dataclasses.replace(v, node=node)
 
 
 def _flatten_args(m: nn.Module) -> tuple:
