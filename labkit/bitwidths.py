@@ -1,26 +1,38 @@
-"""Per-layer bit-width plans: one row per quantized conv/linear, turned into a ``network.quantize`` config.
+"""Per-layer bit-width plans: weight bits per quantized conv/linear, activation bits per quantizer.
 
-A row holds the layer's weight bits, the bits of the activation quantizer that follows it (its ReLU6, or for
-a projection conv the block's ``integer_add`` / ``output_act`` that harmonization inserts) and whether
-weights are quantized per channel. Costs per layer come from one shape pass at the input size:
-
-- weight memory = params * w_bits / 8 bytes;  activation memory = output elements * a_bits / 8 bytes
-- BOPs = MACs * w_bits * a_in_bits  (a_in_bits: bits of the layer's input; the image counts as 8 bit)
+A plan is read off a config's quantized network (:meth:`BitPlan.from_config`) and written back by editing
+``n_levels`` (and ``quantize`` for per-channel weights) in that config's own per-layer entries
+(:meth:`BitPlan.apply_to`): every other key stays. Rows, one per quantized conv/linear, pair the layer's
+weight bits with the bits of the quantizer that requantizes its output (its activation, or the adder /
+signed requantizer that harmonization put after a projection conv); a quantizer that only requantizes
+another one (the pool requantizer) follows it. Costs come from :mod:`labkit.costs` (shapes of one pass).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from labkit.models.mobilenetv2 import InvertedResidual
+from labkit.build import build_network
+from labkit.checkpoint import write_text_atomic
+from labkit.costs import LayerGeometry, QuantizerGeometry, cost_table
+from labkit.data import input_size
+from labkit.harmonize import harmonized_layers
+from labkit.harmonize import plan as harmonize_plan
+from labkit.quant import PACTConv2d, PACTIntegerAdd, PACTLinear, QuantizerBase
+from labkit.recipe import normalize_quantize_config
+from labkit.report import Table
+from labkit.schema import MAX_BITS, MIN_BITS, ConfigError
 
-MIN_BITS, MAX_BITS = 2, 16
+INPUT = "input_quant"
 INPUT_BITS = 8
 
 
@@ -28,13 +40,10 @@ INPUT_BITS = 8
 class LayerBits:
     name: str  # the conv/linear module name, e.g. "features.3.residual_branch.1.0"
     kind: str  # "conv" (stem), "depthwise", "pointwise", "linear"
-    act: str | None  # the activation quantizer after it (None: the logits)
-    w_bits: int = 8
-    a_bits: int = 8
-    per_channel: bool = True
-    params: int = 0
-    macs: int = 0
-    out_elements: int = 0
+    act: str | None  # the quantizer of its output (None: the logits)
+    w_bits: int
+    a_bits: int | None
+    per_channel: bool
 
 
 def _kind(module: nn.Module) -> str:
@@ -45,65 +54,89 @@ def _kind(module: nn.Module) -> str:
     return "pointwise" if module.kernel_size == (1, 1) else "conv"
 
 
-def _activation_after(name: str, modules: dict) -> str | None:
-    """``X.0`` with a ReLU at ``X.2`` -> ``X.2``; a block's projection conv -> its integer_add/output_act."""
-    parent, _, index = name.rpartition(".")
-    if index == "0" and isinstance(modules.get(f"{parent}.2"), (nn.ReLU, nn.ReLU6)):
-        return f"{parent}.2"
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[0] == "features":
-        block = modules.get(".".join(parts[:2]))
-        if isinstance(block, InvertedResidual):
-            return f"features.{parts[1]}.{'integer_add' if block.use_skip else 'output_act'}"
-    return None
-
-
 class BitPlan:
-    """Bit-widths for every quantized layer of a float MobileNetV2, with bulk edits, costs and validation."""
+    """Bits of every quantized layer and quantizer of a harmonized fake-quant network ``qnet`` (as built from
+    a config), with bulk edits, costs, and the config edit that realises the plan."""
 
-    def __init__(self, net: nn.Module, input_size: int = 224, w_bits: int = 8, a_bits: int = 8):
-        self.net = net
-        self.input_size = input_size
-        modules = dict(net.named_modules())
-        self.rows = [LayerBits(n, _kind(m), _activation_after(n, modules), w_bits, a_bits, not isinstance(m, nn.Linear))
-                     for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        self._measure()
+    def __init__(self, qnet: fx.GraphModule, input_shape: tuple, input_bits: int = INPUT_BITS):
+        self.input_shape, self.input_bits = tuple(input_shape), input_bits
+        modules = dict(qnet.named_modules())
+        found = harmonize_plan(qnet)
+        self.links, self.follows = found.links, found.follows
+        self.inserted = {d["name"] for d in harmonized_layers(qnet)}
+        layer_mods = {n: m for n, m in modules.items() if isinstance(m, (PACTConv2d, PACTLinear))}
+        inside_adders = {f"{n}.{c}" for n, m in modules.items() if isinstance(m, PACTIntegerAdd)
+                         for c, _ in m.named_modules() if c}
+        quantizers = [n for n, m in modules.items() if n not in inside_adders and
+                      (isinstance(m, PACTIntegerAdd) or (isinstance(m, QuantizerBase) and n not in layer_mods))]
+        self.w_bits = {n: m.spec.bits for n, m in layer_mods.items()}
+        self.per_channel = {n: m.spec.per_channel for n, m in layer_mods.items()}
+        self.a_bits = {INPUT: input_bits, **{n: modules[n].spec.bits for n in quantizers}}
+        self.kinds = {n: _kind(m) for n, m in layer_mods.items()}
+        self._geometry(qnet, layer_mods, quantizers)
 
-    def _measure(self) -> None:
-        shapes: dict[str, torch.Size] = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o.shape))
-                 for n, m in self.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        was_training = self.net.training
+    @classmethod
+    def from_config(cls, cfg: dict) -> "BitPlan":
+        """The plan of a PACT/TQT config as it stands (its network built without pretrained weights)."""
+        if not cfg["network"].get("quantize"):
+            raise ConfigError("network.quantize", "is missing: a bit-width plan needs a PACT or TQT config",
+                              "Start from e.g. configs/embedded/config.pact.json")
+        qnet, _ = build_network(cfg, pretrained=False)
+        if not isinstance(qnet, fx.GraphModule):
+            raise ConfigError("network.quantize.harmonize", "is false: a bit-width plan needs the harmonized network")
+        plan = cls(qnet, (1, 3, input_size(cfg["data"]), input_size(cfg["data"])))
+        plan.base_config = cfg
+        return plan
+
+    def _geometry(self, qnet: fx.GraphModule, layer_mods: dict, quantizers: list[str]) -> None:
+        was = qnet.training
+        qnet.eval()
         try:
             with torch.no_grad():
-                self.net.eval()(torch.zeros(1, 3, self.input_size, self.input_size))
+                ShapeProp(qnet).propagate(torch.zeros(self.input_shape))
         finally:
-            self.net.train(was_training)
-            for h in hooks:
-                h.remove()
-        modules = dict(self.net.named_modules())
-        for row in self.rows:
-            m, out = modules[row.name], shapes[row.name]
-            row.params = m.weight.numel()
-            row.out_elements = out.numel()
-            per_output = m.weight[0].numel()  # MACs per output element
-            row.macs = out.numel() * per_output
+            qnet.train(was)
+        shapes = {n.target: tuple(n.meta["tensor_meta"].shape[1:]) for n in qnet.graph.nodes if n.op == "call_module"}
+        self.layers = [LayerGeometry(n, "dw conv" if self.kinds[n] == "depthwise" else
+                                     ("linear" if self.kinds[n] == "linear" else "conv"),
+                                     m.weight.numel(), 0 if m.bias is None else m.bias.numel(),
+                                     math.prod(shapes[n]) * m.weight[0].numel(),
+                                     INPUT if self.links[n]["input"] == "input" else self.links[n]["input"])
+                       for n, m in layer_mods.items()]
+        self.quantizers = [QuantizerGeometry(INPUT, "input quant", self.input_shape[1:])] + [
+            QuantizerGeometry(n, "integer add" if n.endswith("integer_add") else "requant", shapes[n]) for n in quantizers]
+        order = {INPUT: -1, **{n.target: i for i, n in enumerate(qnet.graph.nodes)}}
+        self.order = sorted([g.name for g in self.layers] + [q.name for q in self.quantizers], key=order.get)
 
-    # ------------------------------------------------------------------ edits
+    # ------------------------------------------------------------------ rows and edits
+    @property
+    def rows(self) -> list[LayerBits]:
+        return [LayerBits(g.name, self.kinds[g.name], self.links[g.name]["output"], self.w_bits[g.name],
+                          self.a_bits.get(self.links[g.name]["output"]), self.per_channel[g.name]) for g in self.layers]
+
     def __getitem__(self, name: str) -> LayerBits:
         for row in self.rows:
             if row.name == name:
                 return row
-        raise KeyError(f"no quantized layer named {name!r}; layers: {self.rows[0].name} ... {self.rows[-1].name}")
+        raise KeyError(f"no quantized layer named {name!r}; layers: {self.layers[0].name} ... {self.layers[-1].name}")
 
     def set(self, name: str, w_bits: int | None = None, a_bits: int | None = None, per_channel: bool | None = None):
+        """Bits of layer ``name``'s weights, of the quantizer of its output (and of quantizers following it)."""
         row = self[name]
         if w_bits is not None:
-            row.w_bits = _check_bits(w_bits, f"{name} weight bits")
-        if a_bits is not None:
-            row.a_bits = _check_bits(a_bits, f"{name} activation bits")
+            self.w_bits[name] = check_bits(w_bits, f"{name} weight bits")
+        if a_bits is not None and row.act is not None:
+            self.set_quantizer(row.act, a_bits)
         if per_channel is not None:
-            row.per_channel = bool(per_channel) and row.kind != "linear"
+            self.per_channel[name] = bool(per_channel) and row.kind != "linear"
+
+    def set_quantizer(self, name: str, bits: int) -> None:
+        if name not in self.a_bits or name == INPUT:
+            raise KeyError(f"no activation quantizer named {name!r}")
+        self.a_bits[name] = check_bits(bits, f"{name} activation bits")
+        for follower, leader in self.follows.items():
+            if leader == name:
+                self.set_quantizer(follower, bits)
 
     def set_all(self, w_bits: int | None = None, a_bits: int | None = None) -> None:
         for row in self.rows:
@@ -120,78 +153,96 @@ class BitPlan:
             self.set(row.name, w_bits, a_bits)
 
     # ------------------------------------------------------------------ costs
-    def input_bits(self) -> dict[str, int]:
-        """Bits of each layer's input: the previous row's activation bits (the image: 8)."""
-        bits, previous = {}, INPUT_BITS
-        for row in self.rows:
-            bits[row.name] = previous
-            previous = row.a_bits if row.act else previous
-        return bits
-
-    def costs(self) -> list[dict]:
-        a_in = self.input_bits()
-        return [{"name": r.name, "kind": r.kind, "w_bits": r.w_bits, "a_bits": r.a_bits if r.act else None,
-                 "weight_bytes": r.params * r.w_bits / 8, "activation_bytes": r.out_elements * (r.a_bits if r.act else 32) / 8,
-                 "bops": r.macs * r.w_bits * a_in[r.name]} for r in self.rows]
+    def cost_table(self) -> Table:
+        """Per layer and per quantizer: bits, weight/activation bytes, MACs, BOPs (:mod:`labkit.costs`)."""
+        return cost_table(self.layers, self.quantizers, self.w_bits, self.a_bits, self.order)
 
     def totals(self) -> dict:
-        """Weight and activation memory (bytes), BOPs, and the same at FP32 for reference."""
-        costs = self.costs()
-        fp32 = {"weight_bytes": sum(r.params for r in self.rows) * 4,
-                "bops": sum(r.macs for r in self.rows) * 32 * 32}
-        return {"weight_bytes": sum(c["weight_bytes"] for c in costs),
-                "activation_bytes": sum(c["activation_bytes"] for c in costs),
-                "max_activation_bytes": max(c["activation_bytes"] for c in costs),
-                "bops": sum(c["bops"] for c in costs),
-                "weight_compression": fp32["weight_bytes"] / sum(c["weight_bytes"] for c in costs),
-                "bops_vs_fp32": sum(c["bops"] for c in costs) / fp32["bops"]}
+        return self.cost_table().totals
 
-    # ------------------------------------------------------------------ output
-    def to_quantize_config(self, tqt: bool = False, pow2: bool = False) -> dict:
-        """The ``network.quantize`` section (seed layout) for this plan."""
-        from labkit.recipe import default_quantize_config
-
-        overrides: dict = {}
-        for row in self.rows:
-            overrides[row.name] = {"n_levels": 2 ** row.w_bits, "init_clip": "max" if row.w_bits >= 8 else "sawb_asymm",
-                                   "quantize": "per_channel" if row.per_channel else "per_layer"}
-            if row.act:
-                overrides[row.act] = row.a_bits
-        last_act = [r for r in self.rows if r.act][-1]
-        overrides["avgpool_act"] = last_act.a_bits  # the classifier's input: the pooled last activation
-        return default_quantize_config(self.net, 8, 8, tqt=tqt, pow2=pow2, overrides=overrides)
-
-    def to_config(self, base_config: dict, tqt: bool | None = None, pow2: bool = False) -> dict:
-        """``base_config`` (a PACT/TQT config) with this plan as its ``network.quantize``."""
-        cfg = copy.deepcopy(base_config)
-        if tqt is None:  # keep the base config's algorithm
-            tqt, pow2 = _algorithm(cfg["network"].get("quantize"))
-        cfg["network"]["quantize"] = self.to_quantize_config(tqt=tqt, pow2=pow2)
-        return cfg
-
-    def save(self, base_config: dict, path: str | Path, **kwargs) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = self.to_config(base_config, **kwargs)
-        cfg.pop("name", None)
-        path.write_text(json.dumps(cfg, indent=2) + "\n")
-        return path
+    def costs(self) -> list[dict]:
+        """One dict per layer: bits, its weight bytes, its output's activation bytes and its BOPs."""
+        rows = {r["layer"]: r for r in self.cost_table().rows}
+        return [{"name": r.name, "kind": r.kind, "w_bits": r.w_bits, "a_bits": r.a_bits,
+                 "weight_bytes": rows[r.name]["weight_bytes"],
+                 "act_bytes": rows[r.act]["act_bytes"] if r.act else 0, "BOPs": rows[r.name]["BOPs"]}
+                for r in self.rows]
 
     def as_rows(self) -> list[dict]:
         return [asdict(r) for r in self.rows]
 
+    def describe(self) -> str:
+        """``W 4-8 / A 4-8 bits`` style summary of the plan."""
+        w, a = sorted(set(self.w_bits.values())), sorted({v for k, v in self.a_bits.items() if k != INPUT})
+        span = lambda b: str(b[0]) if len(b) == 1 else f"{b[0]}-{b[-1]}"  # noqa: E731
+        return f"W {span(w)} / A {span(a)} bits"
 
-def _algorithm(quantize_cfg: dict | None) -> tuple[bool, bool]:
-    """``(tqt, pow2)`` of a ``network.quantize`` section (from its conv defaults); FP32 configs give PACT."""
-    if not quantize_cfg:
-        return False, False
-    from labkit.recipe import normalize_quantize_config
+    # ------------------------------------------------------------------ config
+    def apply_to(self, cfg: dict, description: str | None = None) -> dict:
+        """A copy of the PACT/TQT config ``cfg`` whose per-layer entries carry this plan's ``n_levels`` (and
+        ``quantize``); every other key is kept. A regex entry that covers several layers is edited only when
+        they all get the same value; else :class:`ConfigError` asks to list those layers one by one."""
+        cfg = copy.deepcopy(cfg)
+        quantize = cfg["network"]["quantize"]
+        section = quantize["kwargs"]["config"] if "function" in quantize else quantize
+        by_class = {"PACTConv2d": {n: {"n_levels": 2 ** self.w_bits[n],
+                                       "quantize": "per_channel" if self.per_channel[n] else "per_layer"}
+                                   for n, k in self.kinds.items() if k != "linear"},
+                    "PACTLinear": {n: {"n_levels": 2 ** self.w_bits[n]} for n, k in self.kinds.items() if k == "linear"},
+                    "PACTUnsignedAct": {n: {"n_levels": 2 ** b} for n, b in self.a_bits.items()
+                                        if n != INPUT and n not in self.inserted}}
+        for class_key, wanted in by_class.items():
+            if wanted:
+                _edit_entries(section.setdefault(class_key, {}), wanted, f"network.quantize.{class_key}")
+        inserted = {n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n in self.inserted}
+        if inserted:
+            harmonize = section.get("harmonize")
+            harmonize = {} if harmonize in (None, True) else harmonize
+            if harmonize is False:
+                raise ConfigError("network.quantize.harmonize", "is false, so the plan's inserted quantizers do not exist")
+            section["harmonize"] = harmonize
+            default = harmonize.get("n_levels", 256)
+            layers_cfg = harmonize.setdefault("layers", {})
+            todo = {n: v for n, v in inserted.items() if v["n_levels"] != default or
+                    any(re.match(r, n) for r in layers_cfg)}
+            _edit_entries(layers_cfg, todo, "network.quantize.harmonize.layers", all_names=sorted(inserted))
+            if not layers_cfg:
+                del harmonize["layers"]
+        cfg.pop("name", None)
+        if description is not None:
+            cfg["description"] = description
+        normalize_quantize_config(cfg["network"]["quantize"])  # the edited section is valid
+        return cfg
 
-    defaults = normalize_quantize_config(quantize_cfg).get("PACTConv2d", {}).get("kwargs", {})
-    return bool(defaults.get("tqt", False)), bool(defaults.get("pow2", False))
+    def save(self, cfg: dict, path: str | Path, description: str | None = None) -> Path:
+        """Write :meth:`apply_to` of ``cfg`` as JSON (atomically)."""
+        return write_text_atomic(json.dumps(self.apply_to(cfg, description), indent=4) + "\n", path)
 
 
-def _check_bits(bits, what: str) -> int:
+def _edit_entries(section: dict, wanted: dict[str, dict], where: str, all_names: list[str] | None = None) -> None:
+    """Give each module of ``wanted`` its settings through the regex entry of ``section`` that matches it; an
+    exact entry (``re.escape(name)$``) is added for a module no entry matches."""
+    names = all_names or list(wanted)
+    claims: dict[str, list[str]] = {}
+    for regex in [k for k in section if k != "kwargs"]:
+        claims[regex] = [n for n in names if re.match(regex, n)]
+    for name, settings in wanted.items():
+        regex = next((r for r, hits in claims.items() if name in hits), None)
+        if regex is None:
+            section[re.escape(name) + "$"] = dict(settings)
+            continue
+        for key, value in settings.items():
+            clash = [n for n in claims[regex] if n in wanted and wanted[n].get(key) != value]
+            if clash:
+                raise ConfigError(f"{where}[{regex!r}]", f"covers '{name}' and '{clash[0]}', which the plan gives "
+                                  f"different {key}", "List these layers one by one in the config")
+            entry = section[regex] if isinstance(section[regex], dict) else {}
+            entry[key] = value
+            section[regex] = entry
+
+
+def check_bits(bits, what: str) -> int:
+    """``bits`` as an integer from :data:`MIN_BITS` to :data:`MAX_BITS`, else ``ValueError`` naming ``what``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{what}: {bits!r} is not a bit-width from {MIN_BITS} to {MAX_BITS}")
     return bits

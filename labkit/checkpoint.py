@@ -1,4 +1,9 @@
-"""Checkpoint files: written atomically (temporary file + fsync + rename), read with ``weights_only=True``."""
+"""Checkpoint files: written atomically (temporary file + fsync + rename), read with ``weights_only=True``.
+
+Temporary files are named ``.<name>.<random>.tmp`` beside the target (:data:`TMP_GLOB`); a writer killed
+mid-write leaves one behind, which :func:`remove_stale_temps` clears. Written files get the usual
+permissions (``0666 & ~umask``), not ``mkstemp``'s ``0600``.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +14,55 @@ from typing import Any
 
 import torch
 
+from labkit.errors import LabkitError
+
 FORMAT = "labkit-checkpoint"
+TMP_GLOB = ".*.tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LabkitError, ValueError):
     """A checkpoint that cannot be read or used; the message names the file and the fix."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    return _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    return _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder``; returns them."""
+    stale = sorted(Path(folder).glob(TMP_GLOB))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_file(path: str | os.PathLike) -> Any:

@@ -1,10 +1,21 @@
-"""``labkit`` command line: convert torchvision weights, train, evaluate. Logic lives in the library."""
+"""``labkit`` command line: convert, train, evaluate, sweep, the lab, integerize, export.
+
+Logic lives in the library; this module parses arguments, checks paths and configs before the heavy imports
+(torch takes seconds to import on a busy machine, a typo should not), and prints every
+:class:`labkit.errors.LabkitError` as one line with exit status 2 (``--debug`` shows the traceback).
+Imports of heavy modules sit inside the command functions for that reason.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from labkit.config import load_config, parse_override, read_config_file, resolve_config
+from labkit.errors import LabkitError
+from labkit.paths import resolve
 
 EPILOG = """examples:
   labkit train configs/embedded/config.fp32.json            # FP32 on the embedded digits (~2 min on a CPU)
@@ -22,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labkit", description="Quantization-aware training (PACT/SAWB, TQT) of MobileNetV2.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     conv = sub.add_parser(
@@ -45,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-dir", "-o", metavar="DIR", help="run folder; default: runs/<folder>-<config name>, "
                     "e.g. runs/embedded-fp32")
     tr.add_argument("--epochs", type=int, metavar="N", help="override training.n_epochs")
-    tr.add_argument("--resume", action="store_true", help="continue from DIR/last.ckpt if it exists")
+    tr.add_argument("--resume", action="store_true", help="continue the run in DIR from its last.ckpt (same config; "
+                    "a larger --epochs extends it where the schedule allows)")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run that DIR holds (its config, history "
+                    "and checkpoints are deleted first)")
     tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     tr.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet folder with train/ and val/)")
     tr.add_argument("--pretrained", metavar="FILE", help="override network.pretrained (full-precision checkpoint); "
@@ -120,20 +135,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args) -> dict:
-    from labkit.config import parse_override
+class UsageError(LabkitError, ValueError):
+    """A command-line argument that cannot work (a missing file, an unwritable folder)."""
 
+
+def _overrides(args) -> dict:
     overrides = dict(parse_override(text) for text in getattr(args, "overrides", []))
     if getattr(args, "data_root", None):
         overrides["data.root"] = args.data_root
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
         overrides["training.n_epochs"] = args.epochs
     if getattr(args, "pretrained", None):
         overrides["network.pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
     return overrides
 
 
+def _existing(path: str, what: str, fix: str) -> Path:
+    found = resolve(path)
+    if not found.exists():
+        raise UsageError(f"{what} '{path}' not found: {fix}")
+    return found
+
+
+def _writable_folder(path: Path, what: str) -> Path:
+    """``path`` as a folder that exists or can be made, and is writable (checked before any long work)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} '{path}' is a file: choose a folder (-o)")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} '{path}' cannot be written ({probe} is not writable): choose another folder (-o)")
+    return path
+
+
 def cmd_convert(args) -> None:
+    if args.source:
+        _existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from")
+    _writable_folder(Path(args.output).parent, "output folder")
     from labkit.convert import convert_file
 
     path, net = convert_file(args.output, args.source, capacity=args.capacity, config=args.stride_config)
@@ -142,54 +181,65 @@ def cmd_convert(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from labkit.config import load_config
+    cfg = load_config(args.config, _overrides(args))  # torch-free: a bad config answers at once
+    out = _writable_folder(Path(args.output_dir or Path("runs") / cfg["name"]), "run folder")
     from labkit.train import train
 
-    cfg = load_config(args.config, _overrides(args))
-    out = Path(args.output_dir or Path("runs") / cfg["name"])
-    result = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                   progress=not args.no_progress)
     print(f"final valid top-1 {result['valid']['top1']:.2f}%  (best {result['best_top1']:.2f}%)  -> {out}")
 
 
+def _run_config(args, run: str) -> dict | None:
+    """``--config`` (or the run's own config with ``--data-root``), validated; None: the run's own."""
+    if getattr(args, "config", None):  # the run's network.pretrained is not needed (the checkpoint has the weights)
+        return load_config(args.config, _overrides(args), check_files=False)
+    if not args.data_root:
+        return None
+    from labkit.runs import load_run
+
+    return resolve_config(load_run(run).config, _overrides(args), check_files=False)
+
+
 def cmd_eval(args) -> None:
-    from labkit.config import load_config
+    _existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
+    from labkit.runs import RunFolder
     from labkit.train import evaluate_checkpoint
 
-    # the run's network.pretrained is not needed (the checkpoint holds the weights): not checked
-    cfg = load_config(args.config, _overrides(args), check_files=False) if args.config else None
-    if cfg is None and args.data_root:
-        from labkit.checkpoint import load_file
-        from labkit.config import resolve_config
-
-        cfg = resolve_config(load_file(args.checkpoint)["config"], _overrides(args), check_files=False)
-    m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
+    m = evaluate_checkpoint(args.checkpoint, _run_config(args, args.checkpoint), device=args.device)
     print(f"{args.checkpoint}: valid loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
           f"({m['n']} images)")
+    folder = resolve(args.checkpoint)
+    folder = folder if folder.is_dir() else folder.parent
+    for entry in RunFolder(folder).provenance():
+        print(f"  trained: {entry['time']}  labkit {entry['labkit']} ({entry.get('git') or 'no git'})  torch "
+              f"{entry['torch']}  {entry['device']}  config {entry['config_sha256'][:12]}  data "
+              f"{entry['data_sha256'][:12]}")
 
 
 def cmd_sweep(args) -> None:
-    import json
-
-    from labkit.paths import resolve
-    from labkit.sweep import run_sweep
-
-    grid = json.loads(Path(args.grid).read_text()) if args.grid else {}
+    grid = {}
+    if args.grid:
+        grid = read_config_file(_existing(args.grid, "grid file", "pass a JSON grid, e.g. "
+                                          '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}'))
     if args.algorithms:
         grid["algorithm"] = args.algorithms
     if args.bits:
         grid["bits"] = args.bits
     grid.setdefault("seed", args.seeds)
-    table = run_sweep(grid, args.output_dir, epochs=args.epochs, data=args.data, data_root=args.data_root,
-                      device=args.device)
+    out = _writable_folder(Path(args.output_dir).absolute(), "sweep folder")
+    from labkit.sweep import run_sweep
+
+    table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device)
     print(table)
-    out = resolve(args.output_dir)  # where run_sweep wrote them
     print(f"results: {out / 'results.csv'}, {out / 'results.png'}")
 
 
 def cmd_lab(args) -> None:
+    out = _writable_folder(Path(args.output_dir).absolute(), "lab folder")
     from labkit.lab import run_notebooks
 
-    executed = run_notebooks(args.output_dir)
+    executed = run_notebooks(out)
     print("executed notebooks (open them in JupyterLab for tables and plots):")
     for path in executed:
         print(f"  {path}")
@@ -198,27 +248,27 @@ def cmd_lab(args) -> None:
 
 
 def _integer_run(args):
+    _existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a checkpoint")
     from labkit.data import build_datasets
-    from labkit.integerize import integerize_checkpoint
+    from labkit.deploy import integerize_run
 
-    qnet, inet, cfg = integerize_checkpoint(args.run, input_bits=args.input_bits, d=args.d)
-    data = dict(cfg["data"])
-    if args.data_root:
-        data["root"] = args.data_root
-    _, val = build_datasets(data)
-    return qnet, inet, cfg, val
+    twin = integerize_run(args.run, input_bits=args.input_bits, d=args.d, config=_run_config(args, args.run))
+    _, val = build_datasets(twin.run.config["data"])
+    return twin.run, twin.inet, val
 
 
 def cmd_integerize(args) -> None:
+    if args.output_dir:
+        _writable_folder(Path(args.output_dir), "output folder")
     from torch.utils.data import DataLoader, Subset
 
-    from labkit.integerize import compare
-    from labkit.size import size_report
+    from labkit.integer import compare
+    from labkit.integer.size import size_report
 
-    qnet, inet, _, val = _integer_run(args)
+    loaded, inet, val = _integer_run(args)
     if args.limit:
         val = Subset(val, range(min(args.limit, len(val))))
-    result = compare(qnet, inet, DataLoader(val, batch_size=64))
+    result = compare(loaded.net, inet, DataLoader(val, batch_size=64))
     sizes = size_report(inet)
     print(result.table())
     print()
@@ -236,15 +286,16 @@ def cmd_integerize(args) -> None:
 
 
 def cmd_export(args) -> None:
+    run = resolve(args.run)
+    out = _writable_folder(Path(args.output_dir) if args.output_dir else
+                           (run if run.is_dir() else run.parent) / "export", "export folder")
     import torch
 
     from labkit.export import check_export, export
 
-    _, inet, _, val = _integer_run(args)
+    _, inet, val = _integer_run(args)
     n = max(1, min(args.n_inputs, len(val)))
     inputs = torch.stack([val[i][0] for i in range(n)])
-    run = Path(args.run)
-    out = Path(args.output_dir) if args.output_dir else (run if run.is_dir() else run.parent) / "export"
     paths = export(inet, out, inputs, requant_shift=args.requant_shift, activations=args.activations)
     for path in paths.values():
         print(f"wrote {path}")
@@ -261,19 +312,25 @@ def cmd_export(args) -> None:
         raise SystemExit(1)
 
 
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "lab": cmd_lab,
+            "integerize": cmd_integerize, "export": cmd_export}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from labkit.checkpoint import CheckpointError
-    from labkit.config import ConfigError
-    from labkit.data import DatasetError
-    from labkit.integerize import IntegerizeError
-
     try:
-        {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep,
-         "lab": cmd_lab, "integerize": cmd_integerize, "export": cmd_export}[args.command](args)
-    except (ConfigError, CheckpointError, DatasetError, IntegerizeError) as err:
+        COMMANDS[args.command](args)
+    except LabkitError as err:
+        if args.debug:
+            raise
         print(f"labkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"labkit {args.command}: interrupted (what finished is kept; labkit train --resume continues a run)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Load and validate the QuantLab-shaped JSON experiment configuration.
+"""Load, override and validate the QuantLab-shaped JSON experiment configuration (torch-free).
 
 Sections: ``data``, ``network`` {class, kwargs, pretrained, quantize}, ``training`` {loss_fn, gd {opt,
-lr_sched}, n_epochs, quantize, seed}; other top-level keys (``meters``, ``description``, ...) are kept
-untouched. Every error names the offending key path, e.g. ``training.gd.opt.class``.
+lr_sched}, n_epochs, quantize, seed, amp, channels_last, sync_bn}, plus ``meters``, ``description`` and
+``name``. :mod:`labkit.schema` checks every key, type and range; every error names the offending key path,
+e.g. ``training.gd.opt.class``, and unknown keys get the nearest valid one.
 """
 
 from __future__ import annotations
@@ -11,25 +12,13 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from labkit.models import STRIDE_TABLES
 from labkit.paths import resolve
+from labkit.schema import ConfigError, validate
 
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "PACTSGD", "PACTAdam")
-SCHEDULERS = ("HandScheduler", "StepLR", "MultiStepLR", "CosineAnnealingLR", "OneCycleLR")
-LOSSES = ("CrossEntropyLoss",)
-NETWORKS = ("MobileNetV2",)
-DATASETS = ("embedded", "imagenet")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; ``key_path`` names where it is (``training.gd.opt.class``)."""
-
-    def __init__(self, key_path: str, problem: str, fix: str = ""):
-        self.key_path = key_path
-        message = f"config key '{key_path}': {problem}" if key_path else problem
-        super().__init__(f"{message}. {fix}".rstrip(". ") + ("." if fix else ""))
+__all__ = ["ConfigError", "load_config", "read_config_file", "resolve_config", "config_name", "set_key", "get_key",
+           "parse_override", "config_diff"]
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check_files: bool = True) -> dict:
@@ -38,16 +27,25 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     ``check_files=False`` leaves out the check that ``network.pretrained`` exists (for a caller that makes it).
     """
     path = resolve(path, must_exist=True)
+    return resolve_config(read_config_file(path), overrides, name=config_name(path), check_files=check_files)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``, with errors that name the file, line and column."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file '{path}' not found",
                           "Pass the path of a JSON config, e.g. configs/embedded/config.fp32.json")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError("", f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+        raise ConfigError("", f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+                              f"{err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("", f"config file '{path}' cannot be read ({err})") from None
     if not isinstance(cfg, dict):
         raise ConfigError("", f"config file '{path}' must hold a JSON object at the top level")
-    return resolve_config(cfg, overrides, name=config_name(path), check_files=check_files)
+    return cfg
 
 
 def config_name(path: str | os.PathLike) -> str:
@@ -66,13 +64,22 @@ def resolve_config(cfg: dict, overrides: dict[str, Any] | None = None, name: str
         set_key(cfg, key_path, value)
     cfg.setdefault("name", name)
     _normalise(cfg)
-    _validate(cfg, check_files)
+    validate(cfg)
+    pretrained = cfg["network"].get("pretrained")
+    if pretrained and check_files and not Path(pretrained).is_file():
+        raise ConfigError("network.pretrained", f"checkpoint file '{pretrained}' not found",
+                          "Train the FP32 network first (labkit train configs/<data>/config.fp32.json), "
+                          "convert torchvision weights with `labkit convert`, or override it "
+                          "(--pretrained PATH, or none to start from scratch)")
     return cfg
 
 
 def set_key(cfg: dict, key_path: str, value: Any) -> None:
-    """Set ``cfg[a][b][c] = value`` for ``key_path = "a.b.c"``, creating missing dicts."""
+    """Set ``cfg[a][b][c] = value`` for ``key_path = "a.b.c"``, creating missing objects (unknown keys are
+    then reported by validation, with the nearest valid one)."""
     *parents, leaf = key_path.split(".")
+    if not key_path or not all(parents + [leaf]):
+        raise ConfigError(key_path, "is not a dotted key path", "Write e.g. training.n_epochs=3")
     node = cfg
     for i, key in enumerate(parents):
         node = node.setdefault(key, {})
@@ -94,13 +101,27 @@ def get_key(cfg: dict, key_path: str, default: Any = None) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"training.n_epochs=3"`` -> ``("training.n_epochs", 3)``; the value is JSON, else a string."""
     if "=" not in text:
-        raise ConfigError("", f"override '{text}' is not of the form key.path=value")
+        raise ConfigError("", f"override '{text}' is not of the form key.path=value",
+                          "Write e.g. --set training.n_epochs=3")
     key, raw = text.split("=", 1)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
+
+
+def config_diff(a: dict, b: dict, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key_path, value in a, value in b)`` for every leaf that differs (missing: ``None``)."""
+    return list(_diff(a, b, path))
+
+
+def _diff(a: Any, b: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in dict.fromkeys([*a, *b]):
+            yield from _diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    elif a != b:
+        yield path, a, b
 
 
 def _normalise(cfg: dict) -> None:
@@ -111,104 +132,10 @@ def _normalise(cfg: dict) -> None:
         if isinstance(kwargs, dict) and "pretrained" in kwargs:
             pretrained = kwargs.pop("pretrained")
             network.setdefault("pretrained", pretrained)
+        if isinstance(network.get("pretrained"), str):
+            network["pretrained"] = str(resolve(network["pretrained"], must_exist=True))
     data = cfg.get("data")
     if isinstance(data, dict):
         data.setdefault("name", "imagenet")
         if isinstance(data.get("root"), str):
             data["root"] = str(resolve(data["root"], must_exist=True))
-    if isinstance(network, dict) and isinstance(network.get("pretrained"), str):
-        network["pretrained"] = str(resolve(network["pretrained"], must_exist=True))
-
-
-def _expect(cfg: dict, key_path: str, types: type | tuple, required: bool = True, choices=None) -> Any:
-    value = get_key(cfg, key_path, _MISSING)
-    if value is _MISSING:
-        if required:
-            raise ConfigError(key_path, "is missing")
-        return None
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ConfigError(key_path, f"expected {_type_names(types)}, got a boolean ({value})")
-    if not isinstance(value, types):
-        raise ConfigError(key_path, f"expected {_type_names(types)}, got {type(value).__name__} ({value!r})")
-    if choices is not None and value not in choices:
-        raise ConfigError(key_path, f"unknown value {value!r}", f"Choose one of: {', '.join(map(str, choices))}")
-    return value
-
-
-_MISSING = object()
-
-
-def _type_names(types) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
-             bool: "true/false", type(None): "null"}
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def _validate(cfg: dict, check_files: bool = True) -> None:
-    for section in ("data", "network", "training"):
-        _expect(cfg, section, dict)
-
-    name = _expect(cfg, "data.name", str, choices=DATASETS)
-    if name == "imagenet":
-        _expect(cfg, "data.root", str)
-    for split in ("train", "valid"):
-        _expect(cfg, f"data.{split}", dict, required=False)
-        bs = _expect(cfg, f"data.{split}.dataloader.bs", int, required=False)
-        if bs is not None and bs < 1:
-            raise ConfigError(f"data.{split}.dataloader.bs", f"batch size must be >= 1, got {bs}")
-        _expect(cfg, f"data.{split}.dataloader.num_workers", int, required=False)
-        _expect(cfg, f"data.{split}.dataset.transform.kwargs.augment", bool, required=False)
-        limit = _expect(cfg, f"data.{split}.dataset.limit", (int, type(None)), required=False)
-        if limit is not None and limit < 1:
-            raise ConfigError(f"data.{split}.dataset.limit", f"must be >= 1 (or null for all), got {limit}")
-    _expect(cfg, "data.image_size", int, required=False)
-
-    _expect(cfg, "network.class", str, choices=NETWORKS)
-    _expect(cfg, "network.kwargs", dict)
-    capacity = _expect(cfg, "network.kwargs.capacity", (int, float), required=False)
-    if capacity is not None and capacity <= 0:
-        raise ConfigError("network.kwargs.capacity", f"width multiplier must be > 0, got {capacity}")
-    classes = _expect(cfg, "network.kwargs.num_classes", int, required=False)
-    if classes is not None and classes < 2:
-        raise ConfigError("network.kwargs.num_classes", f"needs at least 2 classes, got {classes}")
-    _expect(cfg, "network.kwargs.config", str, required=False, choices=tuple(STRIDE_TABLES))
-    unknown = set(cfg["network"]["kwargs"]) - {"capacity", "num_classes", "config", "dropout", "seed"}
-    if unknown:
-        raise ConfigError(f"network.kwargs.{sorted(unknown)[0]}", "unknown MobileNetV2 argument",
-                          "Known: capacity, num_classes, config, dropout, seed")
-    pretrained = _expect(cfg, "network.pretrained", (str, type(None)), required=False)
-    if pretrained and check_files and not Path(pretrained).is_file():
-        raise ConfigError("network.pretrained", f"checkpoint file '{pretrained}' not found",
-                          "Train the FP32 network first (labkit train configs/<data>/config.fp32.json), "
-                          "convert torchvision weights with `labkit convert`, or override it "
-                          "(--pretrained PATH, or null to start from scratch)")
-    _expect(cfg, "network.quantize", (dict, type(None)), required=False)
-
-    n_epochs = _expect(cfg, "training.n_epochs", int)
-    if n_epochs < 1:
-        raise ConfigError("training.n_epochs", f"must be >= 1, got {n_epochs}")
-    _expect(cfg, "training.seed", int, required=False)
-    _expect(cfg, "training.loss_fn.class", str, required=False, choices=LOSSES)
-    _expect(cfg, "training.loss_fn.kwargs", dict, required=False)
-    _expect(cfg, "training.gd.opt.class", str, choices=OPTIMIZERS)
-    opt_kwargs = _expect(cfg, "training.gd.opt.kwargs", dict)
-    for key in ("lr", "momentum", "weight_decay", "pact_decay"):
-        _expect(cfg, f"training.gd.opt.kwargs.{key}", (int, float), required=(key == "lr"))
-    if opt_kwargs["lr"] <= 0:
-        raise ConfigError("training.gd.opt.kwargs.lr", f"learning rate must be > 0, got {opt_kwargs['lr']}")
-    _expect(cfg, "training.gd.opt.takes_net", bool, required=False)
-    sched = _expect(cfg, "training.gd.lr_sched", (dict, type(None)), required=False)
-    if sched:
-        _expect(cfg, "training.gd.lr_sched.class", str, choices=SCHEDULERS)
-        _expect(cfg, "training.gd.lr_sched.kwargs", dict, required=False)
-        if sched["class"] == "HandScheduler":
-            schedule = _expect(cfg, "training.gd.lr_sched.kwargs.schedule", dict)
-            for epoch, factor in schedule.items():
-                if not str(epoch).isdigit() or not isinstance(factor, (int, float)) or isinstance(factor, bool):
-                    raise ConfigError(f"training.gd.lr_sched.kwargs.schedule.{epoch}",
-                                      "expected {\"<epoch>\": <lr factor>} entries", 'e.g. {"0": 1, "3": 0.1}')
-    _expect(cfg, "training.quantize", (dict, type(None)), required=False)
-    _expect(cfg, "training.amp", bool, required=False)
-    _expect(cfg, "training.channels_last", bool, required=False)
-    _expect(cfg, "training.sync_bn", bool, required=False)

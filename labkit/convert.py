@@ -16,6 +16,7 @@ from torch import nn
 
 from labkit.checkpoint import CheckpointError, load_file, make_checkpoint, save_atomic
 from labkit.models import MobileNetV2
+from labkit.report import Table
 
 _BLOCK = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.+)$")
 _STEM_OR_HEAD = re.compile(r"^features\.(\d+)\.(\d+)\.(.+)$")
@@ -40,30 +41,8 @@ def torchvision_key(key: str) -> str:
     raise CheckpointError(f"'{key}' is not a torchvision mobilenet_v2 state-dict key")
 
 
-def random_torchvision_model(width: float = 1.0, num_classes: int = 1000, seed: int = 0) -> nn.Module:
-    """A torchvision ``mobilenet_v2`` with random weights and non-trivial BN statistics, in eval mode.
-
-    Stands in for the pretrained weights where they cannot be had (no download here): conversion is
-    checked on it exactly as on the real file.
-    """
-    import torchvision
-
-    torch.manual_seed(seed)
-    tv = torchvision.models.mobilenet_v2(width_mult=width, num_classes=num_classes)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return tv.eval()
-
-
 def key_table(state_dict: dict):
     """Table of torchvision key -> labkit key -> shape, one row per tensor."""
-    from labkit.report import Table
-
     return Table(({"torchvision": k, "labkit": torchvision_key(k), "shape": tuple(v.shape)}
                   for k, v in state_dict.items()), title="state-dict key map")
 
@@ -97,7 +76,7 @@ def _shapes_match(reference: dict, state: dict) -> bool:
 
 
 def _torchvision_url() -> str:
-    from torchvision.models import MobileNet_V2_Weights
+    from torchvision.models import MobileNet_V2_Weights  # lazy: torchvision takes seconds to import
 
     return MobileNet_V2_Weights.IMAGENET1K_V1.url
 
@@ -124,11 +103,36 @@ def load_torchvision_weights(path: str | os.PathLike | None = None) -> dict:
     return obj
 
 
+def save_converted(net: MobileNetV2, output: str | os.PathLike, source: str) -> Path:
+    """Write ``net`` as a labkit checkpoint (atomically), recording where its weights came from."""
+    network = {"class": "MobileNetV2",
+               "kwargs": {"capacity": net.capacity, "num_classes": net.num_classes, "config": net.config}}
+    return save_atomic(make_checkpoint(net.state_dict(), network, source=source), output)
+
+
 def convert_file(output: str | os.PathLike, source: str | os.PathLike | None = None,
                  capacity: float | None = None, config: str = "standard") -> tuple[Path, MobileNetV2]:
     """Write a labkit checkpoint converted from a torchvision state-dict file (or the hub cache)."""
     net = from_torchvision(load_torchvision_weights(source), capacity=capacity, config=config)
-    network = {"class": "MobileNetV2",
-               "kwargs": {"capacity": net.capacity, "num_classes": net.num_classes, "config": net.config}}
-    ckpt = make_checkpoint(net.state_dict(), network, source=str(source or torchvision_hub_file()))
-    return save_atomic(ckpt, output), net
+    return save_converted(net, output, str(source or torchvision_hub_file())), net
+
+
+@torch.no_grad()
+def conversion_error(state: dict, net: MobileNetV2, batch: int = 4, size: int = 224) -> float:
+    """Largest |logit difference| between torchvision's network with ``state`` and the converted ``net``
+    (eval mode, a seeded random batch): 0 up to float rounding when the conversion is right."""
+    import torchvision  # lazy: seconds to import, and only this check needs torchvision's model
+
+    reference = torchvision.models.mobilenet_v2(width_mult=net.capacity, num_classes=net.num_classes).eval()
+    reference.load_state_dict(state)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return float((reference(x) - net.eval()(x)).abs().max())
+
+
+def demo_torchvision_state(seed: int = 0) -> dict:
+    """A randomly initialised torchvision ``mobilenet_v2`` state dict (to see a conversion where the
+    pretrained file is not at hand; nothing is downloaded)."""
+    import torchvision  # lazy: as conversion_error
+
+    torch.manual_seed(seed)
+    return torchvision.models.mobilenet_v2().state_dict()

@@ -5,12 +5,15 @@ Nothing here downloads. ``build_datasets(data_cfg)`` returns ``(train, valid)``;
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
+
+from labkit.errors import LabkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +26,7 @@ EMBEDDED_VAL_SIZE = 360
 EMBEDDED_SPLIT_SEED = 0
 
 
-class DatasetError(ValueError):
+class DatasetError(LabkitError, ValueError):
     """A dataset that cannot be used as configured; the message names the path or value and the fix."""
 
 
@@ -32,6 +35,18 @@ def input_size(data_cfg: dict) -> int:
     if data_cfg.get("name", "imagenet") == "embedded":
         return EMBEDDED_SIZE
     return int(data_cfg.get("image_size", 224))
+
+
+def input_normalisation(data_cfg: dict | str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(means, stds)`` per channel of the dataset's input normalisation (images in [0, 1]); ``data_cfg``:
+    the ``data`` section or the dataset name."""
+    name = data_cfg if isinstance(data_cfg, str) else data_cfg.get("name", "imagenet")
+    if name == "embedded":
+        _, _, mean, std = _embedded_arrays()
+        return (mean,), (std,)
+    if name == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
 
 
 def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
@@ -47,6 +62,7 @@ def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
             _split_folder(root, split)
         train = imagenet_folder(root, "train", imagenet_transform(size, augment))
         valid = imagenet_folder(root, "val", imagenet_transform(size, _augment_flag(data_cfg, "valid")))
+        check_same_classes(train, valid, Path(root).expanduser())
     else:
         raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
     return _limit(train, data_cfg, "train"), _limit(valid, data_cfg, "valid")
@@ -64,6 +80,38 @@ def _limit(dataset: Dataset, data_cfg: dict, split: str) -> Dataset:
 
 def _augment_flag(data_cfg: dict, split: str) -> bool:
     return bool(data_cfg.get(split, {}).get("dataset", {}).get("transform", {}).get("kwargs", {}).get("augment", False))
+
+
+def check_same_classes(train: Dataset, valid: Dataset, root: Path) -> None:
+    """Raise when ``train/`` and ``val/`` hold different class folders: labels are class indices in sorted
+    order, so one missing or extra folder shifts every label after it."""
+    if list(train.classes) == list(valid.classes):
+        return
+    only_train = sorted(set(train.classes) - set(valid.classes))
+    only_val = sorted(set(valid.classes) - set(train.classes))
+    parts = [f"{len(only_train)} only in train/ (e.g. {', '.join(only_train[:3])})" if only_train else "",
+             f"{len(only_val)} only in val/ (e.g. {', '.join(only_val[:3])})" if only_val else ""]
+    raise DatasetError(f"'{root}': train/ and val/ hold different class folders ({'; '.join(p for p in parts if p)}): "
+                       "labels are class indices, so they would not match; give both splits the same class folders")
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """sha256 of what a dataset serves: embedded digits by their arrays, image folders by their file list and
+    labels, subsets by their base and indices (cheap: no image is read)."""
+    h = hashlib.sha256()
+    base, indices = dataset, None
+    if isinstance(dataset, Subset):
+        base, indices = dataset.dataset, list(dataset.indices)
+    if isinstance(base, EmbeddedDigits):
+        h.update(base.images.numpy().tobytes())
+        h.update(base.targets.numpy().tobytes())
+    else:
+        root = Path(getattr(base, "root", "."))
+        for path, label in getattr(base, "samples", []):
+            h.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+    if indices is not None:
+        h.update(np.asarray(indices, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def check_num_classes(dataset: Dataset, num_classes: int) -> None:
@@ -93,7 +141,7 @@ class Lighting:
 
 def imagenet_transform(size: int = 224, augment: bool = False):
     """Train (augment): RandomResizedCrop, flip, colour jitter 0.4, lighting 0.1. Eval: Resize(size*8/7), CenterCrop."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # lazy: seconds to import, and only ImageNet needs it
 
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if augment:
@@ -104,7 +152,7 @@ def imagenet_transform(size: int = 224, augment: bool = False):
 
 def imagenet_folder(root: str | None, split: str, transform) -> Dataset:
     """``root/split/<class>/<image>`` as a torchvision ImageFolder, with errors that say what to fix."""
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder  # lazy: see imagenet_transform
 
     folder = _split_folder(root, split)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -171,7 +219,7 @@ _EMBEDDED_CACHE: dict = {}
 def _embedded_arrays():
     """All 1,797 digits as float 3x32x32 in [0, 1], labels, and the train split's mean and std."""
     if "arrays" not in _EMBEDDED_CACHE:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: only the embedded default needs scikit-learn
 
         digits = load_digits()
         small = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -186,7 +234,7 @@ def _embedded_arrays():
 def _embedded_split(labels: np.ndarray | None = None) -> dict:
     """Stratified, seeded index split of the 1,797 digits: 360 valid, the rest train."""
     if "split" not in _EMBEDDED_CACHE:
-        from sklearn.model_selection import train_test_split
+        from sklearn.model_selection import train_test_split  # lazy: as load_digits
 
         idx = np.arange(len(labels))
         train, valid = train_test_split(idx, test_size=EMBEDDED_VAL_SIZE, random_state=EMBEDDED_SPLIT_SEED,

@@ -26,10 +26,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
 from torch import fx
 
-from labkit.integerize import IntAdd, IntConv2d, IntegerizeError, IntLinear, IntSumPool, QuantizeInput, Requant
+from labkit.integer import (IntAdd, IntConv2d, IntegerizeError, IntLinear, IntSumPool, QuantizeInput, Requant,
+                            integer_layers)
 
 __all__ = ["ExportError", "to_onnx", "export", "check_export", "OPSET", "CUSTOM_DOMAIN"]
 
@@ -43,9 +47,6 @@ class ExportError(IntegerizeError):
 
 class _OnnxBuilder:
     def __init__(self, inet: fx.GraphModule, requant_shift: bool):
-        import onnx
-        from onnx import TensorProto, helper
-
         self.onnx, self.helper, self.T = onnx, helper, TensorProto
         self.inet, self.requant_shift = inet, requant_shift
         self.mods = dict(inet.named_modules())
@@ -234,8 +235,6 @@ def export(inet: fx.GraphModule, out_dir: str | Path, inputs: torch.Tensor, *, r
     captured: dict[str, np.ndarray] = {}
     hooks = []
     if activations:
-        from labkit.integerize import integer_layers
-
         for name, m in integer_layers(inet):
             hooks.append(m.register_forward_hook(
                 lambda _m, _i, y, name=name: captured.__setitem__(name, _compact(y))))
@@ -265,9 +264,6 @@ def _compact(t: torch.Tensor) -> np.ndarray:
 
 def check_export(out_dir: str | Path) -> dict:
     """Run ``network.onnx`` with onnxruntime on ``inputs.npz``; compare with ``outputs.npz`` (must be equal)."""
-    import onnx
-    import onnxruntime as ort
-
     out = Path(out_dir)
     model = onnx.load(str(out / "network.onnx"))
     onnx.checker.check_model(model, full_check=True)

@@ -33,76 +33,62 @@ the original did. Harmonizing an already harmonized network inserts nothing.
 from __future__ import annotations
 
 import math
-import operator
 import re
 import warnings
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
+from labkit.fxops import (ADD_FUNCTIONS, ADD_METHODS, FLOAT_ACTS, FLOAT_LINEAR, PASS_FUNCTIONS, PASS_METHODS,
+                          PASS_MODULES, POOL_FUNCTIONS, POOL_MODULES, PRODUCERS, QUANT_LINEAR, QUANTIZERS,
+                          QuantTracer)
+from labkit.quant import PACTAsymmetricAct, PACTIntegerAdd, PACTUnsignedAct, QuantSpec
 
-__all__ = ["harmonize", "QuantTracer", "harmonized_layers", "META_KEY"]
+__all__ = ["harmonize", "plan", "HarmonizePlan", "QuantTracer", "harmonized_layers", "META_KEY", "ROLES"]
 
 #: ``GraphModule.meta`` key under which :func:`harmonize` records what it inserted (survives deepcopy).
 META_KEY = "labkit_harmonize"
+#: roles of inserted modules: residual adds, signed requantizers after linear ops, the pool requantizer
+ROLES = ("integer_add", "output_act", "pool_act")
 
-QUANT_LINEAR = (PACTConv2d, PACTLinear)
-QUANTIZERS = (PACTUnsignedAct, PACTAsymmetricAct, PACTIntegerAdd)
-PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                  F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.adaptive_avg_pool1d, torch.avg_pool1d}
-# shape/regularisation ops that neither move values off a grid nor compute (followed transparently)
-PASS_MODULES = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity)
-PASS_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout}
-PASS_METHODS = {"flatten", "view", "reshape", "contiguous"}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_"}
-# harmonize() options that are not activation constructor kwargs
-_OPTIONS = ("requant_pool", "force_out_eps", "layers", "leaf_types")
+@dataclass
+class HarmonizePlan:
+    """What :func:`harmonize` inserts into a network, and how quantizers and quantized layers connect.
 
-
-class QuantTracer(fx.Tracer):
-    """FX tracer that keeps PACT modules (and ``leaf_types``) as leaves and records module scopes.
-
-    Each node gets ``node.meta["labkit_scope"]``: the qualified name of the innermost module being traced
-    through when the node was created (``""`` for the root). ``module_outputs`` maps a node to the names of
-    the non-leaf modules whose ``forward`` returned it, innermost first.
+    ``insertions``: one dict per module to insert, in graph order: ``name``, ``role`` (:data:`ROLES`) and
+    ``unsigned`` (a pool requantizer fed by an unsigned activation). ``links``: for every quantized
+    conv/linear, ``{"input": q, "output": q}``, the names of the quantizers whose codes it reads and of
+    the one that requantizes its output (an existing activation quantizer or an inserted module; ``input``
+    is ``"input"`` for the network input, ``output`` ``None`` for the network output). ``follows``: for each
+    quantizer that requantizes another quantizer's codes (the pool requantizer averages the last
+    activation's codes), that quantizer. ``gm``: the traced network (``nodes`` maps names to its nodes).
     """
 
-    def __init__(self, leaf_types: Iterable[type] = ()):
-        super().__init__()
-        self.leaf_types = tuple(leaf_types)
-        self.module_outputs: dict[fx.Node, list[str]] = {}
-        self._scope: list[str] = []
+    insertions: list[dict] = field(default_factory=list)
+    links: dict[str, dict] = field(default_factory=dict)
+    follows: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, Any] = field(default_factory=dict, repr=False)
+    gm: Any = field(default=None, repr=False)
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, QUANT_LINEAR + QUANTIZERS + self.leaf_types):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+    @property
+    def names(self) -> list[str]:
+        return [i["name"] for i in self.insertions]
 
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        name = self.path_of_module(m)
-        if self.is_leaf_module(m, name):
-            return super().call_module(m, forward, args, kwargs)
-        self._scope.append(name)
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        finally:
-            self._scope.pop()
-        if isinstance(out, fx.Proxy):
-            self.module_outputs.setdefault(out.node, []).append(name)
-        return out
 
-    def create_node(self, *args, **kwargs) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
-        node.meta["labkit_scope"] = self._scope[-1] if self._scope else ""
-        return node
+def plan(net: nn.Module, quantized: Iterable[str] | None = None, *, requant_pool: bool = True,
+         leaf_types: Iterable[type] = ()) -> HarmonizePlan:
+    """What :func:`harmonize` would insert into ``net`` (not modified) and the quantizer links.
+
+    ``quantized``: names of the float convs, linears and ReLU/ReLU6 of ``net`` that the recipe will quantize
+    (``None``: only the modules that already are PACT modules count as quantized).
+    """
+    _check_options(requant_pool, False, {})
+    tracer, graph, gm = _trace(net, leaf_types)
+    found = _analyse(graph, dict(gm.named_modules()), tracer, set(quantized or ()), requant_pool, warn=False)
+    found.gm = gm
+    return found
 
 
 def harmonize(net: nn.Module, *, requant_pool: bool = True, force_out_eps: bool = False,
@@ -110,125 +96,58 @@ def harmonize(net: nn.Module, *, requant_pool: bool = True, force_out_eps: bool 
               **act_kwargs: Any) -> fx.GraphModule:
     """Trace ``net`` and insert integer adders, signed activations and the pool requantizer (module doc).
 
-    ``act_kwargs`` (``n_levels``, ``init_clip``, ``learn_clip``, ``symm``, ``rounding``, ``tqt``, ...) go to
-    every inserted quantizer: the :class:`PACTAsymmetricAct` s, the adders' quantizers
-    (``PACTIntegerAdd(num_args=2, signed=True, force_out_eps=force_out_eps, **act_kwargs)``) and the pool
-    requantizer (``symm`` is dropped for an unsigned one). ``layers`` maps regexes on the *inserted* names
-    (``re.match``, e.g. ``"avgpool_act$"``) to kwargs overriding those defaults for the modules they match
-    (mixed precision). ``leaf_types``: extra module classes not to trace into.
+    ``act_kwargs`` (``n_levels``, ``init_clip``, ``learn_clip``, ``symm``, ``rounding``, ``tqt``, ...: the
+    settings of :class:`~labkit.quant.QuantSpec`) go to every inserted quantizer: the
+    :class:`PACTAsymmetricAct` s, the adders' quantizers (``PACTIntegerAdd(num_args=2, signed=True,
+    force_out_eps=force_out_eps, ...)``) and the pool requantizer (``symm`` is dropped for an unsigned one).
+    ``layers`` maps regexes on the *inserted* names (``re.match``, e.g. ``"avgpool_act$"``) to settings
+    overriding those defaults for the modules they match (mixed precision). ``leaf_types``: extra module
+    classes not to trace into.
 
     Returns a new :class:`torch.fx.GraphModule` sharing the (already quantized) submodules of ``net``; what
     was inserted is listed in ``gm.meta[META_KEY]["inserted"]`` (see :func:`harmonized_layers`).
     """
-    if not isinstance(requant_pool, bool):
-        raise TypeError(f"harmonize: 'requant_pool' must be true or false, got {requant_pool!r}")
-    if not isinstance(force_out_eps, bool):
-        raise TypeError(f"harmonize: 'force_out_eps' must be true or false, got {force_out_eps!r}")
     layers = dict(layers or {})
-    if not all(isinstance(v, dict) or v is None for v in layers.values()):
-        raise TypeError("harmonize: 'layers' must map regexes on inserted module names to kwargs dicts, "
-                        'e.g. {"avgpool_act$": {"n_levels": 256}}')
-
-    tracer = QuantTracer(leaf_types)
-    try:
-        graph = tracer.trace(net)
-    except Exception as err:  # noqa: BLE001 - re-raised with the fix
-        raise RuntimeError(f"harmonize: torch.fx could not trace {type(net).__name__}: {err}. Data-dependent "
-                           "control flow must live inside leaf modules; pass their classes as leaf_types"
-                           ) from err
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(net).__name__)
+    _check_options(requant_pool, force_out_eps, layers)
+    tracer, graph, gm = _trace(net, leaf_types)
     original = dict(net.named_modules())
     for name, module in gm.named_modules():  # fx's stand-in containers start in training mode
         if name in original:
             module.training = original[name].training
-    modules = dict(gm.named_modules())
-    taken = set(modules)
-    previous = getattr(net, "meta", {}).get(META_KEY, {}) if isinstance(net, fx.GraphModule) else {}
-    plans: list[dict] = []
+    found = _analyse(graph, dict(gm.named_modules()), tracer, set(), requant_pool, warn=True)
 
-    def new_name(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
-
-    def target_of(node: fx.Node) -> nn.Module | None:
-        return modules.get(node.target) if node.op == "call_module" else None
-
-    # pass 1: residual adds -> PACTIntegerAdd
-    for node in list(graph.nodes):
-        if not _is_tensor_add(node):
-            continue
-        if node.kwargs:
-            raise ValueError(f"harmonize: add '{node.name}' in '{node.meta.get('labkit_scope') or 'the root'}' "
-                             f"has keyword arguments {dict(node.kwargs)} (e.g. alpha): an integer adder "
-                             "cannot express them; write a plain 'a + b'")
-        scope = node.meta.get("labkit_scope", "")
-        plans.append({"kind": "integer_add", "name": new_name(_join(scope, "integer_add")), "node": node})
-
-    # passes 2 and 3: unquantized tensors reaching quantized convs/linears
-    fixes: dict[fx.Node, dict] = {}
-    for node in graph.nodes:
-        if not isinstance(target_of(node), QUANT_LINEAR) or not node.args:
-            continue
-        src = node.args[0]
-        while isinstance(src, fx.Node) and _is_passthrough(src, modules):
-            src = src.args[0]
-        if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr"):
-            continue
-        producer = target_of(src)
-        if isinstance(producer, QUANTIZERS) or any(p["node"] is src for p in plans):
-            continue
-        if src in fixes:
-            continue
-        if isinstance(producer, PRODUCERS):
-            outer = tracer.module_outputs.get(src, [])
-            name = _join(outer[-1], "output_act") if outer else f"{src.target}_act"
-            fixes[src] = {"kind": "output_act", "name": new_name(name), "node": src}
-        elif _is_pool(src, modules):
-            if requant_pool:
-                base = f"{src.target}_act" if src.op == "call_module" else \
-                    _join(src.meta.get("labkit_scope", ""), "pool_act")
-                unsigned = _comes_from_unsigned(src.args[0], modules)
-                fixes[src] = {"kind": "pool_act", "name": new_name(base), "node": src, "unsigned": unsigned}
-        else:
-            what = f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
-            warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no quantizer "
-                          "in between, so that layer's input is not on an integer grid; quantize it too "
-                          "(e.g. add it to PACTUnsignedAct in network.quantize)", stacklevel=2)
-    plans.extend(fixes.values())
-
-    # per-insertion kwargs (defaults, then `layers` overrides), modules built before the graph changes
-    overrides = _match_overrides(layers, [p["name"] for p in plans])
+    # per-insertion settings (defaults, then `layers` overrides), modules built before the graph changes
+    overrides = _match_overrides(layers, found.names)
     device = next((p.device for p in net.parameters()), None)
-    for plan in plans:
-        kwargs = {**act_kwargs, **overrides.get(plan["name"], {})}
-        plan["kwargs"] = kwargs
-        plan["module"] = _build(plan, kwargs, force_out_eps)
-        plan["module"].train(net.training)
+    built = []
+    for item in found.insertions:
+        kwargs = {**act_kwargs, **overrides.get(item["name"], {})}
+        module = _build(item, kwargs, force_out_eps)
+        module.train(net.training)
         if device is not None:
-            plan["module"].to(device)
+            module.to(device)
+        built.append((item, kwargs, module))
 
-    for plan in plans:
-        gm.add_submodule(plan["name"], plan["module"])
-        node = plan["node"]
-        if plan["kind"] == "integer_add":
+    for item, _, module in built:
+        gm.add_submodule(item["name"], module)
+        node = found.nodes[item["name"]]
+        if item["role"] == "integer_add":
             with graph.inserting_before(node):
-                new = graph.call_module(plan["name"], args=tuple(node.args))
+                new = graph.call_module(item["name"], args=tuple(node.args))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
         else:
             with graph.inserting_after(node):
-                new = graph.call_module(plan["name"], args=(node,))
+                new = graph.call_module(item["name"], args=(node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         new.meta["labkit_scope"] = node.meta.get("labkit_scope", "")
     graph.lint()
     gm.recompile()
 
+    previous = getattr(net, "meta", {}).get(META_KEY, {}) if isinstance(net, fx.GraphModule) else {}
     inserted = list(previous.get("inserted", [])) + [
-        {"name": p["name"], "type": type(p["module"]).__name__, "role": p["kind"], "kwargs": dict(p["kwargs"])}
-        for p in plans]
+        {"name": item["name"], "type": type(module).__name__, "role": item["role"], "kwargs": dict(kwargs)}
+        for item, kwargs, module in built]
     gm.meta[META_KEY] = {"inserted": inserted,
                          "options": {"requant_pool": requant_pool, "force_out_eps": force_out_eps,
                                      "layers": layers, **act_kwargs}}
@@ -242,7 +161,141 @@ def harmonized_layers(net: nn.Module) -> list[dict]:
     return [dict(d) for d in (meta or {}).get(META_KEY, {}).get("inserted", [])]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- analysis
+def _trace(net: nn.Module, leaf_types: Iterable[type]) -> tuple[QuantTracer, fx.Graph, fx.GraphModule]:
+    tracer = QuantTracer(leaf_types)
+    try:
+        graph = tracer.trace(net)
+    except Exception as err:  # noqa: BLE001 - re-raised with the fix
+        raise RuntimeError(f"harmonize: torch.fx could not trace {type(net).__name__}: {err}. Data-dependent "
+                           "control flow must live inside leaf modules; pass their classes as leaf_types"
+                           ) from err
+    return tracer, graph, fx.GraphModule(tracer.root, graph, class_name=type(net).__name__)
+
+
+def _analyse(graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer, will_quantize: set[str],
+             requant_pool: bool, warn: bool) -> HarmonizePlan:
+    """Find the insertions (adds, unquantized tensors reaching quantized layers, pools) and the links."""
+    def module(node) -> nn.Module | None:
+        return modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+    def is_qlinear(node) -> bool:
+        m = module(node)
+        return isinstance(m, QUANT_LINEAR) or (isinstance(m, FLOAT_LINEAR) and node.target in will_quantize)
+
+    def is_quantizer(node) -> bool:
+        m = module(node)
+        return isinstance(m, QUANTIZERS) or (isinstance(m, FLOAT_ACTS) and node.target in will_quantize)
+
+    taken = set(modules)
+
+    def new_name(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    found = HarmonizePlan()
+    at: dict[fx.Node, str] = {}  # graph node -> name of the module that quantizes it (inserted or existing)
+
+    def insert(node: fx.Node, role: str, base: str, **extra) -> None:
+        name = new_name(base)
+        found.insertions.append({"name": name, "role": role, **extra})
+        found.nodes[name] = node
+        at[node] = name
+
+    # pass 1: residual adds -> PACTIntegerAdd
+    for node in graph.nodes:
+        if _is_tensor_add(node):
+            if node.kwargs:
+                raise ValueError(f"harmonize: add '{node.name}' in '{node.meta.get('labkit_scope') or 'the root'}' "
+                                 f"has keyword arguments {dict(node.kwargs)} (e.g. alpha): an integer adder "
+                                 "cannot express them; write a plain 'a + b'")
+            insert(node, "integer_add", _join(node.meta.get("labkit_scope", ""), "integer_add"))
+
+    # passes 2 and 3: unquantized tensors reaching quantized convs/linears
+    for node in graph.nodes:
+        if not is_qlinear(node) or not node.args:
+            continue
+        src = _skip_passthrough(node.args[0], modules)
+        if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or is_quantizer(src) or src in at:
+            continue
+        producer = module(src)
+        if isinstance(producer, PRODUCERS):
+            outer = tracer.module_outputs.get(src, [])
+            insert(src, "output_act", _join(outer[-1], "output_act") if outer else f"{src.target}_act")
+        elif _is_pool(src, modules):
+            if requant_pool:
+                base = f"{src.target}_act" if src.op == "call_module" else \
+                    _join(src.meta.get("labkit_scope", ""), "pool_act")
+                feeder = _skip_passthrough(src.args[0], modules)
+                insert(src, "pool_act", base, unsigned=_is_unsigned(feeder, modules, will_quantize))
+                found.follows[at[src]] = _quantizer_of(feeder, at, is_quantizer)
+        elif warn:
+            what = f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
+            warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no quantizer "
+                          "in between, so that layer's input is not on an integer grid; quantize it too "
+                          "(e.g. add it to PACTUnsignedAct in network.quantize)", stacklevel=3)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found.insertions.sort(key=lambda item: order[found.nodes[item["name"]]])
+
+    # links: the quantizer a layer reads, and the one that requantizes its output
+    for node in graph.nodes:
+        if is_qlinear(node) and node.args:
+            src = _skip_passthrough(node.args[0], modules)
+            found.links[node.target] = {"input": _quantizer_of(src, at, is_quantizer),
+                                        "output": _output_quantizer(node, modules, at, is_quantizer)}
+        elif is_quantizer(node) and len(node.args) == 1 and not isinstance(module(node), PACTIntegerAdd):
+            src = node.args[0]
+            while isinstance(src, fx.Node) and (_is_passthrough(src, modules) or _is_pool(src, modules)):
+                src = src.args[0]
+            if isinstance(src, fx.Node) and (is_quantizer(src) or src in at):
+                found.follows[node.target] = _quantizer_of(src, at, is_quantizer)
+    return found
+
+
+def _quantizer_of(node: Any, at: dict, is_quantizer: Callable) -> str | None:
+    if not isinstance(node, fx.Node) or node.op == "placeholder":
+        return "input"
+    if node in at:
+        return at[node]
+    return node.target if is_quantizer(node) else None
+
+
+def _output_quantizer(node: fx.Node, modules: dict, at: dict, is_quantizer: Callable) -> str | None:
+    """Follow ``node``'s output through batch norms and shape ops to the first quantizer."""
+    while True:
+        if node in at:
+            return at[node]
+        users = list(node.users)
+        if len(users) != 1 or users[0].op == "output":
+            return None
+        user = users[0]
+        if is_quantizer(user) or user in at:
+            return at.get(user) or user.target
+        m = modules.get(user.target) if user.op == "call_module" else None
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_passthrough(user, modules)):
+            return None
+        node = user
+
+
+def _skip_passthrough(node: Any, modules: dict) -> Any:
+    while isinstance(node, fx.Node) and _is_passthrough(node, modules):
+        node = node.args[0]
+    return node
+
+
+def _check_options(requant_pool: Any, force_out_eps: Any, layers: dict) -> None:
+    if not isinstance(requant_pool, bool):
+        raise TypeError(f"harmonize: 'requant_pool' must be true or false, got {requant_pool!r}")
+    if not isinstance(force_out_eps, bool):
+        raise TypeError(f"harmonize: 'force_out_eps' must be true or false, got {force_out_eps!r}")
+    if not all(isinstance(v, dict) or v is None for v in layers.values()):
+        raise TypeError("harmonize: 'layers' must map regexes on inserted module names to settings dicts, "
+                        'e.g. {"avgpool_act$": {"n_levels": 256}}')
+
+
 def _join(scope: str, leaf: str) -> str:
     return f"{scope}.{leaf}" if scope else leaf
 
@@ -267,11 +320,11 @@ def _is_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_function" and node.target in POOL_FUNCTIONS
 
 
-def _comes_from_unsigned(node: Any, modules: dict[str, nn.Module]) -> bool:
-    while isinstance(node, fx.Node) and _is_passthrough(node, modules):
-        node = node.args[0]
-    return isinstance(node, fx.Node) and node.op == "call_module" and \
-        isinstance(modules.get(node.target), PACTUnsignedAct)
+def _is_unsigned(node: Any, modules: dict[str, nn.Module], will_quantize: set[str]) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return False
+    m = modules.get(node.target)
+    return isinstance(m, PACTUnsignedAct) or (isinstance(m, FLOAT_ACTS) and node.target in will_quantize)
 
 
 def _match_overrides(layers: dict[str, dict | None], names: list[str]) -> dict[str, dict]:
@@ -295,23 +348,18 @@ def _match_overrides(layers: dict[str, dict | None], names: list[str]) -> dict[s
     return out
 
 
-def _build(plan: dict, kwargs: dict, force_out_eps: bool) -> nn.Module:
-    kind, name = plan["kind"], plan["name"]
-    n_levels = kwargs.get("n_levels", 256)
-    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
-        raise ValueError(f"harmonize: n_levels for '{name}' must be an integer >= 2, got {n_levels!r}; "
-                         "fix network.quantize.harmonize (or its 'layers' entry)")
+def _build(item: dict, kwargs: dict, force_out_eps: bool) -> nn.Module:
+    role, name = item["role"], item["name"]
     try:
-        if kind == "integer_add":
-            add_kwargs = {"force_out_eps": force_out_eps, **kwargs}
-            return PACTIntegerAdd(num_args=2, signed=True, **add_kwargs)
-        if kind == "pool_act" and plan.get("unsigned"):
+        if role == "integer_add":
+            return PACTIntegerAdd(num_args=2, signed=True, force_out_eps=force_out_eps, **kwargs)
+        if role == "pool_act" and item.get("unsigned"):
             act = {k: v for k, v in kwargs.items() if k not in ("symm",)}
             act.setdefault("act_kind", "relu")
-            return PACTUnsignedAct(**act)
-        return PACTAsymmetricAct(**kwargs)
+            return PACTUnsignedAct(QuantSpec.for_role("unsigned_act", **act))
+        return PACTAsymmetricAct(QuantSpec.for_role("signed_act", **kwargs))
     except (TypeError, ValueError) as err:
-        raise type(err)(f"harmonize: cannot build {kind} '{name}' with {kwargs}: {err}. Fix "
+        raise type(err)(f"harmonize: cannot build {role} '{name}' with {kwargs}: {err}. Fix "
                         "network.quantize.harmonize (or its 'layers' entry)") from err
 
 

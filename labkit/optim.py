@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from labkit.quant import PACTAdam, PACTSGD
+
 
 class HandScheduler(LambdaLR):
     """``lr(epoch) = base_lr * schedule[max{e in schedule : e <= epoch}]``; stepped once per epoch.
@@ -28,9 +30,7 @@ def build_optimizer(gd_cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
     opt = gd_cfg["opt"]
     name, kwargs = opt["class"], dict(opt.get("kwargs", {}))
     if name in ("PACTSGD", "PACTAdam"):
-        from labkit.quant import optim as pact_optim
-
-        return getattr(pact_optim, name)(net, **kwargs)
+        return {"PACTSGD": PACTSGD, "PACTAdam": PACTAdam}[name](net, **kwargs)
     kwargs.pop("pact_decay", None)
     return getattr(torch.optim, name)(net.parameters(), **kwargs)
 
@@ -53,3 +53,21 @@ def build_scheduler(gd_cfg: dict, optimizer: torch.optim.Optimizer, n_epochs: in
     if name == "CosineAnnealingLR":
         kwargs.setdefault("T_max", n_epochs)
     return getattr(torch.optim.lr_scheduler, name)(optimizer, **kwargs), False
+
+
+def schedule_extension_problem(gd_cfg: dict) -> str | None:
+    """Why the learning-rate schedule of ``training.gd`` cannot follow a longer ``n_epochs`` (None: it can).
+
+    Epoch-indexed schedules (HandScheduler, StepLR, MultiStepLR, none) go on unchanged; CosineAnnealingLR
+    only with its own ``T_max`` (else ``T_max`` is ``n_epochs`` and the whole curve would change);
+    OneCycleLR's curve is fixed by its total number of steps."""
+    sched = gd_cfg.get("lr_sched")
+    if not sched:
+        return None
+    name, kwargs = sched["class"], sched.get("kwargs") or {}
+    if name == "OneCycleLR":
+        return "OneCycleLR's schedule is fixed by its total steps (epochs x batches) and cannot be extended"
+    if name == "CosineAnnealingLR" and "T_max" not in kwargs:
+        return ("CosineAnnealingLR takes T_max = n_epochs, so a longer run would change the schedule of the "
+                "epochs already trained (set training.gd.lr_sched.kwargs.T_max explicitly to extend)")
+    return None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 from torch import nn
 
 
 def plot_training_curves(history: list[dict], title: str = "", axes=None):
     """Loss (left) and top-1 (right) per epoch, train and valid. Returns the figure."""
-    import matplotlib.pyplot as plt
-
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     else:
@@ -41,8 +41,6 @@ def _layer_groups(history: list[dict]) -> dict[str, list[str]]:
 def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None, title: str = "", fig=None):
     """Clipping bounds per quantized layer over epochs: activation ``hi`` (alpha), weight ``hi`` (mean over
     channels), and ``log2 t`` when the run is TQT. One line per layer, coloured by depth."""
-    import matplotlib.pyplot as plt
-
     groups = _layer_groups(history)
     if layers is not None:
         groups = {k: [n for n in v if n in layers] for k, v in groups.items()}
@@ -72,8 +70,6 @@ def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None,
 
 def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_levels: int, title: str = "", ax=None):
     """Histogram of ``values`` with the clip bounds and, for <= 64 levels, the grid ``lo + k eps``."""
-    import matplotlib.pyplot as plt
-
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.2))
     v = values.detach().flatten().float().cpu()
@@ -94,8 +90,6 @@ def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_level
 def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, batch: torch.Tensor):
     """Weights of ``weight_layer`` and the input of activation quantizer ``act_layer`` (one batch), with
     their clip bounds and grids. Returns the figure."""
-    import matplotlib.pyplot as plt
-
     modules = dict(qnet.named_modules())
     conv, act = modules[weight_layer], modules[act_layer]
     captured = {}
@@ -120,9 +114,6 @@ class LiveClipPlot:
     """Training callback for notebooks: redraws clip trajectories and curves after every epoch in place."""
 
     def __init__(self, title: str = ""):
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
         self.title, self.history = title, []
         self.fig = plt.figure(figsize=(15, 3.8))
         plt.close(self.fig)  # shown through the display handle only

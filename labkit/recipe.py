@@ -28,15 +28,14 @@ true: re-quantize after the average pool), ``force_out_eps`` (adders), ``layers`
 names: kwargs}``, e.g. ``{"avgpool_act$": {"n_levels": 256}}``) and the constructor kwargs of the inserted
 quantizers (``n_levels``, ``init_clip``, ``learn_clip``, ``symm``, ``rounding``, ``tqt``, ``pow2`` ...).
 
-Errors are raised before the network is touched (all layers are built first), as ``ValueError`` /
-``TypeError`` naming the class key, the regex, the module and the fix.
+Errors are raised before the network is touched (all layers are built first), as
+:class:`~labkit.schema.ConfigError` naming the class key, the regex, the module and the fix.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import math
+import difflib
 import re
 from typing import Any
 
@@ -44,7 +43,9 @@ from torch import nn
 
 from labkit.harmonize import harmonize as run_harmonize
 from labkit.harmonize import harmonized_layers
+from labkit.harmonize import plan as harmonize_plan
 from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
+from labkit.schema import ConfigError, check_quantize
 
 __all__ = ["pact_recipe", "normalize_quantize_config", "default_quantize_config", "CLASS_TARGETS",
            "REPORT_FIELDS"]
@@ -56,6 +57,7 @@ CLASS_TARGETS: dict[str, tuple[type, tuple[type, ...]]] = {
     "PACTUnsignedAct": (PACTUnsignedAct, (nn.ReLU, nn.ReLU6)),
 }
 _PACT_TYPES = (PACTConv2d, PACTLinear, PACTUnsignedAct, PACTAsymmetricAct, PACTIntegerAdd)
+_FLOAT_TARGETS = tuple(t for _, targets in CLASS_TARGETS.values() for t in targets)
 #: columns of the per-layer report
 REPORT_FIELDS = ("name", "type", "source", "n_levels", "bits", "per_channel", "init_clip", "learn_clip", "tqt")
 
@@ -74,72 +76,56 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     named = [(n, m) for n, m in net.named_modules() if n]
     index = {n: i for i, (n, _) in enumerate(named)}
 
-    plan: dict[str, dict] = {}  # module name -> {class_key, regex, kwargs, module}
+    plan: dict[str, dict] = {}  # module name -> {class_key, regex, settings, float module}
     for class_key, section in config.items():
         if class_key == "harmonize":
             continue
-        pact_cls, targets = CLASS_TARGETS[class_key]
+        targets = CLASS_TARGETS[class_key][1]
         defaults = section.get("kwargs") or {}
-        if not isinstance(defaults, dict):
-            raise TypeError(f"network.quantize.{class_key}.kwargs must be an object of constructor kwargs, "
-                            f"got {type(defaults).__name__}")
         claimed: dict[str, str] = {}
-        for regex, layer_kwargs in section.items():
+        for regex, layer in section.items():
             if regex == "kwargs":
                 continue
             where = f"network.quantize.{class_key}[{regex!r}]"
-            if layer_kwargs is None:
-                layer_kwargs = {}
-            if not isinstance(layer_kwargs, dict):
-                raise TypeError(f"{where}: expected an object of {class_key} kwargs, got "
-                                f"{type(layer_kwargs).__name__} ({layer_kwargs!r})")
-            try:
-                pattern = re.compile(regex)
-            except re.error as err:
-                raise ValueError(f"{where}: not a valid regular expression ({err})") from err
-            matches = [(n, m) for n, m in named if pattern.match(n)]
+            matches = [(n, m) for n, m in named if re.match(regex, n)]
             if not matches:
-                raise ValueError(f"{where}: the regex matches no module of {type(net).__name__}"
-                                 f"{_suggest(regex, [n for n, m in named if isinstance(m, targets)])}. "
-                                 "Fix the name (regexes are matched from the start of the module name)")
+                raise ConfigError(where, f"the regex matches no module of {type(net).__name__}"
+                                  f"{_suggest(regex, [n for n, m in named if isinstance(m, targets)])}",
+                                  "Fix the name (regexes are matched from the start of the module name)")
             quantized = [n for n, m in matches if isinstance(m, _PACT_TYPES)]
             if quantized:
-                raise ValueError(f"{where}: module '{quantized[0]}' is already quantized "
-                                 f"({type(dict(matches)[quantized[0]]).__name__}); apply the recipe to a "
-                                 "freshly built float network")
+                raise ConfigError(where, f"module '{quantized[0]}' is already quantized "
+                                  f"({type(dict(matches)[quantized[0]]).__name__})",
+                                  "Apply the recipe to a freshly built float network")
             hits = [(n, m) for n, m in matches if isinstance(m, targets)]
             if not hits:
                 found = ", ".join(f"'{n}' ({type(m).__name__})" for n, m in matches[:3])
                 right = [k for k, (_, t) in CLASS_TARGETS.items() if isinstance(matches[0][1], t)]
-                hint = f"move the entry under '{right[0]}'" if right else \
-                    f"point it at {' / '.join('nn.' + t.__name__ for t in targets)} modules"
-                raise TypeError(f"{where}: {class_key} replaces {' / '.join('nn.' + t.__name__ for t in targets)}"
-                                f" modules, but the regex matches {found}{' ...' if len(matches) > 3 else ''}; "
-                                f"{hint}")
+                kinds = " / ".join("nn." + t.__name__ for t in targets)
+                raise ConfigError(where, f"{class_key} replaces {kinds} modules, but the regex matches {found}"
+                                  f"{' ...' if len(matches) > 3 else ''}",
+                                  f"Move the entry under '{right[0]}'" if right else f"Point it at {kinds} modules")
             for name, module in hits:
                 if name in claimed:
-                    raise ValueError(f"network.quantize.{class_key}: module '{name}' is matched by both "
-                                     f"{claimed[name]!r} and {regex!r}; make the regexes disjoint (anchor "
-                                     "them with '$', escape dots as '\\.')")
+                    raise ConfigError(f"network.quantize.{class_key}", f"module '{name}' is matched by both "
+                                      f"{claimed[name]!r} and {regex!r}",
+                                      "Make the regexes disjoint (anchor them with '$', escape dots as '\\.')")
                 claimed[name] = regex
-                kwargs = {**defaults, **layer_kwargs}
-                if class_key == "PACTUnsignedAct" and "act_kind" not in layer_kwargs:
-                    kwargs["act_kind"] = "relu6" if isinstance(module, nn.ReLU6) else "relu"
-                _check_n_levels(kwargs, f"{where} (module '{name}')")
-                plan[name] = {"class_key": class_key, "regex": regex, "kwargs": kwargs, "float": module}
+                settings = {**defaults, **(layer or {})}
+                if class_key == "PACTUnsignedAct" and "act_kind" not in (layer or {}):
+                    settings["act_kind"] = "relu6" if isinstance(module, nn.ReLU6) else "relu"
+                plan[name] = {"class_key": class_key, "regex": regex, "settings": settings, "float": module}
 
-    # build everything first: a bad kwarg leaves the network untouched
+    # build everything first: a bad setting leaves the network untouched
     for name, item in plan.items():
         pact_cls = CLASS_TARGETS[item["class_key"]][0]
-        module, kwargs = item["float"], item["kwargs"]
+        module, settings = item["float"], item["settings"]
         try:
-            if item["class_key"] == "PACTUnsignedAct":
-                new = pact_cls(**kwargs)
-            else:
-                new = pact_cls.from_float(module, **kwargs)
+            new = pact_cls(**settings) if item["class_key"] == "PACTUnsignedAct" else \
+                pact_cls.from_float(module, **settings)
         except (TypeError, ValueError) as err:
-            raise type(err)(f"network.quantize.{item['class_key']}[{item['regex']!r}] (module '{name}'): "
-                            f"{err}. Fix this layer's kwargs or the class's 'kwargs' defaults") from err
+            raise ConfigError(f"network.quantize.{item['class_key']}[{item['regex']!r}]", f"module '{name}': {err}",
+                              "Fix this layer's settings or the class's 'kwargs' defaults") from None
         params = list(module.parameters()) + list(module.buffers())
         if params:
             new.to(params[0].device)
@@ -148,7 +134,7 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     for name, item in plan.items():
         _set_submodule(net, name, item["module"])
 
-    report = [_report_row(name, item["module"], item["kwargs"], "recipe")
+    report = [_report_row(name, item["module"], "recipe")
               for name, item in sorted(plan.items(), key=lambda kv: index[kv[0]])]
 
     hcfg = config.get("harmonize", True)
@@ -158,46 +144,20 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     try:
         net = run_harmonize(net, **hkwargs)
     except (TypeError, ValueError) as err:
-        msg = str(err) if str(err).startswith("harmonize") else f"harmonize: {err}"
-        raise type(err)(f"network.quantize.{msg}") from err
+        msg = str(err).removeprefix("harmonize: ").removeprefix("harmonize.")
+        raise ConfigError("network.quantize.harmonize", msg) from None
     modules = dict(net.named_modules())
     for row in harmonized_layers(net):
-        report.append(_report_row(row["name"], modules[row["name"]], row["kwargs"], "harmonize"))
+        report.append(_report_row(row["name"], modules[row["name"]], "harmonize"))
     return net, report
 
 
 def normalize_quantize_config(quantize_config: dict) -> dict:
-    """Either layout -> a deep copy in the seed's layout (a); raises on unknown keys and wrong shapes."""
-    if not isinstance(quantize_config, dict):
-        raise TypeError(f"network.quantize must be an object, got {type(quantize_config).__name__}")
+    """Either layout -> a deep copy in the seed's layout (a), after :func:`labkit.schema.check_quantize`
+    (every class key, regex, layer setting and harmonize option; :class:`ConfigError` naming the key)."""
+    check_quantize(quantize_config)
     config = copy.deepcopy(quantize_config)
-    if "function" in config:
-        if config["function"] != "pact_recipe":
-            raise ValueError(f"network.quantize.function: unknown recipe {config['function']!r}; the only one is "
-                             "'pact_recipe'")
-        extra = set(config) - {"function", "kwargs"}
-        kwargs = config.get("kwargs") or {}
-        extra |= {f"kwargs.{k}" for k in kwargs if k != "config"} if isinstance(kwargs, dict) else set()
-        if extra:
-            raise ValueError(f"network.quantize.{sorted(extra)[0]}: unknown key; the reference layout is "
-                             '{"function": "pact_recipe", "kwargs": {"config": {...}}}')
-        config = kwargs.get("config")
-        if not isinstance(config, dict):
-            raise TypeError("network.quantize.kwargs.config must be an object with the PACTConv2d / PACTLinear /"
-                            " PACTUnsignedAct / harmonize sections")
-    for key, section in config.items():
-        if key == "harmonize":
-            if section is not None and not isinstance(section, (bool, dict)):
-                raise TypeError(f"network.quantize.harmonize must be an object of kwargs, true or false; got "
-                                f"{section!r}")
-            continue
-        if key not in CLASS_TARGETS:
-            raise ValueError(f"network.quantize: unknown class key {key!r}{_suggest(key, list(CLASS_TARGETS))}; "
-                             f"known: {', '.join(CLASS_TARGETS)}, harmonize")
-        if not isinstance(section, dict):
-            raise TypeError(f"network.quantize.{key} must be an object mapping module-name regexes to kwargs, "
-                            f"got {type(section).__name__}")
-    return config
+    return config["kwargs"]["config"] if "function" in config else config
 
 
 def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *, tqt: bool = False,
@@ -242,15 +202,17 @@ def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *,
                 entry.update(_override_entry(overrides.pop(name, None), name))
                 config[class_key][_layer_key(name, names)] = entry
     layers = {}
-    for name, value in overrides.items():
-        if name in names:
-            raise ValueError(f"default_quantize_config: override '{name}' names a {type(names[name]).__name__}, "
-                             "which is not quantized (only convs, linears and ReLU/ReLU6 are)")
-        if not re.search(r"(integer_add|_act)(_\d+)?$", name):
-            raise ValueError(f"default_quantize_config: override '{name}' names no module of "
-                             f"{type(net).__name__} and no module the harmonizer inserts "
-                             "(<block>.integer_add, <block>.output_act, avgpool_act)")
-        layers[re.escape(name) + "$"] = _override_entry(overrides[name], name)
+    if overrides:
+        quantized = [n for n, m in names.items() if n and isinstance(m, _FLOAT_TARGETS)]
+        inserted = harmonize_plan(net, quantized, requant_pool=requant_pool).names
+        for name, value in overrides.items():
+            if name in names:
+                raise ValueError(f"default_quantize_config: override '{name}' names a {type(names[name]).__name__}, "
+                                 "which is not quantized (only convs, linears and ReLU/ReLU6 are)")
+            if name not in inserted:
+                raise ValueError(f"default_quantize_config: override '{name}' names no module of "
+                                 f"{type(net).__name__} and no module the harmonizer inserts ({', '.join(inserted)})")
+            layers[re.escape(name) + "$"] = _override_entry(value, name)
     if layers:
         config["harmonize"]["layers"] = layers
     return config
@@ -276,48 +238,11 @@ def _layer_key(name: str, names: dict) -> str:
     return re.escape(name) + "$"
 
 
-def _check_n_levels(kwargs: dict, where: str) -> None:
-    if "n_levels" not in kwargs:
-        return
-    n = kwargs["n_levels"]
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{where}: n_levels must be an integer (e.g. 256 for 8 bits), got {n!r}")
-    if n < 2:
-        raise ValueError(f"{where}: n_levels must be >= 2 (a grid needs two levels), got {n}; use 2**bits")
-
-
-def _report_row(name: str, module: nn.Module, kwargs: dict, source: str) -> dict:
-    def value(key: str, default: Any = None) -> Any:
-        if key in kwargs:
-            return kwargs[key]
-        attr = getattr(module, key, None)
-        if isinstance(attr, (bool, int, float, str)):
-            return attr
-        return _signature_default(type(module), key, default)
-
-    n_levels = value("n_levels")
-    quantize = value("quantize")
-    return {
-        "name": name,
-        "type": type(module).__name__,
-        "source": source,
-        "n_levels": n_levels,
-        "bits": math.ceil(math.log2(n_levels)) if isinstance(n_levels, int) and n_levels >= 2 else None,
-        "per_channel": quantize == "per_channel",
-        "init_clip": value("init_clip"),
-        "learn_clip": value("learn_clip"),
-        "tqt": bool(value("tqt", False)),
-    }
-
-
-def _signature_default(cls: type, key: str, default: Any) -> Any:
-    try:
-        param = inspect.signature(cls.__init__).parameters.get(key)
-    except (TypeError, ValueError):
-        return default
-    if param is None or param.default is inspect.Parameter.empty:
-        return default
-    return param.default
+def _report_row(name: str, module: nn.Module, source: str) -> dict:
+    spec = module.spec
+    return {"name": name, "type": type(module).__name__, "source": source, "n_levels": spec.n_levels,
+            "bits": spec.bits, "per_channel": spec.per_channel, "init_clip": spec.init_clip,
+            "learn_clip": spec.learn_clip, "tqt": spec.tqt}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -327,7 +252,5 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name.rstrip("$").replace("\\", ""), candidates, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -12,10 +12,15 @@ import itertools
 import time
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from papermill.exceptions import PapermillExecutionError
+
+from labkit.lab import execute_notebook
 from labkit.paths import resolve
 from labkit.report import Table
+from labkit.runs import read_history
 
-TRAINING_NOTEBOOK = "notebooks/03_pact_training.ipynb"
+TRAINING_NOTEBOOK = "03_pact_training"
 GRID_KEYS = ("algorithm", "bits", "seed")
 COLUMNS = ("run", "algorithm", "bits", "seed", "status", "final_top1", "best_top1", "epochs", "seconds", "notebook",
            "error")
@@ -47,14 +52,8 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     """Run every grid point; write ``results.csv`` and ``results.png`` into ``output_dir``; return the table.
 
     ``pretrained`` None: each config's own ``network.pretrained``."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
-    from labkit.train import read_history
-
     out = resolve(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = resolve(notebook, must_exist=True)
     rows = []
     for point in expand_grid(grid):
         name = run_name(point)
@@ -65,13 +64,12 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
                       "epochs": epochs, "output_dir": str(run_dir), "device": device, "data_root": data_root,
                       "pretrained": str(resolve(pretrained)) if pretrained else None}
         row = {"run": name, **point, "notebook": str(executed), "epochs": epochs}
-        log(f"[sweep] {name}: running {source.name} -> {executed}")
+        log(f"[sweep] {name}: running {notebook}.ipynb -> {executed}")
         t0 = time.perf_counter()
         try:
             if not config.is_file():
                 raise FileNotFoundError(f"no config {config} for algorithm '{point['algorithm']}'")
-            papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(source.parent),
-                                       progress_bar=False, kernel_name="python3")
+            execute_notebook(notebook, executed, parameters)
             history = read_history(run_dir)
             if not history:
                 raise RuntimeError(f"the notebook ran but wrote no history in {run_dir}")
@@ -91,12 +89,8 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 2), 3.5))
+    fig = Figure(figsize=(max(4, 1.1 * len(rows) + 2), 3.5))
+    ax = fig.subplots()
     ok = [r for r in rows if r["status"] == "ok"]
     bars = ax.bar([r["run"] for r in ok], [r["final_top1"] for r in ok], color="#4c72b0")
     ax.bar_label(bars, fmt="%.2f")
@@ -106,4 +100,3 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,86 +1,62 @@
 """The training loop: one plain epoch loop in the spirit of torchvision's ``references/classification``.
 
-A run folder holds ``config.json`` (the resolved config), ``last.ckpt`` / ``best.ckpt`` (written atomically),
-and ``history.jsonl`` (one record per epoch: lr, train/valid metrics and, for quantized nets, per-layer
-lo/hi/eps/log2 t). ``resume=True`` continues from ``last.ckpt`` and reaches the same weights as an
-uninterrupted run: every epoch reseeds the RNGs from ``(seed, epoch)``.
+Networks come from :mod:`labkit.build`, the run folder (config, provenance, history, atomic checkpoints,
+lock) is :mod:`labkit.runs`. Per batch: controllers step, forward (AMP on CUDA), backward, unscale,
+TQT ``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step),
+optimizer step. ``resume=True`` continues from ``last.ckpt`` and reaches the same weights as an uninterrupted
+run: every epoch reseeds the RNGs from ``(seed, epoch)``. A non-finite loss or validation metric stops the
+run with :class:`NonFiniteError` naming the epoch, the batch and the first module whose output turned
+non-finite; nothing of that epoch is written.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm.auto import tqdm
 
-from labkit.checkpoint import CheckpointError, load_file, make_checkpoint, read_state_dict, save_atomic
-from labkit.convert import is_torchvision_state_dict, torchvision_key
-from labkit.data import build_datasets, check_num_classes
+from labkit.build import build_controllers, build_network
+from labkit.checkpoint import make_checkpoint
+from labkit.data import build_datasets, check_num_classes, fingerprint
 from labkit.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env, shutdown
-from labkit.models import MobileNetV2
+from labkit.errors import LabkitError
 from labkit.optim import build_optimizer, build_scheduler
+from labkit.quant import PACTConv2d, PACTLinear, normalize_tqt_grads, quant_summaries, tqt_modules
+from labkit.runs import RunFolder, load_run, open_for_training, provenance_entry
 
-HISTORY = "history.jsonl"
-
-
-# ----------------------------------------------------------------------------------------- building
-def build_network(cfg: dict) -> tuple[nn.Module, list | None]:
-    """``network`` section -> ``(net, quantization report or None)``: model, pretrained weights, recipe."""
-    network = cfg["network"]
-    net = MobileNetV2(**network["kwargs"])
-    if network.get("pretrained"):
-        load_pretrained(net, network["pretrained"])
-    report = None
-    if network.get("quantize"):
-        from labkit.recipe import pact_recipe
-
-        net, report = pact_recipe(net, network["quantize"])
-    return net, report
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "train_one_epoch", "topk_correct", "resolve_device",
+           "NonFiniteError", "DeviceError", "quant_state"]
 
 
-def load_pretrained(net: nn.Module, path: str) -> None:
-    """Load full-precision weights (labkit checkpoint, or a torchvision state dict) into ``net``."""
-    state, _ = read_state_dict(path)
-    if is_torchvision_state_dict(state):
-        state = {torchvision_key(k): v for k, v in state.items()}
-    own = net.state_dict()
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if wrong:
-        raise CheckpointError(
-            f"'{path}' does not fit this network: '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, the "
-            f"network's is {tuple(own[wrong[0]].shape)} ({len(wrong)} tensors differ): network.pretrained needs a "
-            "full-precision checkpoint of the same width and classes (network.kwargs capacity, num_classes)")
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"'{path}' does not fit this network ({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): network.pretrained needs a full-precision "
-            "checkpoint of the same width and classes (from labkit convert or an FP32 run)")
+class NonFiniteError(LabkitError, FloatingPointError):
+    """The loss or a metric became inf/NaN; the message names the epoch, batch and first non-finite module."""
 
 
-def build_controllers(cfg: dict, net: nn.Module) -> list:
-    """``training.quantize`` (reference layout ``{"function", "kwargs"}`` or its kwargs alone) -> controllers."""
-    quantize = cfg["training"].get("quantize")
-    if not quantize:
-        return []
-    from labkit.quant import get_pact_controllers
-
-    kwargs = quantize.get("kwargs", {}) if "function" in quantize else quantize
-    return get_pact_controllers(net, **kwargs)
+class DeviceError(LabkitError, ValueError):
+    """The requested device is not available."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when visible, else CPU; an explicit CUDA device must exist."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise DeviceError(f"device '{device}' is not a device name ({err}): use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
+        raise DeviceError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
@@ -106,11 +82,11 @@ def make_train_loader(cfg: dict, dataset, rank: int, world: int, seed: int, pin:
     """Seeded DistributedSampler (one process too) over the global batch ``bs``: each rank gets ``bs/world``."""
     bs, workers = _loader_cfg(cfg, "train", 64)
     if bs % world:
-        raise ValueError(f"data.train.dataloader.bs = {bs} is not divisible by the {world} processes: "
-                         "the batch size is global, choose a multiple of the process count")
+        raise LabkitError(f"data.train.dataloader.bs = {bs} is not divisible by the {world} processes: the batch "
+                          "size is global, choose a multiple of the process count")
     if len(dataset) < bs:
-        raise ValueError(f"the training set ({len(dataset)} images) is smaller than one batch ({bs}): "
-                         "lower data.train.dataloader.bs")
+        raise LabkitError(f"the training set ({len(dataset)} images) is smaller than one batch ({bs}): lower "
+                          "data.train.dataloader.bs")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     # workers are started anew each epoch (not persistent): their seeds then come from the epoch's reseeded
     # global RNG (_seed_epoch), so augmentation after a resume matches the uninterrupted run
@@ -143,8 +119,6 @@ def _summarise(loss_sum: float, c1: float, c5: float, n: float) -> dict:
 def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
              progress: bool = False) -> dict:
     """Loss, top-1 and top-5 (percent) of ``net`` over ``loader`` (summed across processes)."""
-    from tqdm.auto import tqdm
-
     net.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = [0.0, 0.0, 0.0, 0.0]
@@ -169,15 +143,35 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.float16) if amp else nullcontext()
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, criterion, controllers, scheduler_per_batch=None,
-                    amp=False, progress=False, desc="train") -> dict:
-    """One pass over ``loader``; controllers step before every batch. Returns train loss/top-1/top-5."""
-    from tqdm.auto import tqdm
+@torch.no_grad()
+def first_non_finite(model: nn.Module, x: torch.Tensor) -> str:
+    """Where a forward pass on ``x`` first produces inf/NaN: ``"the input batch"`` or ``"module 'name' (Type)"``
+    (leaf modules in execution order), or ``"no module"`` when this pass stays finite."""
+    if not torch.isfinite(x).all():
+        return "the input batch (it holds inf/NaN values: check the dataset)"
+    found: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            def hook(mod, _inputs, out, name=name):
+                if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                    found.append(f"module '{name}' ({type(mod).__name__})")
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else "no module (the loss itself overflowed)"
 
+
+def train_one_epoch(model, loader, optimizer, scaler, device, criterion, controllers, scheduler_per_batch=None,
+                    amp=False, progress=False, desc="train", tqt=(), epoch: int = 0) -> dict:
+    """One pass over ``loader``; controllers step before every batch. Returns train loss/top-1/top-5."""
     model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0)
-    for x, y in bar:
+    for batch, (x, y) in enumerate(bar):
         for c in controllers:
             c.step_pre_training_batch()
         x, y = _to_device(x, y, device)
@@ -185,9 +179,16 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
             logits = model(x)
             loss = criterion(logits.float(), y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)}: lower training.gd.opt.kwargs.lr")
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {batch + 1}: the "
+                                 f"first non-finite output is {first_non_finite(model, x)}; lower "
+                                 f"training.gd.opt.kwargs.lr (now {lr:.3g}) or check that layer's settings, then "
+                                 "resume (--resume) from the last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if tqt:
+            scaler.unscale_(optimizer)  # the normalisation needs the true gradients
+            normalize_tqt_grads(tqt)
         scaler.step(optimizer)
         scaler.update()
         if scheduler_per_batch is not None:
@@ -198,27 +199,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
     return _summarise(*all_reduce_sum(sums, device))
 
 
-# ------------------------------------------------------------------------------------------- history
-def read_history(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of a run folder's ``history.jsonl`` (empty list when there is none yet)."""
-    path = Path(run_dir) / HISTORY
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_history(run_dir: Path, records: list[dict]) -> None:
-    tmp = run_dir / (HISTORY + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(run_dir / HISTORY)
-
-
 def _seed_epoch(seed: int, epoch: int) -> None:
     """Dropout and augmentation draw from the global RNG, reseeded per epoch so a resumed run matches."""
-    import random
-
-    import numpy as np
-
     s = seed * 100_003 + epoch
     torch.manual_seed(s)
     random.seed(s)
@@ -227,25 +209,29 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 def quant_state(net: nn.Module) -> dict:
     """Per quantizer: lo/hi/eps(/log2 t) and ``kind`` (``weights`` or ``activations``); empty for a float net."""
-    from labkit.quant import PACTConv2d, PACTLinear, quant_summaries
-
     weights = {n for n, m in net.named_modules() if isinstance(m, (PACTConv2d, PACTLinear))}
     return {n: {**s, "kind": "weights" if n in weights else "activations"} for n, s in quant_summaries(net).items()}
 
 
 # ------------------------------------------------------------------------------------------- the run
-def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True,
-          callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] | None = print) -> dict:
-    """Train ``cfg`` (a resolved config) into ``output_dir``; returns the final record plus ``best_top1``.
+def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
+          progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
+          log: Callable[[str], None] | None = print, parameters: dict | None = None) -> dict:
+    """Train ``cfg`` (a resolved config) into the run folder ``output_dir``; returns the final record plus
+    ``best_top1`` and ``run_dir``.
 
-    ``callbacks`` get each epoch's history record (notebooks draw live plots from them). Under ``torchrun``
-    the process group is joined here and left at the end.
+    A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
+    allows) or ``overwrite`` (see :func:`labkit.runs.open_for_training`). ``callbacks`` get each epoch's history
+    record (notebooks draw live plots from them). ``parameters``: the notebook parameters to record as the
+    run's provenance (default: the command line). Under ``torchrun`` the process group is joined here and
+    left at the end.
     """
     dev = resolve_device(device)
     rank, world, local_rank, created = init_from_env(dev.type)
     clean = False
     try:
-        result = _train(cfg, Path(output_dir), resume, dev, rank, world, local_rank, progress, callbacks, log)
+        result = _train(cfg, RunFolder(output_dir), resume, overwrite, dev, rank, world, local_rank, progress,
+                        callbacks, log, parameters)
         clean = True
         return result
     finally:
@@ -253,7 +239,7 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, device: st
             shutdown(clean)
 
 
-def _train(cfg, out, resume, dev, rank, world, local_rank, progress, callbacks, log) -> dict:
+def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, callbacks, log, parameters) -> dict:
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -264,10 +250,10 @@ def _train(cfg, out, resume, dev, rank, world, local_rank, progress, callbacks, 
     n_epochs = int(tcfg["n_epochs"])
     amp = dev.type == "cuda" and tcfg.get("amp", True)
 
+    # everything is built (and so checked) before anything is written
     torch.manual_seed(seed)
     train_ds, val_ds = build_datasets(cfg["data"])
-    num_classes = cfg["network"]["kwargs"].get("num_classes", 1000)
-    check_num_classes(train_ds, num_classes)
+    check_num_classes(train_ds, cfg["network"]["kwargs"].get("num_classes", 1000))
     net, _ = build_network(cfg)
     controllers = build_controllers(cfg, net)
     if world > 1 and tcfg.get("sync_bn", True):
@@ -275,96 +261,110 @@ def _train(cfg, out, resume, dev, rank, world, local_rank, progress, callbacks, 
     net.to(dev)
     if dev.type == "cuda" and tcfg.get("channels_last", True):
         net.to(memory_format=torch.channels_last)
-
     train_loader = make_train_loader(cfg, train_ds, rank, world, seed, pin=dev.type == "cuda")
     val_loader = make_val_loader(cfg, val_ds, rank, world, pin=dev.type == "cuda")
     optimizer = build_optimizer(tcfg["gd"], net)
     scheduler, per_batch = build_scheduler(tcfg["gd"], optimizer, n_epochs, len(train_loader))
     scaler = torch.amp.GradScaler(dev.type, enabled=amp)
     criterion = nn.CrossEntropyLoss(**tcfg.get("loss_fn", {}).get("kwargs", {}))
+    tqt = tqt_modules(net)
 
-    start_epoch, best_top1, history = 0, -math.inf, []
-    last = out / "last.ckpt"
-    if resume and last.is_file():
-        ckpt = load_file(last)
-        net.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        for c, state in zip(controllers, ckpt.get("controllers", [])):
-            c.load_state_dict(state)
-        start_epoch, best_top1 = ckpt["epoch"] + 1, ckpt["best_top1"]
-        history = [r for r in read_history(out) if r["epoch"] < start_epoch]
-        say(f"resuming {out} at epoch {start_epoch}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
-    elif resume:
-        say(f"no checkpoint in {out} yet: starting from epoch 0")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        _write_history(out, history)
-
-    model = net
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=bool(controllers))
-
-    record: dict = history[-1] if history else {}
-    for epoch in range(start_epoch, n_epochs):
-        t0 = time.perf_counter()
-        _seed_epoch(seed, epoch)
-        train_loader.sampler.set_epoch(epoch)
-        for c in controllers:
-            c.step_pre_training_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_one_epoch(model, train_loader, optimizer, scaler, dev, criterion, controllers,
-                                        scheduler if per_batch else None, amp, progress and main,
-                                        desc=f"epoch {epoch + 1}/{n_epochs}")
-        for c in controllers:
-            c.step_pre_validation_epoch(epoch)
-        valid_metrics = evaluate(net, val_loader, dev, amp, progress and main)
-        if scheduler is not None and not per_batch:
-            scheduler.step()
-        best_top1 = max(best_top1, valid_metrics["top1"])
-        record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid_metrics,
-                  "best_top1": best_top1, "seconds": round(time.perf_counter() - t0, 3)}
-        quant = quant_state(net)
-        if quant:
-            record["quant"] = quant
-        history.append(record)
+    with (run.writing() if main else nullcontext(run)):
+        state = None
         if main:
-            _write_history(out, history)
-            ckpt = make_checkpoint(
-                net.state_dict(), {k: cfg["network"][k] for k in ("class", "kwargs", "quantize") if k in cfg["network"]},
-                config=cfg, epoch=epoch, best_top1=best_top1, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=scaler.state_dict(),
-                controllers=[c.state_dict() for c in controllers])
-            save_atomic(ckpt, last)
-            if valid_metrics["top1"] >= best_top1:
-                save_atomic(ckpt, out / "best.ckpt")
-        say(f"epoch {epoch + 1:>3}/{n_epochs}  lr {lr:.3g}  train loss {train_metrics['loss']:.4f} "
-            f"top1 {train_metrics['top1']:.2f}%  |  valid loss {valid_metrics['loss']:.4f} "
-            f"top1 {valid_metrics['top1']:.2f}% top5 {valid_metrics['top5']:.2f}%  ({record['seconds']:.1f} s)")
-        for callback in callbacks:
-            callback(record)
-    return {**record, "best_top1": best_top1, "run_dir": str(out)}
+            try:
+                state = open_for_training(run, cfg, resume=resume, overwrite=overwrite)
+            except LabkitError as err:
+                state = err
+        if world > 1:
+            state = _broadcast(state)  # every rank continues from the same checkpoint (or stops)
+        if isinstance(state, LabkitError):
+            raise state
+        start_epoch, best_top1, history = 0, -math.inf, []
+        if state is not None:
+            ckpt = state.checkpoint
+            net.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            for c, cstate in zip(controllers, ckpt.get("controllers", [])):
+                c.load_state_dict(cstate)
+            start_epoch, best_top1, history = state.start_epoch, ckpt["best_top1"], state.history
+            say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
+        elif resume:
+            say(f"no checkpoint in {run.path} yet: starting from epoch 1")
+        if main and start_epoch < n_epochs:
+            data_hash = fingerprint(train_ds) + ":" + fingerprint(val_ds)
+            run.write_config(cfg)
+            run.add_provenance(provenance_entry(cfg, str(dev), data_hash, start_epoch if state else None, parameters))
+            run.write_history(history)
+        elif main:
+            say(f"{run.path} is complete ({n_epochs} epochs): nothing to train")
+
+        model = net
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=bool(controllers))
+
+        record: dict = history[-1] if history else {}
+        for epoch in range(start_epoch, n_epochs):
+            t0 = time.perf_counter()
+            _seed_epoch(seed, epoch)
+            train_loader.sampler.set_epoch(epoch)
+            for c in controllers:
+                c.step_pre_training_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics = train_one_epoch(model, train_loader, optimizer, scaler, dev, criterion, controllers,
+                                            scheduler if per_batch else None, amp, progress and main,
+                                            desc=f"epoch {epoch + 1}/{n_epochs}", tqt=tqt, epoch=epoch)
+            for c in controllers:
+                c.step_pre_validation_epoch(epoch)
+            valid_metrics = evaluate(net, val_loader, dev, amp, progress and main)
+            if not math.isfinite(valid_metrics["loss"]):
+                x, _ = next(iter(val_loader))
+                raise NonFiniteError(f"validation loss became {valid_metrics['loss']} at epoch {epoch + 1}: the first "
+                                     f"non-finite output is {first_non_finite(net, x.to(dev))}; epoch {epoch + 1} was "
+                                     "not saved. Lower training.gd.opt.kwargs.lr or check that layer, then resume")
+            if scheduler is not None and not per_batch:
+                scheduler.step()
+            best_top1 = max(best_top1, valid_metrics["top1"])
+            record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid_metrics,
+                      "best_top1": best_top1, "seconds": round(time.perf_counter() - t0, 3)}
+            quant = quant_state(net)
+            if quant:
+                record["quant"] = quant
+            history.append(record)
+            if main:
+                run.write_history(history)
+                ckpt = make_checkpoint(
+                    net.state_dict(), {k: cfg["network"][k] for k in ("class", "kwargs", "quantize") if k in cfg["network"]},
+                    config=cfg, epoch=epoch, best_top1=best_top1, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=scaler.state_dict(),
+                    controllers=[c.state_dict() for c in controllers])
+                run.save_checkpoint(ckpt, best=valid_metrics["top1"] >= best_top1)
+            say(f"epoch {epoch + 1:>3}/{n_epochs}  lr {lr:.3g}  train loss {train_metrics['loss']:.4f} "
+                f"top1 {train_metrics['top1']:.2f}%  |  valid loss {valid_metrics['loss']:.4f} "
+                f"top1 {valid_metrics['top1']:.2f}% top5 {valid_metrics['top5']:.2f}%  ({record['seconds']:.1f} s)")
+            for callback in callbacks:
+                callback(record)
+    return {**record, "best_top1": best_top1, "run_dir": str(run.path)}
+
+
+def _broadcast(obj):
+    """Rank 0's ``obj`` on every process (the resume state: all ranks continue from the same checkpoint)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: dict | None = None, device: str = "auto",
                         progress: bool = False) -> dict:
-    """Validation metrics of a run checkpoint (its own config unless ``cfg`` is given)."""
-    ckpt = load_file(checkpoint)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"'{checkpoint}' is not a labkit checkpoint (no state_dict)")
-    cfg = cfg or ckpt.get("config")
-    if cfg is None:
-        raise CheckpointError(f"'{checkpoint}' carries no config: pass the config it was trained with")
-    cfg = {**cfg, "network": {**cfg["network"], "pretrained": None}}
+    """Validation metrics of a run folder or checkpoint (its own config unless ``cfg`` is given)."""
+    loaded = load_run(checkpoint, config=cfg)
     dev = resolve_device(device)
-    _, val_ds = build_datasets(cfg["data"])
-    check_num_classes(val_ds, cfg["network"]["kwargs"].get("num_classes", 1000))
-    net, _ = build_network(cfg)
-    net.load_state_dict(ckpt["state_dict"])
-    net.to(dev)
-    return evaluate(net, make_val_loader(cfg, val_ds), dev, amp=dev.type == "cuda", progress=progress)
+    _, val_ds = build_datasets(loaded.config["data"])
+    check_num_classes(val_ds, loaded.config["network"]["kwargs"].get("num_classes", 1000))
+    loaded.net.to(dev)
+    return evaluate(loaded.net, make_val_loader(loaded.config, val_ds), dev, amp=dev.type == "cuda",
+                    progress=progress)

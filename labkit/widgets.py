@@ -11,8 +11,9 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from labkit.bitwidths import MAX_BITS, MIN_BITS, BitPlan
-from labkit.data import input_size as data_input_size
+from labkit.bitwidths import BitPlan
+from labkit.paths import resolve
+from labkit.schema import MAX_BITS, MIN_BITS
 
 BULK_TARGETS = ("all layers", "depthwise", "pointwise", "first and last")
 
@@ -22,18 +23,28 @@ def _mib(n_bytes: float) -> str:
 
 
 class BitWidthEditor:
-    """``BitWidthEditor(net, base_config)``; display ``editor.widget``; ``editor.config()`` / ``editor.save(path)``."""
+    """``BitWidthEditor(base_config)``; display ``editor.widget``; ``editor.config()`` / ``editor.save(path)``.
+    The plan starts as the PACT/TQT ``base_config`` stands."""
 
-    def __init__(self, net, base_config: dict, input_size: int | None = None, w_bits: int = 8, a_bits: int = 8):
+    def __init__(self, base_config: dict):
         self.base_config = base_config
-        if input_size is None:
-            input_size = data_input_size(base_config.get("data", {}))
-        self.plan = BitPlan(net, input_size, w_bits, a_bits)
+        self.plan = BitPlan.from_config(base_config)
         self.rows: dict[str, tuple[W.BoundedIntText, W.BoundedIntText, W.Checkbox]] = {}
         self.totals = W.HTML()
         self.message = W.HTML()
         self.widget = W.VBox([self._bulk_bar(), self.totals, self.message, self._table(), self._save_bar()])
         self._refresh()
+
+    @classmethod
+    def start(cls, base_config: dict, bits: int | None = None, first_last_bits: int | None = None,
+              depthwise_bits: int | None = None) -> "BitWidthEditor":
+        """An editor whose plan starts from bulk settings: every layer at ``bits``, then the first and last
+        layer at ``first_last_bits``, then the depthwise layers at ``depthwise_bits`` (None: unchanged)."""
+        editor = cls(base_config)
+        for target, b in (("all layers", bits), ("first and last", first_last_bits), ("depthwise", depthwise_bits)):
+            if b:
+                editor.apply_bulk(target, b, b)
+        return editor
 
     # ------------------------------------------------------------------ building
     def _bits_box(self, value: int, disabled: bool = False) -> W.BoundedIntText:
@@ -47,7 +58,7 @@ class BitWidthEditor:
         lines = [head]
         for row in self.plan.rows:
             w = self._bits_box(row.w_bits)
-            a = self._bits_box(row.a_bits, disabled=row.act is None)
+            a = self._bits_box(row.a_bits or 8, disabled=row.act is None)
             pc = W.Checkbox(value=row.per_channel, disabled=row.kind == "linear", indent=False,
                             layout=W.Layout(width="90px"))
             for box in (w, a, pc):
@@ -103,7 +114,7 @@ class BitWidthEditor:
         try:
             for row in self.plan.rows:
                 w, a, pc = self.rows[row.name]
-                w.value, a.value, pc.value = row.w_bits, row.a_bits, row.per_channel
+                w.value, a.value, pc.value = row.w_bits, row.a_bits or a.value, row.per_channel
         finally:
             self._syncing = False
         self._refresh()
@@ -111,10 +122,10 @@ class BitWidthEditor:
     def _refresh(self) -> None:
         t = self.plan.totals()
         self.totals.value = (
-            f"<b>weights</b> {_mib(t['weight_bytes'])} ({t['weight_compression']:.1f}x smaller than FP32) · "
-            f"<b>activations</b> {_mib(t['activation_bytes'])} in all, largest {_mib(t['max_activation_bytes'])} · "
-            f"<b>BOPs</b> {t['bops'] / 1e9:.2f} G ({100 * t['bops_vs_fp32']:.2f}% of FP32) · "
-            f"input {self.plan.input_size}x{self.plan.input_size}")
+            f"<b>weights</b> {_mib(t['weight_bytes'])} ({t['compression']:.1f}x smaller than FP32) · "
+            f"<b>activations</b> {_mib(t['act_bytes'])} in all, largest {_mib(t['peak_act_bytes'])} · "
+            f"<b>BOPs</b> {t['BOPs'] / 1e9:.2f} G ({100 * t['bops_vs_fp32']:.2f}% of FP32) · "
+            f"input {'x'.join(map(str, self.plan.input_shape[1:]))}")
 
     def _save_clicked(self) -> None:
         try:
@@ -125,13 +136,12 @@ class BitWidthEditor:
 
     # ------------------------------------------------------------------ results
     def config(self) -> dict:
-        """The complete config: ``base_config`` with the edited ``network.quantize``."""
-        return self.plan.to_config(self.base_config)
+        """The complete config: ``base_config`` with the plan's bits in its per-layer entries."""
+        return self.plan.apply_to(self.base_config, self.description())
+
+    def description(self) -> str:
+        base = self.base_config.get("name", "the base config")
+        return f"Mixed precision ({self.plan.describe()}) edited in the bit-width editor from {base}"
 
     def save(self, path: str | Path) -> Path:
-        from labkit.config import resolve_config
-        from labkit.paths import resolve
-
-        cfg = self.config()
-        resolve_config(cfg, {"network.pretrained": None})  # validate before writing
-        return self.plan.save(self.base_config, resolve(path))
+        return self.plan.save(self.base_config, resolve(path), self.description())

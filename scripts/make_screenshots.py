@@ -34,7 +34,7 @@ def clip_bounds(path: Path) -> Path:
 
     matplotlib.use("Agg")
     from labkit.plots import plot_clip_trajectories
-    from labkit.train import read_history
+    from labkit.runs import read_history
 
     history = read_history(PACT_RUN)
     if not history or any("kind" not in s for s in history[-1].get("quant", {}).values()):
@@ -51,7 +51,8 @@ def clip_bounds(path: Path) -> Path:
 
 
 def widget_editor(path: Path) -> Path:
-    from labkit import browser
+    sys.path.insert(0, str(ROOT / "tests"))
+    import browser  # the browser driver of tests/test_browser.py
 
     with tempfile.TemporaryDirectory(prefix="labkit-screenshot-") as tmp:
         parameters = {"output_config": str(Path(tmp) / "config.mixed.json")}  # the defaults otherwise

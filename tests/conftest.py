@@ -1,35 +1,16 @@
-"""Shared fixtures: small, fast configs on the embedded default."""
+"""Shared fixtures: small, fast configs on the embedded default (constants and helpers: helpers.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"
-
-
-def tiny_overrides(**extra) -> dict:
-    """A quick embedded run: 256 train / 120 valid images, 2 epochs, no dropout or augmentation."""
-    overrides = {
-        "data.train.dataset.limit": 256,
-        "data.valid.dataset.limit": 120,
-        "data.train.dataloader.bs": 32,
-        "data.train.dataset.transform.kwargs.augment": False,
-        "network.kwargs.dropout": 0.0,
-        "training.n_epochs": 2,
-        "training.gd.lr_sched": {"class": "HandScheduler", "kwargs": {"schedule": {"0": 1, "1": 0.5}}},
-        "training.gd.opt.kwargs.lr": 0.02,
-    }
-    overrides.update(extra)
-    return overrides
+from helpers import EMBEDDED_FP32, tiny_overrides
+from labkit.config import load_config
 
 
 @pytest.fixture
 def tiny_config():
-    from labkit.config import load_config
-
     def make(path=EMBEDDED_FP32, **extra):
         return load_config(path, tiny_overrides(**extra))
 
@@ -39,8 +20,6 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per conv)."""
-    import torch
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

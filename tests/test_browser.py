@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "06_mixed_precision.ipynb"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -36,7 +36,7 @@ def expected_editor():
 
 @pytest.mark.slow
 def test_widget_editor_in_jupyterlab(tmp_path):
-    from labkit import browser
+    import browser
 
     missing = browser.missing_requirements()
     if missing:

@@ -35,7 +35,7 @@ def test_shipped_quantized_configs_build_their_network(path):
     starts on the config's grid, and the controllers and optimizer build (pretrained weights left out)."""
     from labkit.optim import build_optimizer
     from labkit.quant import quantizers
-    from labkit.train import build_controllers, build_network
+    from labkit.build import build_controllers, build_network
 
     cfg = load_config(path, {"network.pretrained": None}, check_files=False)
     net, report = build_network(cfg)
@@ -63,11 +63,11 @@ def test_imagenet_fp32_config_has_the_reference_values():
 @pytest.mark.parametrize("key,value,path,message", [
     ("training.gd.opt.class", "Adagrad", "training.gd.opt.class", "unknown value 'Adagrad'"),
     ("training.gd.lr_sched.class", "Warmup", "training.gd.lr_sched.class", "unknown value"),
-    ("training.n_epochs", "ten", "training.n_epochs", "expected an integer, got str"),
+    ("training.n_epochs", "ten", "training.n_epochs", "expected an integer, got a string"),
     ("training.gd.opt.kwargs.lr", True, "training.gd.opt.kwargs.lr", "got a boolean"),
     ("data.train.dataloader.bs", 0, "data.train.dataloader.bs", "must be >= 1"),
     ("network.kwargs.config", "tiny", "network.kwargs.config", "Choose one of: standard, small"),
-    ("network.kwargs.widht", 1.0, "network.kwargs.widht", "unknown MobileNetV2 argument"),
+    ("network.kwargs.widht", 1.0, "network.kwargs.widht", "unknown key"),
     ("network.pretrained", "missing.ckpt", "network.pretrained", "'missing.ckpt' not found"),
     ("data.name", "cifar", "data.name", "unknown value"),
 ])
@@ -80,7 +80,7 @@ def test_errors_name_the_key_path(tmp_path, key, value, path, message):
 def test_missing_sections_and_files(tmp_path):
     cfg = base()
     del cfg["training"]["gd"]["opt"]
-    with pytest.raises(ConfigError, match="'training.gd.opt.class': is missing"):
+    with pytest.raises(ConfigError, match="'training.gd.opt': is missing"):
         load_config(write(tmp_path, cfg))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.json")
@@ -95,10 +95,12 @@ def test_reference_layout_pretrained_key_and_extra_keys(tmp_path):
     cfg = base()
     cfg["network"]["kwargs"]["pretrained"] = str(ckpt)  # the reference framework's place for it
     cfg["meters"] = {"train": {"compute_task_statistic": True}}
-    cfg["experiment"] = {}
     loaded = load_config(write(tmp_path, cfg))
     assert loaded["network"]["pretrained"] == str(ckpt) and "pretrained" not in loaded["network"]["kwargs"]
     assert loaded["meters"] == cfg["meters"]
+    cfg["trainig"] = {}  # any other key is a typo: refused with the nearest valid one
+    with pytest.raises(ConfigError, match="'trainig': unknown key \\(did you mean 'training'\\?\\)"):
+        load_config(write(tmp_path, cfg))
 
 
 def test_hand_schedule_is_validated(tmp_path):

@@ -4,7 +4,8 @@ import torchvision
 
 from labkit.checkpoint import CheckpointError, read_state_dict
 from labkit.cli import main
-from labkit.convert import convert_file, from_torchvision, key_table, random_torchvision_model, torchvision_hub_file
+from fixtures import random_torchvision_model
+from labkit.convert import convert_file, from_torchvision, key_table, torchvision_hub_file
 
 
 @pytest.mark.parametrize("width,num_classes", [(1.0, 1000), (0.35, 10)])

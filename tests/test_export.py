@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from labkit.export import CUSTOM_DOMAIN, check_export, export, to_onnx
-from labkit.integerize import integerize, requant_layers
+from labkit.integer import integerize, requant_layers
 from test_integerize import SHAPE, digits, eps_in_for, started_net
 
 

@@ -10,24 +10,16 @@ import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
 
-from conftest import EMBEDDED_FP32, ROOT
+from helpers import EMBEDDED_FP32, ROOT
 from labkit.config import load_config
 from labkit.data import EmbeddedDigits
-from labkit.integerize import (
-    IntAdd,
-    IntegerizeError,
-    Requant,
-    compare,
-    input_eps,
-    input_range,
-    integerize,
-    integerize_checkpoint,
-    requant_layers,
-)
+from labkit.deploy import integerize_run
+from labkit.integer import IntAdd, IntegerizeError, Requant, compare, input_eps, input_range, integerize, requant_layers
+from labkit.integer.size import size_report
 from labkit.models import MobileNetV2
 from labkit.quant import PACTIntegerAdd, quantizers
 from labkit.recipe import default_quantize_config, pact_recipe
-from labkit.size import size_report
+from labkit.train import train
 
 SHAPE = (1, 3, 32, 32)
 
@@ -229,8 +221,6 @@ def qat_runs(tmp_path_factory):
     """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
     configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
     (~5 min on 2 cores)."""
-    from labkit.train import train
-
     root = tmp_path_factory.mktemp("qat")
     n = torch.get_num_threads()
     try:
@@ -255,7 +245,8 @@ def _float32_result(runs, name):
     if name not in _FLOAT32:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # best.ckpt may predate the activations' start: last.ckpt is used
-            qnet, inet, _ = integerize_checkpoint(runs[name])
+            twin = integerize_run(runs[name])
+            qnet, inet = twin.qnet, twin.inet
         _FLOAT32[name] = (qnet, inet, compare(qnet, inet, DataLoader(EmbeddedDigits("valid"), batch_size=120)))
     return _FLOAT32[name]
 

@@ -20,6 +20,7 @@ from labkit.quant import (
     PACTAdam,
     PACTUnsignedAct,
     QuantizerBase,
+    normalize_tqt_grads,
     quant_summaries,
 )
 from labkit.quant.functional import EPS_MIN
@@ -53,7 +54,7 @@ def test_unsigned_float_before_start_and_stats_only_in_training():
         assert a.n_stat_batches.item() == 1 and a.running_max.item() == fn(x).max().item()
 
 
-@pytest.mark.parametrize("n", [2, 4, 16, 256])
+@pytest.mark.parametrize("n", [3, 4, 16, 256])
 def test_unsigned_forward_after_start(n):
     a = PACTUnsignedAct(n_levels=n, init_clip="const", init_clip_hi=2.5)
     a.start()
@@ -105,7 +106,7 @@ def test_start_without_statistics_warns_and_uses_const():
     assert a.get_clip()[1].item() == 4.0
 
 
-@pytest.mark.parametrize("n", [2, 3, 16, 255, 256])
+@pytest.mark.parametrize("n", [3, 4, 16, 255, 256])
 def test_signed_almost_symmetric_range(n):
     a = PACTAsymmetricAct(n_levels=n, init_clip="const", init_clip_hi=2.0, init_clip_lo=-2.0)
     a.start()
@@ -210,9 +211,14 @@ def test_tqt_activation_module_pow2_and_normalised_grad():
     a(x).sum().backward()
     raw = a.log2_t.grad.item()
     assert abs(raw) > 1.0 and a.tqt_step.item() == 0  # backward leaves the paper's raw gradient
-    opt = torch.optim.SGD(a.parameters(), lr=0.1)
     before = a.log2_t.item()
-    opt.step()  # the step pre-hook normalises: first step |g| / sqrt(g^2) = 1, then tanh
+    plain = copy.deepcopy(a)
+    plain.log2_t.grad = a.log2_t.grad.clone()
+    torch.optim.SGD(plain.parameters(), lr=0.1).step()  # optimizers know nothing of TQT: the raw gradient ...
+    assert plain.tqt_step.item() == 0 and plain.log2_t.item() == pytest.approx(before - 0.1 * raw, rel=1e-6)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    assert normalize_tqt_grads(a) == 1  # ... unless normalised before the step: |g| / sqrt(g^2) = 1, then tanh
+    opt.step()
     assert a.tqt_step.item() == 1
     assert a.log2_t.item() == pytest.approx(before - 0.1 * math.copysign(math.tanh(1.0), raw), rel=1e-6)
     summary = a.quant_summary()
@@ -232,7 +238,9 @@ def test_tqt_normalisation_is_amp_loss_scale_invariant_and_survives_deepcopy():
         for _ in range(3):
             opt.zero_grad()
             scaler.scale((a(x) - 0.5 * x).pow(2).sum()).backward()
-            scaler.step(opt)  # unscales, then steps: the normalisation sees unscaled gradients
+            scaler.unscale_(opt)  # the normalisation must see unscaled gradients
+            normalize_tqt_grads(a)
+            scaler.step(opt)
             scaler.update()
         steps.append(a.log2_t.item())
     assert a.tqt_step.item() == 3
@@ -319,13 +327,13 @@ def test_weight_edge_cases_zero_and_constant():
     lin.start()
     assert lin.get_eps_w().item() >= EPS_MIN and torch.isfinite(lin.get_eps_w()).all()
     assert torch.equal(lin.quantized_weight(), torch.zeros(3, 5))
-    lin2 = PACTLinear(5, 3, bias=False, n_levels=2, quantize="per_channel", init_clip="max")
+    lin2 = PACTLinear(5, 3, bias=False, n_levels=3, quantize="per_channel", init_clip="max")
     with torch.no_grad():
         lin2.weight.fill_(0.7)
     lin2.start()
     wq = lin2.quantized_weight()
     assert torch.isfinite(wq).all() and torch.isfinite(lin2.get_eps_w()).all()
-    assert set(wq.unique().tolist()) <= {-0.7, 0.0}  # n = 2 almost-symmetric: {-m, 0}
+    assert torch.allclose(wq, torch.full_like(wq, 0.7))  # n = 3: {-m, 0, m}, m = max |w|
 
 
 # ----------------------------------------------------------------------------------------- adder

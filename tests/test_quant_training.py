@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import EMBEDDED_FP32, ROOT, tiny_overrides
+from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
 from labkit.checkpoint import load_file
 from labkit.config import load_config
-from labkit.train import evaluate_checkpoint, read_history, train
+from labkit.runs import read_history
+from labkit.train import evaluate_checkpoint, train
 
 pytestmark = pytest.mark.slow
 

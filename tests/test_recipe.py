@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from labkit.models import MobileNetV2
 from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
+from labkit.schema import ConfigError
 from labkit.recipe import REPORT_FIELDS, default_quantize_config, normalize_quantize_config, pact_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,37 +155,39 @@ def test_module_matched_by_two_regexes_within_one_class():
 
 
 def test_regex_hitting_a_module_of_the_wrong_type():
-    check_error({"PACTConv2d": {"pilot.2$": {}}}, TypeError, "PACTConv2d", r"'pilot\.2' \(ReLU6\)",
-                "move the entry under 'PACTUnsignedAct'")
-    check_error({"PACTUnsignedAct": {"pilot.1$": {}}}, TypeError, "PACTUnsignedAct", "BatchNorm2d", "nn.ReLU6")
+    check_error({"PACTConv2d": {"pilot.2$": {}}}, ConfigError, "PACTConv2d", r"'pilot\.2' \(ReLU6\)",
+                "Move the entry under 'PACTUnsignedAct'")
+    check_error({"PACTUnsignedAct": {"pilot.1$": {}}}, ConfigError, "PACTUnsignedAct", "BatchNorm2d", "nn.ReLU6")
 
 
 def test_unknown_kwarg_names_layer_and_kwarg():
-    check_error({"PACTConv2d": {"kwargs": {"n_levels": 256}, "pilot.0$": {"n_level": 16}}}, TypeError,
-                r"PACTConv2d\['pilot\.0\$'\]", "module 'pilot.0'", "n_level")
-    check_error({"PACTUnsignedAct": {"pilot.2$": {"symm": True}}}, TypeError, "PACTUnsignedAct", "symm")
+    check_error({"PACTConv2d": {"kwargs": {"n_levels": 256}, "pilot.0$": {"n_level": 16}}}, ConfigError,
+                r"PACTConv2d\['pilot\.0\$'\]\.n_level'", "unknown quantizer setting", "did you mean 'n_levels'")
+    check_error({"PACTUnsignedAct": {"pilot.2$": {"symm": True}}}, ConfigError, "PACTUnsignedAct", "symm",
+                "Settings of unsigned_act")
     check_error({"PACTConv2d": {"pilot.0$": {"quantize": "per_tensor"}}}, ValueError, "pilot.0", "per_tensor")
 
 
-def test_n_levels_below_two():
+def test_n_levels_outside_2_to_16_bits():
     check_error({"PACTLinear": {"classifier.1$": {"n_levels": 1}}}, ValueError, "PACTLinear", "classifier.1",
-                "n_levels must be >= 2")
-    check_error({"PACTConv2d": {"kwargs": {"n_levels": 8.0}, "pilot.0$": {}}}, TypeError, "n_levels must be an integer")
+                "2 to 16 bits")
+    check_error({"PACTLinear": {"classifier.1$": {"n_levels": 2 ** 33}}}, ValueError, "classifier.1", "2 to 16 bits")
+    check_error({"PACTConv2d": {"kwargs": {"n_levels": 8.0}, "pilot.0$": {}}}, ValueError, "n_levels must be an integer")
 
 
 def test_unknown_class_key_and_layout_errors():
-    check_error({"PACTConv2D": {"pilot.0$": {}}}, ValueError, "unknown class key 'PACTConv2D'",
+    check_error({"PACTConv2D": {"pilot.0$": {}}}, ConfigError, "network.quantize.PACTConv2D'", "unknown key",
                 "did you mean 'PACTConv2d'")
-    check_error({"function": "bb_recipe", "kwargs": {"config": {}}}, ValueError, "pact_recipe")
-    check_error({"function": "pact_recipe", "kwargs": {"cfg": {}}}, ValueError, "kwargs.cfg")
-    check_error({"PACTConv2d": {"pilot.0$": 8}}, TypeError, "pilot.0", "kwargs")
-    check_error({"PACTConv2d": {"pilot.(0$": {}}}, ValueError, "not a valid regular expression")
-    check_error({"harmonize": "yes"}, TypeError, "harmonize")
+    check_error({"function": "bb_recipe", "kwargs": {"config": {}}}, ConfigError, "pact_recipe")
+    check_error({"function": "pact_recipe", "kwargs": {"cfg": {}}}, ConfigError, "kwargs.cfg'", "unknown key")
+    check_error({"PACTConv2d": {"pilot.0$": 8}}, ConfigError, "pilot.0", "quantizer settings")
+    check_error({"PACTConv2d": {"pilot.(0$": {}}}, ConfigError, "not a valid regular expression")
+    check_error({"harmonize": "yes"}, ConfigError, "harmonize")
 
 
 def test_bad_harmonize_kwargs_are_reported_under_network_quantize():
     cfg = {"PACTConv2d": {"pilot.0$": {}}, "harmonize": {"n_levels": 256, "symetric": True}}
-    with pytest.raises(TypeError, match=r"network\.quantize\.harmonize.*symetric"):
+    with pytest.raises(ConfigError, match=r"network\.quantize\.harmonize\.symetric"):
         pact_recipe(small(), cfg)
 
 

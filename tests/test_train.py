@@ -6,12 +6,13 @@ import sys
 import pytest
 import torch
 
-from conftest import EMBEDDED_FP32, tiny_overrides
+from helpers import EMBEDDED_FP32, tiny_overrides
 from labkit.checkpoint import CheckpointError, load_file, save_atomic
 from labkit.cli import main
 from labkit.models import MobileNetV2
 from labkit.optim import HandScheduler
-from labkit.train import evaluate_checkpoint, read_history, topk_correct, train
+from labkit.runs import read_history
+from labkit.train import evaluate_checkpoint, topk_correct, train
 
 
 def test_topk_correct_counts():
@@ -92,10 +93,11 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
 
 def test_corrupt_checkpoint_on_resume_is_reported(tiny_config, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
+    cfg = tiny_config(**{"training.n_epochs": 1})
+    train(cfg, run, progress=False, log=None)
     (run / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="last.ckpt' is corrupt"):
-        train(tiny_config(), run, resume=True, progress=False, log=None)
+        train(cfg, run, resume=True, progress=False, log=None)
 
 
 def test_cli_train_prints_progress_and_top1(tmp_path, capsys):
@@ -166,7 +168,7 @@ def test_help_documents_every_option(command, capsys):
 
 
 def test_pretrained_of_another_shape_names_the_tensor_and_the_fix(tmp_path):
-    from labkit.train import load_pretrained
+    from labkit.build import load_pretrained
 
     path = tmp_path / "ten_classes.pt"
     torch.save(MobileNetV2(capacity=0.35, num_classes=10, config="small").state_dict(), path)

@@ -1,15 +1,22 @@
 """The bit-width plan and its widget editor, without a browser: build, edit programmatically, check the config."""
 
+import copy
 import json
+import math
 
 import pytest
 import torch
 
-from conftest import ROOT
-from labkit.bitwidths import BitPlan
+from helpers import ROOT
+from labkit.bitwidths import INPUT, BitPlan
 from labkit.config import load_config
+from labkit.costs import act_bytes, bops, weight_bytes
+from labkit.integer import input_eps, integerize
+from labkit.integer.size import size_report
 from labkit.models import MobileNetV2
+from labkit.quant import quantizers
 from labkit.recipe import pact_recipe
+from labkit.schema import ConfigError
 from labkit.widgets import BitWidthEditor
 
 PACT = ROOT / "configs" / "embedded" / "config.pact.json"
@@ -24,37 +31,101 @@ def base(path=PACT):
     return load_config(path, {"network.pretrained": None})
 
 
+def levels_of(cfg):
+    _, report = pact_recipe(embedded_net(), cfg["network"]["quantize"])
+    return {r["name"]: r["n_levels"] for r in report}
+
+
 def test_plan_rows_costs_and_formulas():
-    net = MobileNetV2()  # 1.0, 224 px
-    plan = BitPlan(net, 224)
-    assert len(plan.rows) == 53 and plan.rows[0].name == "pilot.0" and plan.rows[-1].name == "classifier.1"
-    assert sum(r.kind == "depthwise" for r in plan.rows) == 17
+    plan = BitPlan.from_config(load_config(ROOT / "configs" / "imagenet" / "config.pact.json", check_files=False))
+    rows = plan.rows
+    assert len(rows) == 53 and rows[0].name == "pilot.0" and rows[-1].name == "classifier.1"
+    assert sum(r.kind == "depthwise" for r in rows) == 17
     assert plan["features.2.residual_branch.2.0"].act == "features.2.integer_add"
     assert plan["features.3.residual_branch.2.0"].act == "features.3.output_act"
-    stem = plan["pilot.0"]
-    assert (stem.params, stem.out_elements, stem.macs) == (864, 32 * 112 * 112, 32 * 112 * 112 * 27)
+    assert plan["classifier.1"].act is None and plan.links["classifier.1"]["input"] == "avgpool_act"
+    stem = next(g for g in plan.layers if g.name == "pilot.0")
+    assert (stem.params, stem.macs, stem.input) == (864, 32 * 112 * 112 * 27, INPUT)
     t = plan.totals()
-    n_params = sum(r.params for r in plan.rows)
-    assert t["weight_bytes"] == n_params  # 8 bit = 1 byte per weight
-    assert t["weight_compression"] == pytest.approx(4.0)
-    assert t["bops"] == sum(r.macs for r in plan.rows) * 64
+    weights = sum(g.params for g in plan.layers)
+    assert t["weight_bytes"] == weights + 4 * 1000  # 8 bit = 1 byte per weight, int32 classifier bias
+    assert t["BOPs"] == sum(g.macs for g in plan.layers) * 64
+    assert t["act_bytes"] == sum(math.prod(q.shape) for q in plan.quantizers)
     plan.set_all(4, 4)
-    assert plan.totals()["weight_bytes"] == n_params / 2
-    assert plan.costs()[1]["bops"] == plan["features.0.residual_branch.0.0"].macs * 4 * 4
+    t4 = plan.totals()
+    assert t4["weight_bytes"] == weights // 2 + 4 * 1000
+    costs = {c["name"]: c for c in plan.costs()}
+    dw = next(g for g in plan.layers if g.name == "features.0.residual_branch.0.0")
+    assert costs[dw.name]["BOPs"] == bops(dw.macs, 4, 4) and costs["pilot.0"]["BOPs"] == bops(stem.macs, 4, 8)
+    assert plan.a_bits["avgpool_act"] == 4  # the pool requantizer follows the last activation
     with pytest.raises(ValueError, match="not a bit-width from 2 to 16"):
         plan.set("pilot.0", w_bits=1)
     with pytest.raises(KeyError, match="no quantized layer named"):
         plan.set("pilot.7", w_bits=4)
 
 
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (8, 4)])
+def test_editor_prediction_equals_the_size_report_of_the_integer_network(bits, one_thread):
+    """One cost model: the plan (from the float network's shapes) and the size report (from the integer
+    network built with those bits) give the same numbers, row by row and in total."""
+    plan = BitPlan.from_config(base())
+    plan.set_all(*bits)
+    cfg = plan.apply_to(base())
+    qnet, _ = pact_recipe(embedded_net(), cfg["network"]["quantize"])
+    qnet.train()
+    qnet(torch.randn(8, 3, 32, 32))  # statistics, then start every quantizer
+    for _, m in quantizers(qnet):
+        m.start()
+    for m in qnet.modules():
+        if hasattr(m, "sync_eps"):
+            m.sync_eps()
+    inet = integerize(qnet.eval(), input_eps(-3.0, 3.0), (1, 3, 32, 32))
+    report = size_report(inet)
+    assert report.totals == plan.totals()
+    predicted = {r["layer"]: r for r in plan.cost_table().rows}
+    for row in report.rows:
+        assert predicted[row["layer"]] == row, row["layer"]
+
+
+def test_apply_edits_n_levels_and_keeps_every_other_key():
+    cfg = base()
+    quantize = cfg["network"]["quantize"]
+    quantize["PACTUnsignedAct"]["kwargs"]["init_clip"] = "percentile"
+    quantize["harmonize"]["requant_pool"] = False
+    quantize["PACTConv2d"]["features.3.residual_branch.1.0$"]["nb_std"] = 2.5
+    plan = BitPlan.from_config(cfg)
+    assert "avgpool_act" not in plan.a_bits  # requant_pool false: no pool requantizer
+    plan.set_all(w_bits=4)  # activations stay as the config has them
+    edited = plan.apply_to(cfg)
+    eq = edited["network"]["quantize"]
+    assert eq["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile" and eq["harmonize"]["requant_pool"] is False
+    assert eq["PACTConv2d"]["features.3.residual_branch.1.0$"] == {"n_levels": 16, "nb_std": 2.5,
+                                                                   "quantize": "per_channel"}
+    assert edited["training"] == cfg["training"] and edited["data"] == cfg["data"]
+    levels = levels_of(edited)
+    assert levels["pilot.0"] == 16 and levels["pilot.2"] == 256 and levels["features.2.integer_add"] == 256
+    # a regex that covers several layers is edited when they agree, refused when they do not
+    cfg2 = copy.deepcopy(cfg)
+    conv = cfg2["network"]["quantize"]["PACTConv2d"]
+    for key in [k for k in conv if k.startswith("features.1.")]:
+        del conv[key]
+    conv[r"features\.1\.residual_branch\.\d\.0$"] = {}
+    plan2 = BitPlan.from_config(cfg2)
+    plan2.set_all(w_bits=6)
+    assert cfg2 and plan2.apply_to(cfg2)["network"]["quantize"]["PACTConv2d"][r"features\.1\.residual_branch\.\d\.0$"] \
+        == {"n_levels": 64, "quantize": "per_channel"}
+    plan2.set("features.1.residual_branch.0.0", w_bits=3)
+    with pytest.raises(ConfigError, match=r"features\\\\\.1.*covers.*different n_levels.*one by one"):
+        plan2.apply_to(cfg2)
+
+
 def test_plan_config_builds_the_network_it_describes():
-    net = embedded_net()
-    plan = BitPlan(net, 32)
+    plan = BitPlan.from_config(base())
     plan.set_all(4, 4)
     plan.set_first_last(8, 8)
     plan.set_kind("depthwise", 6, 5)
     plan.set("features.2.residual_branch.2.0", per_channel=False)
-    cfg = plan.to_config(base())
+    cfg = plan.apply_to(base())
     qnet, report = pact_recipe(embedded_net(), cfg["network"]["quantize"])
     levels = {r["name"]: r["n_levels"] for r in report}
     assert levels["pilot.0"] == levels["classifier.1"] == 256 and levels["pilot.2"] == 256
@@ -64,18 +135,24 @@ def test_plan_config_builds_the_network_it_describes():
     modules = dict(qnet.named_modules())
     assert modules["features.2.residual_branch.2.0"].quantize == "per_layer"
     assert modules["features.3.residual_branch.2.0"].quantize == "per_channel"
-    assert modules["features.3.residual_branch.0.0"].init_clip == "sawb_asymm"  # 4-bit weights: SAWB
+    assert modules["features.3.residual_branch.0.0"].init_clip == "max"  # kept from the base config
     assert not modules["pilot.0"].tqt
 
 
 def test_tqt_base_config_keeps_tqt():
-    cfg = BitPlan(embedded_net(), 32).to_config(base(TQT))
-    qnet, _ = pact_recipe(embedded_net(), cfg["network"]["quantize"])
-    assert all(m.tqt for n, m in qnet.named_modules() if hasattr(m, "tqt") and n)
+    plan = BitPlan.from_config(base(TQT))
+    plan.set_all(4, 4)
+    qnet, _ = pact_recipe(embedded_net(), plan.apply_to(base(TQT))["network"]["quantize"])
+    assert all(m.tqt for _, m in quantizers(qnet))
+
+
+def test_cost_formulas():
+    assert weight_bytes(27, 4) == 14 and weight_bytes(10, 8, bias=2) == 18
+    assert act_bytes(5, 3) == 2 and bops(100, 4, 8) == 3200
 
 
 def test_editor_rows_bulk_totals_and_saved_config(tmp_path):
-    editor = BitWidthEditor(embedded_net(), base())
+    editor = BitWidthEditor(base())
     assert len(editor.rows) == 53
     before = editor.totals.value
     w, a, pc = editor.rows["features.5.residual_branch.0.0"]
@@ -94,17 +171,15 @@ def test_editor_rows_bulk_totals_and_saved_config(tmp_path):
     editor.save_button.click()
     assert "saved" in editor.message.value
     saved = json.loads((tmp_path / "config.custom.json").read_text())
-    cfg = load_config(tmp_path / "config.custom.json", {"network.pretrained": None})
-    qnet, report = pact_recipe(embedded_net(), cfg["network"]["quantize"])
-    levels = {r["name"]: r["n_levels"] for r in report}
+    assert "Mixed precision" in saved["description"] and "name" not in saved
+    levels = levels_of(load_config(tmp_path / "config.custom.json", {"network.pretrained": None}))
     assert levels["features.5.residual_branch.0.0"] == 16 and levels["features.5.residual_branch.0.2"] == 8
     assert levels["features.4.residual_branch.1.0"] == 64
-    assert saved["training"] == base()["training"]
-    assert qnet(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert saved["training"] == {k: v for k, v in base()["training"].items()}
 
 
 def test_editor_reports_invalid_saves(tmp_path):
-    editor = BitWidthEditor(embedded_net(), base())
+    editor = BitWidthEditor(base())
     (tmp_path / "file").write_text("")
     editor.save_path.value = str(tmp_path / "file" / "config.json")  # a file where a folder must be
     editor.save_button.click()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from labkit.quant.modules import PACTIntegerAdd, QuantizerBase, _ActQuantizer, _WeightQuantizer
+from labkit.quant.acts import PACTIntegerAdd, _ActQuantizer
+from labkit.quant.base import QuantizerBase
+from labkit.quant.layers import _WeightQuantizer
 
 COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
 START_KWARGS = ("init_clip_hi", "init_clip_lo")

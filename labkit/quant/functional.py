@@ -22,7 +22,7 @@ power of two). Codes ``n..p``: signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``
 
 The log2_t gradient is normalised (Adam-like, without momentum) by :func:`normalize_tqt_grad`:
 ``v <- beta v + (1 - beta) g^2``, ``g <- g / (sqrt(v / (1 - beta^k)) + 1e-12)`` then optionally ``tanh(g)``;
-the layers apply it right before the optimizer step (see :mod:`labkit.quant.modules`); ``tqt_quantize`` can
+the training loop applies it right before the optimizer step (:func:`labkit.quant.optim.normalize_tqt_grads`); ``tqt_quantize`` can
 also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
@@ -32,6 +32,7 @@ Half-precision inputs are computed in float32; the output has the input's dtype.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import struct
 
@@ -164,7 +165,7 @@ class PACTQuantFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, n_levels: int, rounding: bool = True):
         xf = _work(x)
-        q, code = _ACTIVE.pact_forward(xf, lo.detach().to(xf.dtype), hi.detach().to(xf.dtype), n_levels, rounding)
+        q, code = _KERNELS.get().pact_forward(xf, lo.detach().to(xf.dtype), hi.detach().to(xf.dtype), n_levels, rounding)
         ctx.save_for_backward(code)
         ctx.lo_meta, ctx.hi_meta = (lo.shape, lo.dtype), (hi.shape, hi.dtype)
         return q.to(x.dtype)
@@ -172,7 +173,7 @@ class PACTQuantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (code,) = ctx.saved_tensors
-        gx, glo, ghi = _ACTIVE.pact_backward(g, code, ctx.lo_meta, ctx.hi_meta, *ctx.needs_input_grad[:3])
+        gx, glo, ghi = _KERNELS.get().pact_backward(g, code, ctx.lo_meta, ctx.hi_meta, *ctx.needs_input_grad[:3])
         return gx, glo, ghi, None, None
 
 
@@ -272,7 +273,7 @@ class TQTQuantFn(torch.autograd.Function):
         n, p, _ = tqt_code_range(n_levels, signed)
         xf = _work(x)
         s = tqt_scale(log2_t.detach().to(xf.dtype), n_levels, signed, pow2)
-        q, code, frac = _ACTIVE.tqt_forward(xf, s, n, p, rounding)
+        q, code, frac = _KERNELS.get().tqt_forward(xf, s, n, p, rounding)
         ctx.save_for_backward(code, frac, s)
         ctx.state = (var, step)  # mutated in backward: not saved (no version check)
         ctx.cfg = (n, p, beta, clip_grad, normalize, (log2_t.shape, log2_t.dtype))
@@ -283,7 +284,7 @@ class TQTQuantFn(torch.autograd.Function):
         code, frac, s = ctx.saved_tensors
         var, step = ctx.state
         n, p, beta, clip_grad, normalize, t_meta = ctx.cfg
-        gx, gt = _ACTIVE.tqt_backward(g, code, frac, s, n, p, t_meta, *ctx.needs_input_grad[:2])
+        gx, gt = _KERNELS.get().tqt_backward(g, code, frac, s, n, p, t_meta, *ctx.needs_input_grad[:2])
         if gt is not None and normalize:
             gt = normalize_tqt_grad(gt, var, step, beta, clip_grad)
         return gx, gt, None, None, None, None, None, None, None, None, None
@@ -312,7 +313,7 @@ class _EagerKernels:
 
 
 _EAGER = _EagerKernels()
-_ACTIVE = _EAGER
+_KERNELS: contextvars.ContextVar = contextvars.ContextVar("labkit_quant_kernels", default=_EAGER)
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
@@ -345,7 +346,7 @@ class _CompiledKernels:
 
     def _get(self, name, fn):
         if name not in self._fns:
-            import torch._dynamo
+            import torch._dynamo  # lazy: only the optional compiled kernels need dynamo's config
 
             # one graph per (rank, dtype, bound shape, flags): more than dynamo's default 8 in a network
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -388,16 +389,15 @@ _COMPILED: _CompiledKernels | None = None
 
 @contextlib.contextmanager
 def compiled_kernels(enable: bool = True):
-    """Within the block, PACT/TQT fake quantization runs on ``torch.compile``'d fused kernels (``enable``)
-    or the eager ones. Optional: needs a working inductor backend (a C++ compiler on CPU); the first call per
-    dtype/broadcast pattern compiles (seconds to a minute). Same formulas; results can differ from eager in
-    the last bit where the compiler contracts multiply-adds."""
-    global _ACTIVE, _COMPILED
-    previous = _ACTIVE
+    """Within the block (this thread / context only), PACT/TQT fake quantization runs on ``torch.compile``'d
+    fused kernels (``enable``) or the eager ones. Optional: needs a working inductor backend (a C++ compiler on
+    CPU); the first call per dtype/broadcast pattern compiles (seconds to a minute). Same formulas; results can
+    differ from eager in the last bit where the compiler contracts multiply-adds."""
+    global _COMPILED
     if enable and _COMPILED is None:
         _COMPILED = _CompiledKernels()
-    _ACTIVE = _COMPILED if enable else _EAGER
+    token = _KERNELS.set(_COMPILED if enable else _EAGER)
     try:
         yield
     finally:
-        _ACTIVE = previous
+        _KERNELS.reset(token)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-WEIGHT_INIT_MODES = ("max", "std", "sawb_symm", "sawb_asymm", "const")
-ACT_INIT_MODES = ("max", "std", "percentile", "const")
+from labkit.spec import ACT_INIT_MODES, WEIGHT_INIT_MODES
 
 # n_levels -> ((c1, c2) symmetric range, (c1, c2) almost-symmetric range or None for odd n_levels)
 SAWB_COEFFS: dict[int, tuple[tuple[float, float], tuple[float, float] | None]] = {
