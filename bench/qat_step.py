@@ -58,6 +58,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from labkit.models import MobileNetV2  # noqa: E402
+from labkit.quant import normalize_tqt_grads  # noqa: E402
 
 BASE_VARIANTS = ("fp32", "pact", "tqt", "torchao")
 COMPILED_VARIANTS = ("pact_compiled", "tqt_compiled")
@@ -101,8 +102,9 @@ class Runner:
         self.x = torch.randn(batch, 3, size, size, generator=gen).to(device)
         self.y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         self.controllers: list = []
+        self.tqt: list = []
         if kind in ("pact", "tqt"):
-            from labkit.quant import PACTSGD, get_pact_controllers
+            from labkit.quant import PACTSGD, get_pact_controllers, tqt_modules
             from labkit.recipe import default_quantize_config, pact_recipe
 
             net, _ = pact_recipe(net, default_quantize_config(net, 8, 8, tqt=kind == "tqt"))
@@ -113,6 +115,7 @@ class Runner:
             for c in self.controllers:
                 c.step_pre_training_epoch(0)
             self.opt = PACTSGD(net, pact_decay=1e-3, lr=1e-3, momentum=0.9, weight_decay=4e-5)
+            self.tqt = tqt_modules(net)  # TQT's log2 t gradients are normalised before each step, as labkit.train
         else:
             if kind == "torchao":
                 from torch.ao.quantization import get_default_qat_qconfig
@@ -141,10 +144,14 @@ class Runner:
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
+                if self.tqt:
+                    self.scaler.unscale_(self.opt)
+                    normalize_tqt_grads(self.tqt)
                 self.scaler.step(self.opt)
                 self.scaler.update()
             else:
                 loss.backward()
+                normalize_tqt_grads(self.tqt)
                 self.opt.step()
 
     def timed_step(self) -> float:

@@ -16,8 +16,8 @@ from torch import nn
 from labkit.quant.acts import PACTIntegerAdd, _ActQuantizer
 from labkit.quant.base import QuantizerBase
 from labkit.quant.layers import _WeightQuantizer
+from labkit.schema import COMMANDS
 
-COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
 START_KWARGS = ("init_clip_hi", "init_clip_lo")
 
 
