@@ -69,17 +69,23 @@ def test_pure_shifts_have_no_multiplier(nets):
     assert not any(n.op_type == "Mul" for n in pool)
 
 
+def static_graph(net, tmp_path, n: int, target: str):
+    """Export ``n`` digits for ``target``: the paths and the graph, checked for the static batch ``n`` and a shape
+    on every tensor."""
+    paths = export(net, tmp_path, digits(n), target=target)
+    g = onnx.load(str(paths["network"])).graph
+    assert [d.dim_value for d in g.input[0].type.tensor_type.shape.dim] == [n, 3, 32, 32]
+    assert {o for node in g.node for o in node.output} - {"output"} <= {v.name for v in g.value_info}
+    return paths, g
+
+
 def test_deeploy_export_is_what_deeploy_reads_and_onnxruntime_reproduces_it(nets, tmp_path):
     """Static batch, a shape for every tensor, no Cast/Identity, RequantShift with float32 tensor attributes and
     Deeploy's add (its kernel adds the half-step), pool as a depthwise conv of ones, Gemm with alpha/beta; the
     graph, with RequantShift in Deeploy's semantics, reproduces the int32 twin's logits in onnxruntime."""
     inet32 = nets["pact32"]
-    paths = export(inet32, tmp_path, digits(3), target="deeploy")
-    model = onnx.load(str(paths["network"]))
-    g = model.graph
-    assert [d.dim_value for d in g.input[0].type.tensor_type.shape.dim] == [3, 3, 32, 32]
-    produced = {o for n in g.node for o in n.output}
-    assert produced - {"output"} == {v.name for v in g.value_info}
+    paths, g = static_graph(inet32, tmp_path, 3, "deeploy")
+    assert {o for n in g.node for o in n.output} - {"output"} == {v.name for v in g.value_info}
     assert all(d.dim_value > 0 for v in g.value_info for d in v.type.tensor_type.shape.dim)
     assert {n.op_type for n in g.node} == {"Conv", "RequantShift", "Add", "Flatten", "Gemm"}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
@@ -131,12 +137,7 @@ def test_deeploy_export_needs_the_int32_twin(nets, tmp_path):
 
 def test_qonnx_target_static_batch_shapes_and_datatypes(nets, tmp_path):
     inet = nets["tqt_pow2"]
-    paths = export(inet, tmp_path, digits(2), target="qonnx")
-    model = onnx.load(str(paths["network"]))
-    g = model.graph
-    assert [d.dim_value for d in g.input[0].type.tensor_type.shape.dim] == [2, 3, 32, 32]
-    produced = {o for n in g.node for o in n.output}
-    assert produced - {"output"} <= {v.name for v in g.value_info}
+    _, g = static_graph(inet, tmp_path, 2, "qonnx")
     types = {a.tensor_name: {e.key: e.value for e in a.quant_parameter_tensor_names}["finn_datatype"]
              for a in g.quantization_annotation}
     assert types["input"] == "INT8"
