@@ -173,3 +173,14 @@ def test_qonnx_executes_the_export_exactly_and_sees_integer_types(nets, tmp_path
     assert by_op[("Conv", "INT32")] == 52 and by_op[("Gemm", "INT32")] == 1 and by_op[("Add", "INT32")] == 11
     assert by_op[("Cast", "UINT8")] + by_op[("Cast", "INT8")] >= n_requant
     assert typed.get_tensor_datatype("input").get_canonical_name() == "INT8"
+
+
+def test_cli_export_refuses_calibration_outside_the_deeploy_target(tmp_path, capsys):
+    from labkit.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "--target", "qonnx", "--calibrate", "64", "-o",
+                 str(tmp_path / "out")]) == 2
+    assert "--calibrate N (N >= 1 training images) sets the int32 shifts of --target deeploy only" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "run"), "--target", "tflite"])

@@ -94,6 +94,8 @@ class DeeployWriter(GraphWriter):
             raise ExportError(f"export --target deeploy: requantization '{not_int32[0]}' is not int32 (Deeploy "
                               "computes in int32): export labkit.integer.int32_twin(inet)[0]")
         (out, _), out_shape = self.walk()
+        if self.nodes[-1].output[0] != out:
+            raise ExportError("export --target deeploy: the output layer must be the network's last operation")
         self.nodes[-1].output[0] = "output"  # the last layer writes the graph output (no Identity/Cast)
         self.shapes["output"] = self.shapes.pop(out)
         value_info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k, v in self.shapes.items()
