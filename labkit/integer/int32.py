@@ -219,11 +219,12 @@ def _int32_layer(name: str, r: Requant, lo: torch.Tensor, hi: torch.Tensor, prov
     if not any(mul32):
         raise IntegerizeError(f"int32: requantization '{name}' rounds every multiplier to 0 at d={d32} (its input "
                               f"reaches {min(lo_c)}..{max(hi_c)}): use fewer bits for the layers before it")
-    shape = r.mul.shape if r.mul.numel() == n else r.add.shape
-    as_tensor = (lambda v: torch.tensor(v[0])) if r.mul.dim() == 0 and r.add.dim() == 0 and n == 1 else \
-        (lambda v: torch.tensor(v).reshape(shape if len(shape) else (n,)))
-    return Int32Requant(as_tensor(mul32), as_tensor(add32), d32, r.lo, r.hi, r.eps_out, r.signed, r.n_levels,
-                        name=name, proven=proven)
+    if r.mul.dim() == 0 and r.add.dim() == 0:  # scalar stays scalar (per-channel intervals give equal values)
+        mul_t, add_t = torch.tensor(mul32[0]), torch.tensor(add32[0])
+    else:
+        shape = r.mul.shape if r.mul.dim() else r.add.shape
+        mul_t, add_t = torch.tensor(mul32).reshape(shape), torch.tensor(add32).reshape(shape)
+    return Int32Requant(mul_t, add_t, d32, r.lo, r.hi, r.eps_out, r.signed, r.n_levels, name=name, proven=proven)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
