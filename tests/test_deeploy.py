@@ -7,7 +7,6 @@ import json
 
 import onnx
 import pytest
-import torch
 
 from deeploy_env import run_codegen
 from labkit.export import export
