@@ -214,7 +214,7 @@ def _run_config(args, run: str) -> dict | None:
 
 def cmd_eval(args) -> None:
     _existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
-    from labkit.runs import RunFolder
+    from labkit.runs import RunFolder, describe_provenance
     from labkit.train import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, _run_config(args, args.checkpoint), device=args.device)
@@ -223,9 +223,7 @@ def cmd_eval(args) -> None:
     folder = resolve(args.checkpoint)
     folder = folder if folder.is_dir() else folder.parent
     for entry in RunFolder(folder).provenance():
-        print(f"  trained: {entry['time']}  labkit {entry['labkit']} ({entry.get('git') or 'no git'})  torch "
-              f"{entry['torch']}  {entry['device']}  config {entry['config_sha256'][:12]}  data "
-              f"{entry['data_sha256'][:12]}")
+        print(f"  {describe_provenance(entry)}")
 
 
 def cmd_sweep(args) -> None:

@@ -23,7 +23,7 @@ from labkit.lab import ensure_run
 from labkit.paths import resolve
 from labkit.quant import QuantizerBase
 from labkit.report import Table
-from labkit.runs import LoadedRun, load_run
+from labkit.runs import LoadedRun, RunFolder, describe_provenance, load_run
 
 
 @dataclass
@@ -80,9 +80,15 @@ def twins(runs: list[str], fallback_dir: str | Path, *, short_epochs: int = 2, i
 
 
 def twin_table(nets: dict[str, Twin]) -> Table:
-    """One line per twin: its run, input grid and requantizations."""
-    return Table([{"network": n, "run": str(t.run.path), "twin": t.summary().split(": ", 1)[1]} for n, t in nets.items()],
-                 title="integer twins")
+    """One line per twin: its run and how the run was trained (last provenance entry), input grid and
+    requantizations."""
+    return Table([{"network": n, "run": str(t.run.path), "provenance": _last_provenance(t.run.path),
+                   "twin": t.summary().split(": ", 1)[1]} for n, t in nets.items()], title="integer twins")
+
+
+def _last_provenance(path) -> str:
+    entries = RunFolder(path).provenance()
+    return describe_provenance(entries[-1]) if entries else "no provenance.json in the run folder"
 
 
 def validation_loader(twin: Twin, limit: int | None = None, batch_size: int = 120) -> DataLoader:

@@ -61,7 +61,7 @@ class Conversion:
     def _repr_html_(self) -> str:
         return f"<p>{self.summary()}</p>"
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return self.summary()
 
 

@@ -253,6 +253,14 @@ def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False, ove
     return Resume(ckpt, history)
 
 
+def describe_provenance(entry: dict) -> str:
+    """One line of a provenance entry: when, labkit version and commit, torch, device, config and data hashes."""
+    return (f"trained {entry['time']}  labkit {entry['labkit']} ({entry.get('git') or 'no git'})  torch "
+            f"{entry['torch']}  {entry['device']}  config {entry['config_sha256'][:12]}  data "
+            f"{entry['data_sha256'][:12]}" + (f"  resumed at epoch {entry['resumed_at_epoch']}"
+                                              if entry.get("resumed_at_epoch") is not None else ""))
+
+
 def provenance_entry(cfg: dict, device: str, data_hash: str, resumed_at: int | None = None,
                      parameters: dict | None = None) -> dict:
     """Versions, git commit, device, command line (or ``parameters``), config and data hashes."""

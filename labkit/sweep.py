@@ -8,6 +8,7 @@ notebook, cell and error; the others go on.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import time
 from pathlib import Path
@@ -88,7 +89,21 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     return table
 
 
+def results_figure(output_dir: str | Path) -> Figure:
+    """The bar chart of a finished sweep's ``results.csv`` (final top-1 per run; failed runs in the title)."""
+    path = resolve(output_dir) / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep results in {path.parent}: run the sweep first (labkit sweep ... -o {output_dir})")
+    with open(path, newline="") as f:
+        rows = [dict(r, final_top1=float(r["final_top1"] or "nan")) for r in csv.DictReader(f)]
+    return _figure(rows)
+
+
 def _plot(rows: list[dict], path: Path) -> None:
+    _figure(rows).savefig(path, dpi=100)
+
+
+def _figure(rows: list[dict]) -> Figure:
     fig = Figure(figsize=(max(4, 1.1 * len(rows) + 2), 3.5))
     ax = fig.subplots()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -99,4 +114,4 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig

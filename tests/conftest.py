@@ -37,6 +37,7 @@ def pact8():
     torch.set_num_threads(1)
     try:
         qnet = started_net()
-        yield qnet, integerize(qnet, eps_in_for(), SHAPE)
+        inet = integerize(qnet, eps_in_for(), SHAPE)
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(n)  # restored before the session goes on: later tests train with their own threads
+    yield qnet, inet

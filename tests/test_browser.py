@@ -24,14 +24,10 @@ PARAMETERS = {"config": "configs/embedded/config.pact.json", "bits": 4, "first_l
 def expected_editor():
     """The editor notebook 06 builds with PARAMETERS, built here without a browser."""
     from labkit import lab
-    from labkit.models import MobileNetV2
     from labkit.widgets import BitWidthEditor
 
-    base = lab.run_config(PARAMETERS["config"], pretrained="runs/embedded-fp32/best.ckpt")
-    editor = BitWidthEditor(MobileNetV2(**base["network"]["kwargs"]), base)
-    editor.apply_bulk("all layers", PARAMETERS["bits"], PARAMETERS["bits"])
-    editor.apply_bulk("first and last", PARAMETERS["first_last_bits"], PARAMETERS["first_last_bits"])
-    return editor
+    p = PARAMETERS
+    return BitWidthEditor.start(lab.run_config(p["config"]), p["bits"], p["first_last_bits"], p["depthwise_bits"])
 
 
 @pytest.mark.slow

@@ -40,7 +40,8 @@ def test_provenance_is_recorded_per_session(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert out.count("trained: ") == 2 and entries[0]["config_sha256"][:12] in out
+    assert out.count("  trained ") == 2 and entries[0]["config_sha256"][:12] in out
+    assert out.count("resumed at epoch 1") == 1
 
 
 def test_resume_extends_a_hand_schedule_exactly(tmp_path):
@@ -72,6 +73,8 @@ def test_overwrite_replaces_the_run(tmp_path):
 
 KILLER = """
 import os, shutil, signal, sys
+import torch
+torch.set_num_threads({threads})  # the parent's: the resumed run must be the uninterrupted one bit for bit
 import labkit.runs
 from labkit.config import load_config
 from labkit.train import train
@@ -94,7 +97,8 @@ train(load_config({config!r}, overrides), {out!r}, progress=False, log=None)
 
 def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
     out = tmp_path / "run"
-    script = KILLER.format(tests=str(ROOT / "tests"), config=str(EMBEDDED_FP32), out=str(out))
+    script = KILLER.format(tests=str(ROOT / "tests"), config=str(EMBEDDED_FP32), out=str(out),
+                           threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert list(out.glob(".*.tmp")), "the kill left the temporary file of the best.ckpt write"
