@@ -100,13 +100,16 @@ class Requant(nn.Module):
 
     When ``mul`` is one power of two ``2^k`` the requantization is a pure shift and runs as
     ``((x << a) + c) >> s`` (``shift`` holds ``(a, c, s)``), with exactly the same result.
-    ``eps_out`` is the step of the output grid (the fake-quant quantizer it replaces).
+    ``eps_out`` is the step of the output grid (the fake-quant quantizer it replaces). ``rounding_d``: the shift
+    at which ``mul`` and ``add`` were rounded (before the reduction), so ``floor`` sees the real value + 1/2
+    within ``(|x| + 1) / 2^(rounding_d + 1)``.
     """
 
     def __init__(self, mul: torch.Tensor, add: torch.Tensor, d: int, lo: int, hi: int, eps_out: float,
                  signed: bool, n_levels: int, reduce: bool = True):
         super().__init__()
         mul, add, d = mul.to(torch.int64), add.to(torch.int64), int(d)
+        self.rounding_d = d
         if reduce:  # the same function with the smallest constants
             mul, add, d = _reduce_pow2(mul, add, d)
         self.register_buffer("mul", mul)
