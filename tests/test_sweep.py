@@ -1,9 +1,16 @@
-"""Sweeps through papermill: a 2x1 grid, a failing run reported with its notebook and cell, grid validation."""
+"""Sweeps through papermill: a 2x1 grid, a failing run reported with its notebook and cell, a budget point
+(the proposed plan trained), grid validation."""
 
 import csv
+import json
 
 import pytest
+import torch
 
+from labkit.bitwidths import BitPlan
+from labkit.build import build_float_network
+from labkit.checkpoint import make_checkpoint, save_atomic
+from labkit.config import load_config
 from labkit.sweep import expand_grid, run_name, run_sweep
 
 
@@ -18,6 +25,21 @@ def test_expand_grid_and_validation():
         expand_grid({"algorithm": ["pact"], "bits": [1]})
     with pytest.raises(ValueError, match="at least one 'bits'"):
         expand_grid({"algorithm": ["pact"]})
+
+
+def test_budgets_in_the_grid():
+    points = expand_grid({"algorithm": "pact.4b", "bits": [3], "budget": ["weight_bytes=uniform:3, act_bytes=uniform:3",
+                                                                          {"BOPs": 2.5e8}], "seed": [0, 1]})
+    assert points == [{"algorithm": "pact.4b", "bits": 3, "seed": 0}, {"algorithm": "pact.4b", "bits": 3, "seed": 1},
+                      {"algorithm": "pact.4b", "budget": "weight_bytes=uniform:3,act_bytes=uniform:3", "seed": 0},
+                      {"algorithm": "pact.4b", "budget": "weight_bytes=uniform:3,act_bytes=uniform:3", "seed": 1},
+                      {"algorithm": "pact.4b", "budget": "BOPs=250000000", "seed": 0},
+                      {"algorithm": "pact.4b", "budget": "BOPs=250000000", "seed": 1}]
+    assert run_name(points[2]) == "pact.4b-weight_bytes-u3_act_bytes-u3-s0"
+    assert expand_grid({"algorithm": "pact", "budget": "BOPs=uniform:4"}) == [
+        {"algorithm": "pact", "budget": "BOPs=uniform:4", "seed": 0}]
+    with pytest.raises(ValueError, match="budget metric 'bops' is unknown"):
+        expand_grid({"algorithm": "pact", "budget": ["bops=uniform:4"]})
 
 
 @pytest.mark.slow
@@ -47,3 +69,25 @@ def test_failing_cell_is_reported_with_notebook_and_cell(tmp_path):
     assert row["status"] == "failed" and row["error"].startswith("cell ")
     assert "mnv2_1.0.ckpt" in row["error"]  # the ImageNet config's pretrained checkpoint is missing here
     assert (out / "pact-w8a8-s0.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_a_budget_point_trains_the_proposed_plan(tmp_path):
+    cfg = load_config("configs/embedded/config.pact.4b.json", check_files=False)
+    torch.manual_seed(0)
+    fp32 = tmp_path / "fp32" / "best.ckpt"
+    save_atomic(make_checkpoint(build_float_network(cfg).state_dict(), {}), fp32)  # random float weights
+    out = tmp_path / "sweep"
+    table = run_sweep({"algorithm": "pact.4b", "budget": ["weight_bytes=uniform:3,act_bytes=uniform:3"]}, out,
+                      epochs=1, pretrained=str(fp32), plan_bits=(2, 8), calib=4)
+    row = table.rows[0]
+    assert row["status"] == "ok", row["error"]
+    plan_file = out / "plans" / "pact.4b-weight_bytes-u3_act_bytes-u3.json"
+    assert row["config"] == str(plan_file) and (fp32.parent / "sensitivity.json").is_file()
+    assert json.loads(plan_file.read_text())["description"].startswith("Proposed mixed precision")
+    trained = json.loads((out / row["run"] / "config.json").read_text())
+    plan = BitPlan.from_config({**trained, "network": {**trained["network"], "pretrained": None}})
+    assert set(plan.w_bits.values()) <= {2, 8} and row["weight_bytes"] == plan.totals()["weight_bytes"]
+    uniform = BitPlan.from_config(cfg)
+    uniform.set_all(3, 3)
+    assert row["weight_bytes"] <= uniform.totals()["weight_bytes"] and row["act_bytes"] <= uniform.totals()["act_bytes"]
