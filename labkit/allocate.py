@@ -18,8 +18,9 @@ activation) takes that one's bits; the input quantizer keeps its bits. Nothing e
 boundary between quantizers is an integer requantization (mul/add/shift), which maps any grid to any grid, and a
 layer's weight bits do not constrain its neighbours'.
 
-**Solver.** A 0/1 integer program: one-hot ``x[l, w]``, ``y[g, a]``; a BOPs product ``x * y`` becomes
-``z >= x + y - 1``, ``z >= 0`` (exact: BOPs coefficients are positive and only bounded above). HiGHS
+**Solver.** A 0/1 integer program: one-hot ``x[l, w]``, ``y[g, a]``; the BOPs products ``x[l, w] y[g, a]``
+become ``z[l, w, a] >= 0`` with ``sum_a z[l, w, a] = x[l, w]`` and ``sum_w z[l, w, a] = y[g, a]`` (for one-hot
+x and y the only solution is z = x y, and the relaxation stays tight). HiGHS
 (:func:`scipy.optimize.milp`) solves it to a zero relative gap, so the result is optimal for this model up to
 the solver's absolute gap (1e-6, with the objective scaled so that the largest sensitivity is 1e4: 1e-10 of it);
 a test compares it with brute force. An
@@ -216,13 +217,16 @@ class _Program:
                             row[index["w", g.name, b]] = bops(g.macs, b, plan.a_bits[INPUT])
                         continue
                     group = plan.leader(g.input)
+                    cols = {}
                     for b in w_choices:
                         for a in a_choices:
-                            col = len(cost) + len(z)
+                            cols[b, a] = len(cost) + len(z)
                             z.append(0.0)
-                            row[col] = bops(g.macs, b, a)
-                            link = {index["w", g.name, b]: 1.0, index["a", group, a]: 1.0, col: -1.0}
-                            rows.append((link, -np.inf, 1.0))  # z >= x + y - 1
+                            row[cols[b, a]] = bops(g.macs, b, a)
+                    for b in w_choices:  # sum_a z[b, a] = x[b]
+                        rows.append(({index["w", g.name, b]: -1.0, **{cols[b, a]: 1.0 for a in a_choices}}, 0.0, 0.0))
+                    for a in a_choices:  # sum_b z[b, a] = y[a]
+                        rows.append(({index["a", group, a]: -1.0, **{cols[b, a]: 1.0 for b in w_choices}}, 0.0, 0.0))
             rows.append(({c: v / (limit - fixed) for c, v in row.items()}, -np.inf, 1.0))
         self.n_int = len(cost)
         # the solver's optimality gap is absolute (1e-6): the largest sensitivity becomes OBJECTIVE_SCALE
