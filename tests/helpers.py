@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from torch import nn
 
 from labkit.bitwidths import BitPlan
@@ -73,3 +75,15 @@ def random_sensitivity(plan: BitPlan, bits, seed: int) -> Sensitivity:
 
     return Sensitivity(tuple(bits), 8, 0.1, {n: curve() for n in plan.w_bits},
                        {g: curve() for g in plan.activation_groups()}, "synthetic", "synthetic")
+
+
+def make_imagefolder(root, classes=("cat", "dog", "eel"), per_class=3, size=40, val_classes=None):
+    """An ImageNet-shaped folder (train/ and val/, one sub-folder of random JPEGs per class)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in (val_classes or classes) if split == "val" else classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
+    return root
