@@ -84,6 +84,20 @@ def _bits(metric: str, text) -> int:
     return bits
 
 
+def bit_choices(bits, what: str = "bits") -> tuple[int, ...]:
+    """Sorted distinct bit-widths from MIN_BITS to MAX_BITS (the candidates of a sensitivity or an allocation),
+    else :class:`BudgetError` naming ``what``."""
+    listed = [bits] if isinstance(bits, (str, int)) else list(bits or [])
+    try:
+        out = tuple(sorted({int(b) for b in listed if not isinstance(b, bool)}))
+    except (TypeError, ValueError):
+        out = ()
+    if not out or len(out) != len(listed) or not all(MIN_BITS <= b <= MAX_BITS for b in out):
+        raise BudgetError(f"{what} {' '.join(map(str, listed))}: give distinct bit-widths from {MIN_BITS} to "
+                          f"{MAX_BITS}, e.g. 2 3 4 8")
+    return out
+
+
 def format_budget(spec: dict) -> str:
     """The canonical spelling, which :func:`parse_budget` reads back: ``weight_bytes=uniform:3,BOPs=250000000``."""
     return ",".join(f"{k}={_show(v, 'uniform:', '/', '{:.0f}')}" for k, v in spec.items())

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from labkit.budget import parse_budget
+from labkit.budget import bit_choices, parse_budget
 from labkit.config import load_config, parse_override, read_config_file, resolve_config
 from labkit.errors import LabkitError
 from labkit.paths import resolve
@@ -84,9 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser(
         "plan", help="propose per-layer bits for a budget (sensitivity + exact allocation) -> a config",
         description="Measure each layer's sensitivity (calibration-loss increase with only that layer quantized, per "
-                    "candidate bit-width; cached as sensitivity.json beside the checkpoint), choose the weight and "
-                    "activation bits that minimise their sum under the budget (an exact integer program), and write "
-                    "the base config with those bits in its per-layer entries.")
+                    "bit-width; cached as sensitivity.json beside the checkpoint), choose the bits that minimise their "
+                    "sum under the budget (exact integer program), and write the base config with those bits.")
     pl.add_argument("config", help="PACT/TQT base config, e.g. configs/embedded/config.pact.4b.json (SAWB weights)")
     pl.add_argument("--budget", "-b", action="append", required=True, metavar="METRIC=LIMIT",
                     help="weight_bytes, act_bytes or BOPs at most LIMIT: a number or uniform:B (what every layer at "
@@ -96,19 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8], metavar="B",
                     help="bit-widths to measure and choose from (default 2 3 4 8)")
     pl.add_argument("--w-bits", nargs="+", type=int, metavar="B", help="weight bits to choose from (default --bits)")
-    pl.add_argument("--a-bits", nargs="+", type=int, metavar="B",
-                    help="activation bits to choose from (default --bits)")
-    pl.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images (training split; "
-                    "default 256)")
+    pl.add_argument("--a-bits", nargs="+", type=int, metavar="B", help="activation bits to choose (default --bits)")
+    pl.add_argument("--calib", type=int, default=256, metavar="N", help="training images to measure on (default 256)")
     pl.add_argument("--output", "-o", required=True, metavar="FILE", help="config to write, e.g. runs/plan/plan.json")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the sensitivity heat map there")
     pl.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet)")
-
     sw = sub.add_parser(
-        "sweep", help="run a grid of QAT runs (algorithm x bits x seed) through the training notebook",
+        "sweep", help="run a grid of QAT runs (algorithm x bits or budget x seed) through the training notebook",
         description="Execute notebooks/03_pact_training.ipynb once per grid point with papermill, keep every "
-                    "executed notebook, and write results.csv and results.png. A failing run is reported with its "
-                    "notebook, cell and error; the others go on.")
+                    "executed notebook, and write results.csv (with each plan's weight/activation bytes and BOPs) "
+                    "and results.png. A budget point trains the plan labkit plan proposes for it (written to "
+                    "plans/). A failing run is reported with its notebook, cell and error; the others go on.")
     sw.add_argument("grid", nargs="?", metavar="GRID.json",
                     help='grid file, e.g. {"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}')
     sw.add_argument("--algorithms", nargs="+", metavar="ALG", help="pact, tqt, ... (configs/<data>/config.<ALG>.json)")
@@ -288,8 +285,8 @@ def cmd_plan(args) -> None:
                          "plan, e.g. configs/embedded/config.pact.4b.json")
     spec = parse_budget(args.budget)
     for what, bits in (("--bits", args.bits), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
-        if bits and not all(2 <= b <= 16 for b in bits):
-            raise UsageError(f"{what} {' '.join(map(str, bits))}: bit-widths go from 2 to 16")
+        if bits:
+            bit_choices(bits, what)  # a bad bit-width answers before torch loads
     if args.calib < 1:
         raise UsageError(f"--calib {args.calib}: give at least one calibration image")
     run = args.run or cfg["network"].get("pretrained")

@@ -1,8 +1,8 @@
 """The accuracy-versus-cost view of measured runs: each plan placed by :mod:`labkit.costs`, seeds averaged.
 
 :func:`collect_points` reads run folders (or folders of runs: a sweep's output, ``runs/``), groups the runs
-whose configs differ only in ``training.seed`` (one plan, several seeds), and gives per group the final
-validation top-1 (mean, worst and best seed) and the plan's ``weight_bytes``, ``act_bytes`` and ``BOPs``
+whose configs differ only in ``training.seed`` (one plan, several seeds; a run that has not reached its
+``training.n_epochs`` is left out and named in the title), and gives per group the final validation top-1 (mean, worst and best seed) and the plan's ``weight_bytes``, ``act_bytes`` and ``BOPs``
 (:meth:`labkit.bitwidths.BitPlan.totals`). Kinds: ``fp32``; ``uniform`` (one weight and one activation
 bit-width everywhere); ``proposed`` (a config written by :mod:`labkit.allocate`); ``mixed`` (any other
 per-layer plan, e.g. from the bit-width editor). :func:`labkit.plots.plot_pareto` draws them.
@@ -39,10 +39,12 @@ def run_folders(paths) -> list[Path]:
 def collect_points(paths) -> Table:
     """One row per plan (runs that differ only in seed), columns :data:`COLUMNS` (see the module docstring)."""
     groups: dict[str, dict] = {}
+    unfinished = []
     for folder in run_folders(paths):
         run = RunFolder(folder)
         history, cfg = run.history(), run.config()
-        if not history:
+        if not history or history[-1]["epoch"] + 1 < cfg["training"].get("n_epochs", 0):
+            unfinished.append(folder.name)  # its last epoch is not the final accuracy of its schedule
             continue
         unseeded = copy.deepcopy(cfg)
         seed = unseeded["training"].pop("seed", 0)
@@ -59,8 +61,9 @@ def collect_points(paths) -> Table:
         rows.append({**g, "n": len(top1s), "top1": sum(top1s) / len(top1s), "top1_min": min(top1s),
                      "top1_max": max(top1s), "seeds": " ".join(map(str, g["seeds"])), "runs": " ".join(g["runs"])})
     rows.sort(key=lambda r: (r["kind"] == "fp32", r.get("weight_bytes") or 0))
+    left_out = f"; left out, unfinished: {', '.join(unfinished)}" if unfinished else ""
     return Table(rows, COLUMNS, title=f"{len(rows)} plans from {sum(r['n'] for r in rows)} runs "
-                                      "(top-1: final validation, mean over seeds)")
+                                      f"(top-1: final validation, mean over seeds){left_out}")
 
 
 def describe_plan(cfg: dict) -> dict:

@@ -135,7 +135,7 @@ def plot_sensitivity(sensitivity, floor: float = 1e-4, fig=None):
     parts = [("weights", sensitivity.weights), ("activations", sensitivity.activations)]
     rows = max(len(p) for _, p in parts)
     if fig is None:
-        fig = plt.figure(figsize=(11, 1.6 + 0.17 * rows))
+        fig = plt.figure(figsize=(11, 1.6 + 0.15 * rows), layout="constrained")
     fig.clear()
     axes = fig.subplots(1, 2)
     bits = list(sensitivity.bits)

@@ -40,6 +40,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from labkit.bitwidths import BitPlan
+from labkit.budget import bit_choices
 from labkit.build import build_float_network
 from labkit.checkpoint import CheckpointError, read_state_dict, write_text_atomic
 from labkit.convert import is_torchvision_state_dict, torchvision_key
@@ -49,7 +50,7 @@ from labkit.quant import SAWB_COEFFS, PACTIntegerAdd, QuantizerBase
 from labkit.recipe import pact_recipe
 from labkit.report import Table
 from labkit.runs import RunFolder
-from labkit.schema import MAX_BITS, MIN_BITS, ConfigError
+from labkit.schema import ConfigError
 
 METHOD = "loss"  # calibration-loss increase, one layer quantized at a time
 CACHE = "sensitivity.json"
@@ -118,7 +119,7 @@ def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DE
         raise ConfigError("network.quantize", "is missing: sensitivity needs the PACT/TQT config whose bits it "
                           "varies", "Pass e.g. configs/embedded/config.pact.4b.json")
     path = checkpoint_file(checkpoint if checkpoint is not None else cfg["network"].get("pretrained"))
-    bits = check_bits(bits)
+    bits = bit_choices(bits)
     if not isinstance(n_calib, int) or isinstance(n_calib, bool) or n_calib < 1:
         raise ValueError(f"n_calib: {n_calib!r} is not a number of calibration images (>= 1)")
     key = cache_key(cfg, path, bits, n_calib)
@@ -153,18 +154,6 @@ def checkpoint_file(path) -> Path:
         raise CheckpointError(f"checkpoint '{found}' not found: train the FP32 run first (labkit train "
                               "configs/embedded/config.fp32.json) or pass an existing run")
     return found
-
-
-def check_bits(bits) -> tuple[int, ...]:
-    """Sorted distinct bit-widths from MIN_BITS to MAX_BITS, else ``ValueError``."""
-    try:
-        out = tuple(sorted({int(b) for b in bits if not isinstance(b, bool)}))
-    except (TypeError, ValueError):
-        out = ()
-    if not out or len(out) != len(list(bits)) or not all(MIN_BITS <= b <= MAX_BITS for b in out):
-        raise ValueError(f"bits {list(bits) if not isinstance(bits, str) else bits!r}: give distinct bit-widths "
-                         f"from {MIN_BITS} to {MAX_BITS}, e.g. 2 3 4 8")
-    return out
 
 
 def _check_sawb(qnet: nn.Module, plan: BitPlan, bits: tuple[int, ...]) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import ROOT, random_sensitivity, small_plan
-from labkit.allocate import allocate, predicted_increase, resolve_budget
+from labkit.allocate import allocate, predicted_increase, resolve_budget, uniform_totals
 from labkit.bitwidths import BitPlan
-from labkit.budget import BudgetError, budget_slug, describe_budget, parse_budget
+from labkit.budget import BudgetError, bit_choices, budget_slug, describe_budget, parse_budget
 from labkit.build import build_float_network
 from labkit.checkpoint import make_checkpoint, save_atomic
 from labkit.cli import main
@@ -41,6 +41,14 @@ def all_plans(plan: BitPlan, w_choices, a_choices):
 
 def predicted(bits: dict, sens: Sensitivity) -> float:
     return sum((sens.weights.get(n) or sens.activations[n])[b] for n, b in bits.items())
+
+
+def leaves(tree, prefix=()):
+    """``{path: value}`` of every non-dict value of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        out.update(leaves(value, (*prefix, key)) if isinstance(value, dict) else {(*prefix, key): value})
+    return out
 
 
 def test_the_small_network_has_the_ties_the_allocation_respects():
@@ -104,8 +112,12 @@ def test_uniform_budgets_and_monotone_objective():
 def test_allocation_errors_name_the_problem():
     plan = small_plan()
     sens = random_sensitivity(plan, (2, 4, 8), 2)
-    with pytest.raises(BudgetError, match="cannot be met: even every weight at 2"):
-        allocate(plan, sens, {"weight_bytes": 10})
+    cheapest = uniform_totals(plan, 2, 2)  # the smallest cost any plan of 2/4/8 bits has: named in the error
+    for metric in ("weight_bytes", "act_bytes", "BOPs"):
+        with pytest.raises(BudgetError, match=f"{metric} <= {cheapest[metric] - 1:,} cannot be met: even every "
+                           f"weight at 2 and every activation at 2 bits costs {cheapest[metric]:,}; raise the budget"):
+            allocate(plan, sens, {metric: cheapest[metric] - 1})
+        assert allocate(plan, sens, {metric: cheapest[metric]}).totals[metric] == cheapest[metric]  # that cost fits
     with pytest.raises(BudgetError, match=r"measured at 2, 4, 8 bits only"):
         allocate(plan, sens, {"weight_bytes": 1e6}, w_bits=(3, 4))
     other = Sensitivity((2, 4, 8), 8, 0.1, {"conv1": {2: 0, 4: 0, 8: 0}}, {}, "x", "x")
@@ -147,6 +159,10 @@ def test_parse_budget():
                          ("BOPs=1,BOPs=2", "given twice"), ("act_bytes=lots", "not a limit")):
         with pytest.raises(BudgetError, match=message):
             parse_budget(bad)
+    assert bit_choices([8, 2, 4]) == (2, 4, 8) and bit_choices(3) == (3,)
+    for bad in ([2, 2], [1, 4], [], ["x"], [True]):
+        with pytest.raises(BudgetError, match="give distinct bit-widths from 2 to 16"):
+            bit_choices(bad, "--w-bits")
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +192,19 @@ def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
     assert all(plan.totals()[k] <= v for k, v in limits.items())
     expected = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
     assert plan.w_bits == expected.plan.w_bits and plan.a_bits == expected.plan.a_bits
+    # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the description
+    # changed or added, and only in network.quantize
+    base, written = leaves(json.loads(PACT4.read_text())), leaves(json.loads(out.read_text()))
+    assert set(base) <= set(written)
+    edits = {p for p in written if written[p] != base.get(p, object())}
+    assert ("description",) in edits and written["description",].startswith("Proposed mixed precision")
+    assert all(p[:2] == ("network", "quantize") and p[-1] in ("n_levels", "quantize") for p in edits - {("description",)})
+    assert any(p[-1] == "n_levels" for p in edits)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "weight_byte=uniform:3"], "did you mean 'weight_bytes'"),
-    (["--budget", "BOPs=uniform:3", "--bits", "1", "4"], "--bits 1 4: bit-widths go from 2 to 16"),
+    (["--budget", "BOPs=uniform:3", "--bits", "1", "4"], "--bits 1 4: give distinct bit-widths from 2 to 16"),
     (["--budget", "BOPs=uniform:3", "--run", "no/such/run"], "run 'no/such/run' not found"),
 ])
 def test_cli_plan_reports_bad_input_in_one_line(argv, message, tmp_path, capsys):
@@ -202,12 +226,14 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     proposal = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3").config()
     fp32 = load_config(ROOT / "configs" / "embedded" / "config.fp32.json", check_files=False)
     runs = [("u-s0", uniform, 0, 97.0), ("u-s1", uniform, 1, 98.0), ("p-s0", proposal, 0, 99.0),
-            ("fp32", fp32, 0, 99.5)]
+            ("fp32", fp32, 0, 99.5), ("u-s2", uniform, 2, 10.0)]
     for name, config, seed, top1 in runs:
+        last = config["training"]["n_epochs"] - (2 if name == "u-s2" else 1)  # u-s2 stopped an epoch early
         with RunFolder(tmp_path / name).writing() as run:
             run.write_config({**config, "training": {**config["training"], "seed": seed}})
-            run.write_history([{"epoch": 0, "valid": {"top1": top1}, "best_top1": top1}])
+            run.write_history([{"epoch": e, "valid": {"top1": top1}, "best_top1": top1} for e in range(last + 1)])
     table = collect_points([tmp_path])
+    assert table.title.endswith("left out, unfinished: u-s2")
     rows = {r["label"]: r for r in table.rows}
     assert set(rows) == {"PACT W4/A4", "PACT proposed, weight_bytes<=uniform:3", "FP32"}
     u = rows["PACT W4/A4"]

@@ -14,7 +14,7 @@ from labkit.config import load_config
 from labkit.plots import plot_sensitivity
 from labkit.quant import PACTIntegerAdd, pact_quantize
 from labkit.schema import ConfigError
-from labkit.sensitivity import (CACHE, CLIP_GRID, calibration_batch, float_weights_network, measure,
+from labkit.sensitivity import (CACHE, CLIP_GRID, cache_key, calibration_batch, float_weights_network, measure,
                                 measure_sensitivity)
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
@@ -129,20 +129,28 @@ def random_run(tmp_path_factory):
 
 def test_measure_sensitivity_caches_beside_the_checkpoint(random_run, one_thread):
     cfg, folder = random_run
+    # entries of other bits, another calibration size and other quantizer settings (same checkpoint): never used
+    other_settings = json.loads(json.dumps(cfg))
+    other_settings["network"]["quantize"]["PACTUnsignedAct"]["kwargs"]["n_levels"] = 8
+    stale = [cache_key(cfg, folder / "best.ckpt", (2, 3), 2), cache_key(cfg, folder / "best.ckpt", (2,), 3),
+             cache_key(other_settings, folder / "best.ckpt", (2,), 2)]
+    poisoned = {"bits": [2], "n_calib": 2, "base_loss": -1.0, "weights": {}, "activations": {}, "checkpoint": "x"}
+    (folder / CACHE).write_text(json.dumps({k: {**poisoned, "key": k} for k in stale}))
     first = measure_sensitivity(cfg, folder, bits=(2,), n_calib=2)
-    assert not first.cached and first.checkpoint == str(folder / "best.ckpt")
+    assert not first.cached and first.checkpoint == str(folder / "best.ckpt") and first.base_loss > 0
+    assert first.key not in stale and len(set(stale)) == 3
     assert len(first.weights) == 53 and len(first.activations) == 52  # 53 - the pool requantizer, a follower
     again = measure_sensitivity(cfg, folder / "best.ckpt", bits=(2,), n_calib=2)
     assert again.cached and again == first
     stored = json.loads((folder / CACHE).read_text())
-    assert list(stored) == [first.key] and first.key.startswith("loss|bits=2|n=2|ckpt=")
+    assert list(stored) == [*stale, first.key] and first.key.startswith("loss|bits=2|n=2|ckpt=")
     # another checkpoint in the same place: a new key, the stale entry is never used
     state = torch.load(folder / "best.ckpt", weights_only=True)
     state["state_dict"]["classifier.1.weight"].mul_(0.5)
     save_atomic(state, folder / "best.ckpt")
     changed = measure_sensitivity(cfg, folder, bits=(2,), n_calib=2)
     assert not changed.cached and changed.key != first.key and changed.base_loss != first.base_loss
-    assert len(json.loads((folder / CACHE).read_text())) == 2
+    assert len(json.loads((folder / CACHE).read_text())) == 5
     assert "sensitivity (loss" in changed.summary() and len(changed.table()) == 105
     fig = plot_sensitivity(changed)
     assert len(fig.axes) == 3 and len(fig.axes[0].get_yticklabels()) == 53  # two heat maps and a colour bar

@@ -10,6 +10,7 @@ import torch
 from labkit.bitwidths import BitPlan
 from labkit.build import build_float_network
 from labkit.checkpoint import make_checkpoint, save_atomic
+from labkit.cli import main
 from labkit.config import load_config
 from labkit.sweep import expand_grid, run_name, run_sweep
 
@@ -40,6 +41,14 @@ def test_budgets_in_the_grid():
         {"algorithm": "pact", "budget": "BOPs=uniform:4", "seed": 0}]
     with pytest.raises(ValueError, match="budget metric 'bops' is unknown"):
         expand_grid({"algorithm": "pact", "budget": ["bops=uniform:4"]})
+
+
+def test_cli_sweep_refuses_a_bad_budget_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--algorithms", "pact.4b", "--budgets", "BOPs=uniform:3", "weight_bytes=-1", "-o",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "budget weight_bytes=-1 is not a limit" in err and err.count("\n") == 1 and not out.exists()
 
 
 @pytest.mark.slow
