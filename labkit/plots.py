@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -163,7 +165,7 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
     plans no other beats in both, and FP32 runs as a dashed line. Returns the figure."""
     rows = list(getattr(points, "rows", points))
     if ax is None:
-        _, ax = plt.subplots(figsize=(7.5, 4.5))
+        _, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     quantized = [r for r in rows if r["kind"] != "fp32" and r.get(x) is not None]
     for kind, (marker, colour) in PARETO_STYLE.items():
         mine = [r for r in quantized if r["kind"] == kind]
@@ -174,8 +176,8 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
         ax.errorbar(xs, ys, yerr=spread, fmt=marker, color=colour, ms=11 if marker == "*" else 7, capsize=3,
                     label=kind)
         for r in mine:
-            ax.annotate(f"{r['label']} (n={r['n']})", (r[x], r["top1"]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=7)
+            ax.annotate(textwrap.fill(f"{r['label']} (n={r['n']})", 34), (r[x], r["top1"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=7)
     front = pareto_front(quantized, x)
     if len(front) > 1:
         ax.step([r[x] for r in front], [r["top1"] for r in front], where="post", color="0.5", lw=1, ls=":",
@@ -185,7 +187,8 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
     ax.set(xlabel=f"{x} ({'per sample' if x == 'act_bytes' else 'total'})", ylabel="valid top-1 (%)",
            title=f"accuracy vs {x}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.3, y=0.15)  # room for the labels, which start at their points
+    ax.legend(fontsize=8, loc="best")
     return ax.figure
 
 
