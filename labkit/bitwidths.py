@@ -150,6 +150,24 @@ class BitPlan:
             if leader == name:
                 self.set_quantizer(follower, bits)
 
+    def activation_groups(self) -> dict[str, list[str]]:
+        """Activation quantizers whose bits are one choice, ``{leader: [leader, *followers]}`` in network order:
+        each activation key of :attr:`a_bits` (an integer adder counts once: its inputs and output share one
+        ``n_levels``) with the quantizers that follow it (:attr:`follows`); the input quantizer is fixed."""
+        groups: dict[str, list[str]] = {}
+        for name in self.a_bits:
+            if name != INPUT:
+                members = groups.setdefault(self.leader(name), [self.leader(name)])
+                if name not in members:
+                    members.append(name)
+        return groups
+
+    def leader(self, quantizer: str) -> str:
+        """The quantizer whose bits ``quantizer`` follows (itself when it follows none)."""
+        while self.follows.get(quantizer) in self.a_bits and self.follows[quantizer] != INPUT:
+            quantizer = self.follows[quantizer]
+        return quantizer
+
     def set_all(self, w_bits: int | None = None, a_bits: int | None = None) -> None:
         for row in self.rows:
             self.set(row.name, w_bits, a_bits)

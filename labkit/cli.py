@@ -1,4 +1,4 @@
-"""``labkit`` command line: convert, train, evaluate, sweep, the lab, integerize, export.
+"""``labkit`` command line: convert, train, evaluate, plan, sweep, the lab, integerize, export.
 
 Logic lives in the library; this module parses arguments, checks paths and configs before the heavy imports
 (torch takes seconds to import on a busy machine, a typo should not), and prints every
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from labkit.budget import bit_choices, parse_budget
 from labkit.config import load_config, parse_override, read_config_file, resolve_config
 from labkit.errors import LabkitError
 from labkit.paths import resolve
@@ -24,6 +25,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m labkit.cli train configs/imagenet/config.pact.json --data-root /data/ILSVRC12
   labkit convert --output pretrained/mnv2_1.0.ckpt          # from the torch hub cache, or --from FILE
   labkit eval runs/embedded-fp32/best.ckpt
+  labkit plan configs/embedded/config.pact.4b.json --budget weight_bytes=uniform:3,act_bytes=uniform:3 -o plan.json
   labkit integerize runs/embedded-pact                      # integer twin: per-layer code agreement, size report
   labkit export runs/embedded-tqt -o runs/export-tqt        # network.onnx + inputs.npz/outputs.npz, onnxruntime check
   labkit export runs/embedded-pact --target deeploy         # RequantShift (int32) for Deeploy's Generic platform
@@ -79,15 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the checkpoint")
     ev.add_argument("--data-root", metavar="DIR", help="override data.root")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pl = sub.add_parser(
+        "plan", help="propose per-layer bits for a budget (sensitivity + exact allocation) -> a config",
+        description="Measure each layer's sensitivity (calibration-loss increase with only that layer quantized, per "
+                    "bit-width; cached as sensitivity.json beside the checkpoint), choose the bits that minimise their "
+                    "sum under the budget (exact integer program), and write the base config with those bits.")
+    pl.add_argument("config", help="PACT/TQT base config, e.g. configs/embedded/config.pact.4b.json (SAWB weights)")
+    pl.add_argument("--budget", "-b", action="append", required=True, metavar="METRIC=LIMIT",
+                    help="weight_bytes, act_bytes or BOPs at most LIMIT: a number or uniform:B (what every layer at "
+                         "B bits costs), e.g. weight_bytes=uniform:3,act_bytes=uniform:3 (repeatable)")
+    pl.add_argument("--run", metavar="RUN", help="trained run (folder or .ckpt) whose float weights are measured; "
+                    "default: the config's network.pretrained")
+    pl.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8], metavar="B",
+                    help="bit-widths to measure and choose from (default 2 3 4 8)")
+    pl.add_argument("--w-bits", nargs="+", type=int, metavar="B", help="weight bits to choose from (default --bits)")
+    pl.add_argument("--a-bits", nargs="+", type=int, metavar="B", help="activation bits to choose (default --bits)")
+    pl.add_argument("--calib", type=int, default=256, metavar="N", help="training images to measure on (default 256)")
+    pl.add_argument("--output", "-o", required=True, metavar="FILE", help="config to write, e.g. runs/plan/plan.json")
+    pl.add_argument("--plot", metavar="FILE.png", help="also draw the sensitivity heat map there")
+    pl.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet)")
     sw = sub.add_parser(
-        "sweep", help="run a grid of QAT runs (algorithm x bits x seed) through the training notebook",
+        "sweep", help="run a grid of QAT runs (algorithm x bits or budget x seed) through the training notebook",
         description="Execute notebooks/03_pact_training.ipynb once per grid point with papermill, keep every "
-                    "executed notebook, and write results.csv and results.png. A failing run is reported with its "
-                    "notebook, cell and error; the others go on.")
+                    "executed notebook, and write results.csv (with each plan's weight/activation bytes and BOPs) "
+                    "and results.png. A budget point trains the plan labkit plan proposes for it (written to "
+                    "plans/). A failing run is reported with its notebook, cell and error; the others go on.")
     sw.add_argument("grid", nargs="?", metavar="GRID.json",
                     help='grid file, e.g. {"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}')
     sw.add_argument("--algorithms", nargs="+", metavar="ALG", help="pact, tqt, ... (configs/<data>/config.<ALG>.json)")
     sw.add_argument("--bits", nargs="+", type=int, metavar="B", help="weight and activation bits of every layer")
+    sw.add_argument("--budgets", nargs="+", metavar="BUDGET", help="train the proposed plan of each budget (as for "
+                    "labkit plan), e.g. weight_bytes=uniform:3,act_bytes=uniform:3")
+    sw.add_argument("--plan-bits", nargs="+", type=int, default=[2, 3, 4, 8], metavar="B",
+                    help="bits the budget plans choose from (default 2 3 4 8)")
+    sw.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images of the budget plans")
     sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="training seeds (default 0)")
     sw.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     sw.add_argument("--data", default="embedded", help="config folder: embedded (default) or imagenet")
@@ -235,13 +262,49 @@ def cmd_sweep(args) -> None:
         grid["algorithm"] = args.algorithms
     if args.bits:
         grid["bits"] = args.bits
+    if args.budgets:
+        for budget in args.budgets:
+            parse_budget(budget)  # a bad budget answers before the sweep starts
+        grid["budget"] = args.budgets
     grid.setdefault("seed", args.seeds)
     out = _writable_folder(Path(args.output_dir).absolute(), "sweep folder")
-    from labkit.sweep import run_sweep
+    from labkit.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
 
-    table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device)
+    table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device,
+                      plan_bits=args.plan_bits, calib=args.calib)
     print(table)
     print(f"results: {out / 'results.csv'}, {out / 'results.png'}")
+
+
+def cmd_plan(args) -> None:
+    cfg = load_config(args.config, _overrides(args), check_files=False)  # torch-free: a bad config answers at once
+    if not cfg["network"].get("quantize"):
+        raise UsageError(f"config '{args.config}' has no network.quantize: pass the PACT/TQT config whose bits to "
+                         "plan, e.g. configs/embedded/config.pact.4b.json")
+    spec = parse_budget(args.budget)
+    for what, bits in (("--bits", args.bits), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
+        if bits:
+            bit_choices(bits, what)  # a bad bit-width answers before torch loads
+    if args.calib < 1:
+        raise UsageError(f"--calib {args.calib}: give at least one calibration image")
+    run = args.run or cfg["network"].get("pretrained")
+    if not run:
+        raise UsageError("no trained network to measure: pass --run (a run folder or checkpoint)")
+    _existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another --run")
+    _writable_folder(Path(args.output).absolute().parent, "output folder")
+    from labkit.allocate import propose
+
+    allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits, n_calib=args.calib,
+                         progress=True)
+    print(allocation.sensitivity.summary())
+    print(allocation.table())
+    path = allocation.save(args.output)
+    print(f"wrote {path}: labkit train {path}")
+    if args.plot:
+        from labkit.plots import plot_sensitivity
+
+        plot_sensitivity(allocation.sensitivity).savefig(args.plot, dpi=100)
+        print(f"wrote {args.plot}")
 
 
 def cmd_lab(args) -> None:
@@ -329,8 +392,8 @@ def cmd_export(args) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "lab": cmd_lab,
-            "integerize": cmd_integerize, "export": cmd_export}
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "sweep": cmd_sweep,
+            "lab": cmd_lab, "integerize": cmd_integerize, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

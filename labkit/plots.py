@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
+from matplotlib.colors import LogNorm
 from IPython.display import display
 from torch import nn
 
@@ -124,3 +128,75 @@ class LiveClipPlot:
         if "quant" in record:
             plot_clip_trajectories(self.history, title=f"{self.title} (epoch {record['epoch'] + 1})", fig=self.fig)
             self.handle.update(self.fig)
+
+
+def plot_sensitivity(sensitivity, floor: float = 1e-4, fig=None):
+    """Heat maps, layers x bits, of a :class:`labkit.sensitivity.Sensitivity`: the calibration-loss increase with
+    only that layer's weights (left) or that activation group (right) quantized; log colours, values below
+    ``floor`` (also negative ones) drawn at ``floor``. Returns the figure."""
+    parts = [("weights", sensitivity.weights), ("activations", sensitivity.activations)]
+    rows = max(len(p) for _, p in parts)
+    if fig is None:
+        fig = plt.figure(figsize=(11, 1.6 + 0.15 * rows), layout="constrained")
+    fig.clear()
+    axes = fig.subplots(1, 2)
+    bits = list(sensitivity.bits)
+    top = max([floor * 10] + [v for _, part in parts for by_bits in part.values() for v in by_bits.values()])
+    norm = LogNorm(vmin=floor, vmax=top)
+    for ax, (title, part) in zip(axes, parts):
+        names = list(part)
+        values = np.array([[max(part[n][b], floor) for b in bits] for n in names]).reshape(len(names), len(bits))
+        image = ax.imshow(values, aspect="auto", cmap="magma_r", norm=norm, interpolation="nearest")
+        ax.set_xticks(range(len(bits)), [f"{b}" for b in bits])
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set(xlabel="bits", title=f"{title}: loss increase")
+    fig.colorbar(image, ax=list(axes), label="calibration-loss increase (nats/image)")
+    fig.suptitle(f"per-layer sensitivity, {sensitivity.n_calib} calibration images, L0 = {sensitivity.base_loss:.4f}")
+    return fig
+
+
+#: marker and colour per kind of point in :func:`plot_pareto`
+PARETO_STYLE = {"uniform": ("o", "#4c72b0"), "proposed": ("*", "#c44e52"), "mixed": ("s", "#55a868")}
+
+
+def plot_pareto(points, x: str = "weight_bytes", ax=None):
+    """Top-1 against a cost total (``weight_bytes``, ``act_bytes`` or ``BOPs``) of measured plans: rows of
+    :func:`labkit.pareto.collect_points` (mean over seeds, bars from the worst to the best seed), the front of
+    plans no other beats in both, and FP32 runs as a dashed line. Returns the figure."""
+    rows = list(getattr(points, "rows", points))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    quantized = [r for r in rows if r["kind"] != "fp32" and r.get(x) is not None]
+    for kind, (marker, colour) in PARETO_STYLE.items():
+        mine = [r for r in quantized if r["kind"] == kind]
+        if not mine:
+            continue
+        xs, ys = [r[x] for r in mine], [r["top1"] for r in mine]
+        spread = [[r["top1"] - r["top1_min"] for r in mine], [r["top1_max"] - r["top1"] for r in mine]]
+        ax.errorbar(xs, ys, yerr=spread, fmt=marker, color=colour, ms=11 if marker == "*" else 7, capsize=3,
+                    label=kind)
+        for r in mine:
+            ax.annotate(textwrap.fill(f"{r['label']} (n={r['n']})", 34), (r[x], r["top1"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=7)
+    front = pareto_front(quantized, x)
+    if len(front) > 1:
+        ax.step([r[x] for r in front], [r["top1"] for r in front], where="post", color="0.5", lw=1, ls=":",
+                label="front")
+    for r in (r for r in rows if r["kind"] == "fp32"):
+        ax.axhline(r["top1"], color="0.3", ls="--", lw=1, label=f"FP32 {r['top1']:.2f}% (n={r['n']})")
+    ax.set(xlabel=f"{x} ({'per sample' if x == 'act_bytes' else 'total'})", ylabel="valid top-1 (%)",
+           title=f"accuracy vs {x}")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.3, y=0.15)  # room for the labels, which start at their points
+    ax.legend(fontsize=8, loc="best")
+    return ax.figure
+
+
+def pareto_front(rows: list[dict], x: str) -> list[dict]:
+    """Rows that no other row beats with at most their cost and a higher top-1, by increasing cost."""
+    front, best = [], -np.inf
+    for r in sorted(rows, key=lambda r: (r[x], -r["top1"])):
+        if r["top1"] > best:
+            front.append(r)
+            best = r["top1"]
+    return front

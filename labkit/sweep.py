@@ -1,9 +1,14 @@
 """Sweeps: run the training notebook once per grid point through papermill and gather a results table.
 
-A grid is ``{"algorithm": [...], "bits": [...], "seed": [...]}``; each point runs
-``notebooks/03_pact_training.ipynb`` with ``config = configs/<data>/config.<algorithm>.json``, ``w_bits =
-a_bits = bits``, ``seed`` and ``epochs``. Every executed notebook is kept. A failing run is recorded with its
-notebook, cell and error; the others go on.
+A grid is ``{"algorithm": [...], "bits": [...], "budget": [...], "seed": [...]}``; each point runs
+``notebooks/03_pact_training.ipynb`` with ``seed``, ``epochs`` and a config built from
+``configs/<data>/config.<algorithm>.json``: for a ``bits`` point that config with ``w_bits = a_bits = bits``
+(every layer); for a ``budget`` point (:func:`labkit.budget.parse_budget`, e.g.
+``"weight_bytes=uniform:3,BOPs=uniform:3"``) the plan :func:`labkit.allocate.propose` finds for that budget
+(sensitivity of the config's ``network.pretrained`` checkpoint, cached beside it), written as
+``plans/<algorithm>-<budget>.json`` in the sweep folder. Every executed notebook is kept; each row carries
+the plan's weight bytes, activation bytes and BOPs. A failing run is recorded with its notebook, cell and
+error; the others go on.
 """
 
 from __future__ import annotations
@@ -16,65 +21,101 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from papermill.exceptions import PapermillExecutionError
 
-from labkit.lab import execute_notebook
+from labkit.allocate import propose
+from labkit.budget import budget_slug, format_budget, parse_budget
+from labkit.errors import LabkitError
+from labkit.lab import ensure_pretrained, execute_notebook, run_config
+from labkit.pareto import describe_plan
 from labkit.paths import resolve
 from labkit.report import Table
-from labkit.runs import read_history
+from labkit.runs import RunFolder, read_history
+from labkit.sensitivity import DEFAULT_BITS
 
 TRAINING_NOTEBOOK = "03_pact_training"
-GRID_KEYS = ("algorithm", "bits", "seed")
-COLUMNS = ("run", "algorithm", "bits", "seed", "status", "final_top1", "best_top1", "epochs", "seconds", "notebook",
-           "error")
+GRID_KEYS = ("algorithm", "bits", "budget", "seed")
+class SweepError(LabkitError, ValueError):
+    """A sweep grid that cannot run (unknown key, no algorithm, impossible bits, no config for an algorithm)."""
+
+
+COST_COLUMNS = ("weight_bytes", "act_bytes", "BOPs")
+COLUMNS = ("run", "algorithm", "bits", "budget", "seed", "status", "final_top1", "best_top1", *COST_COLUMNS, "epochs",
+           "seconds", "notebook", "config", "error")
 
 
 def expand_grid(grid: dict) -> list[dict]:
-    """``{"algorithm": ["pact", "tqt"], "bits": [8], "seed": [0, 1]}`` -> one dict per combination."""
+    """``{"algorithm": ["pact", "tqt"], "bits": [8], "budget": ["BOPs=uniform:3"], "seed": [0, 1]}`` -> one
+    dict per combination of algorithm, seed and either bits or budget (budgets in canonical spelling)."""
     unknown = set(grid) - set(GRID_KEYS)
     if unknown:
-        raise ValueError(f"unknown sweep key(s) {sorted(unknown)}: a grid has {', '.join(GRID_KEYS)}")
+        raise SweepError(f"unknown sweep key(s) {sorted(unknown)}: a grid has {', '.join(GRID_KEYS)}")
     values = {k: grid.get(k) if isinstance(grid.get(k), list) else [grid[k]] for k in GRID_KEYS if k in grid}
-    for key in ("algorithm", "bits"):
-        if not values.get(key):
-            raise ValueError(f"the sweep grid needs at least one '{key}'")
-    values.setdefault("seed", [0])
-    for bits in values["bits"]:
+    if not values.get("algorithm"):
+        raise SweepError("the sweep grid needs at least one 'algorithm'")
+    if not values.get("bits") and not values.get("budget"):
+        raise SweepError("the sweep grid needs at least one 'bits' (or 'budget')")
+    for bits in values.get("bits", []):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"sweep bits {bits!r}: use integers from 2 to 16")
-    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+            raise SweepError(f"sweep bits {bits!r}: use integers from 2 to 16")
+    plans = [("bits", b) for b in values.get("bits", [])] + \
+        [("budget", format_budget(parse_budget(b))) for b in values.get("budget", [])]
+    return [{"algorithm": alg, key: value, "seed": seed}
+            for alg in values["algorithm"] for key, value in plans for seed in values.get("seed", [0])]
+
+
+def algorithm_config(algorithm: str, data: str = "embedded") -> Path:
+    """``configs/<data>/config.<algorithm>.json``; a :class:`SweepError` naming the algorithms there otherwise."""
+    config = resolve(f"configs/{data}/config.{algorithm}.json", must_exist=True).absolute()
+    if not config.is_file():
+        known = sorted(p.name[len("config."):-len(".json")] for p in config.parent.glob("config.*.json"))
+        raise SweepError(f"no config {config} for sweep algorithm '{algorithm}': choose one of {', '.join(known)} "
+                         f"(or add configs/{data}/config.{algorithm}.json)")
+    return config
 
 
 def run_name(point: dict) -> str:
+    if "budget" in point:
+        return f"{point['algorithm']}-{budget_slug(parse_budget(point['budget']))}-s{point['seed']}"
     return f"{point['algorithm']}-w{point['bits']}a{point['bits']}-s{point['seed']}"
 
 
 def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int = 2, data: str = "embedded",
               data_root: str | None = None, device: str = "auto", pretrained: str | None = None,
-              notebook: str = TRAINING_NOTEBOOK, log=print) -> Table:
+              notebook: str = TRAINING_NOTEBOOK, plan_bits=DEFAULT_BITS, calib: int = 256, log=print) -> Table:
     """Run every grid point; write ``results.csv`` and ``results.png`` into ``output_dir``; return the table.
 
-    ``pretrained`` None: each config's own ``network.pretrained``."""
+    ``pretrained`` None: each config's own ``network.pretrained``. Budget points choose among ``plan_bits``
+    (weights and activations) with a sensitivity measured on ``calib`` training images."""
+    points = expand_grid(grid)
+    configs = {p["algorithm"]: algorithm_config(p["algorithm"], data) for p in points}  # all found before any run
     out = resolve(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    plans: dict[tuple, Path] = {}
     rows = []
-    for point in expand_grid(grid):
+    for point in points:
         name = run_name(point)
-        config = resolve(f"configs/{data}/config.{point['algorithm']}.json", must_exist=True)
+        config = configs[point["algorithm"]]
         executed = out / f"{name}.ipynb"
         run_dir = out / name
-        parameters = {"config": str(config), "w_bits": point["bits"], "a_bits": point["bits"], "seed": point["seed"],
-                      "epochs": epochs, "output_dir": str(run_dir), "device": device, "data_root": data_root,
+        bits = point.get("bits")
+        parameters = {"config": str(config), "w_bits": bits, "a_bits": bits, "seed": point["seed"], "epochs": epochs,
+                      "output_dir": str(run_dir), "device": device, "data_root": data_root,
                       "pretrained": str(resolve(pretrained)) if pretrained else None}
-        row = {"run": name, **point, "notebook": str(executed), "epochs": epochs}
+        row = {"run": name, **point, "notebook": str(executed), "epochs": epochs, "config": str(config)}
         log(f"[sweep] {name}: running {notebook}.ipynb -> {executed}")
         t0 = time.perf_counter()
         try:
-            if not config.is_file():
-                raise FileNotFoundError(f"no config {config} for algorithm '{point['algorithm']}'")
+            if "budget" in point:
+                key = (point["algorithm"], point["budget"])
+                if key not in plans:
+                    plans[key] = _propose(config, point, out / "plans", data_root, pretrained, plan_bits, calib, log)
+                parameters["config"] = row["config"] = str(plans[key])
             execute_notebook(notebook, executed, parameters)
             history = read_history(run_dir)
             if not history:
                 raise RuntimeError(f"the notebook ran but wrote no history in {run_dir}")
             row.update(status="ok", final_top1=history[-1]["valid"]["top1"], best_top1=history[-1]["best_top1"])
+            costs = describe_plan(RunFolder(run_dir).config())
+            row.update({k: costs[k] for k in COST_COLUMNS})
         except PapermillExecutionError as err:
             row.update(status="failed", error=f"cell {err.exec_count}: {err.ename}: {err.evalue}")
         except Exception as err:  # a run that could not even start; the sweep goes on
@@ -87,6 +128,16 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     table.to_csv(out / "results.csv")
     _plot(rows, out / "results.png")
     return table
+
+
+def _propose(config: Path, point: dict, folder: Path, data_root, pretrained, plan_bits, calib, log) -> Path:
+    """The proposed plan of ``point``'s budget for ``config``, saved as ``<folder>/<algorithm>-<budget>.json``."""
+    cfg = run_config(str(config), data_root=data_root, pretrained=pretrained)
+    ensure_pretrained(cfg)  # the embedded FP32 run is trained first when missing
+    allocation = propose(cfg, point["budget"], bits=plan_bits, n_calib=calib)
+    path = allocation.save(folder / f"{point['algorithm']}-{budget_slug(parse_budget(point['budget']))}.json")
+    log(f"[sweep] {allocation.summary()} -> {path}")
+    return path
 
 
 def results_figure(output_dir: str | Path) -> Figure:

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "labkit"
 #: the stages in pipeline order; a module may import its own stage and earlier ones only
 STAGES = [
     ("errors", "paths", "report", "spec"),
-    ("schema", "config", "costs"),
+    ("schema", "config", "costs", "budget"),
     ("models",),
     ("checkpoint",),
     ("convert",),
@@ -30,6 +30,8 @@ STAGES = [
     ("integer",),
     ("export",),
     ("bitwidths",),
+    ("sensitivity",),
+    ("allocate", "pareto"),
     ("lab",),
     ("deploy",),
     ("plots", "widgets"),

@@ -1,0 +1,248 @@
+"""The bit allocation: optimal against brute force on a small network, budgets met as labkit.costs counts them,
+ties respected, clear errors; and its torch-free budget parser."""
+
+import copy
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from helpers import ROOT, random_sensitivity, small_plan
+from labkit.allocate import allocate, predicted_increase, resolve_budget, uniform_totals
+from labkit.bitwidths import BitPlan
+from labkit.budget import BudgetError, bit_choices, budget_slug, describe_budget, parse_budget
+from labkit.build import build_float_network
+from labkit.checkpoint import make_checkpoint, save_atomic
+from labkit.cli import main
+from labkit.config import load_config
+from labkit.models import MobileNetV2
+from labkit.pareto import collect_points
+from labkit.plots import pareto_front, plot_pareto
+from labkit.recipe import pact_recipe
+from labkit.runs import RunFolder
+from labkit.sensitivity import CACHE, Sensitivity, cache_key
+
+PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
+
+
+def all_plans(plan: BitPlan, w_choices, a_choices):
+    """Every assignment of the layers' and groups' bits: ``(bits, totals)``, totals by labkit.costs."""
+    plan = copy.deepcopy(plan)
+    layers, groups = list(plan.w_bits), list(plan.activation_groups())
+    for combo in itertools.product(*([w_choices] * len(layers) + [a_choices] * len(groups))):
+        for name, b in zip(layers, combo):
+            plan.set(name, w_bits=b)
+        for name, b in zip(groups, combo[len(layers):]):
+            plan.set_quantizer(name, b)
+        yield dict(zip(layers + groups, combo)), plan.totals()
+
+
+def predicted(bits: dict, sens: Sensitivity) -> float:
+    return sum((sens.weights.get(n) or sens.activations[n])[b] for n, b in bits.items())
+
+
+def leaves(tree, prefix=()):
+    """``{path: value}`` of every non-dict value of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        out.update(leaves(value, (*prefix, key)) if isinstance(value, dict) else {(*prefix, key): value})
+    return out
+
+
+def test_the_small_network_has_the_ties_the_allocation_respects():
+    plan = small_plan()
+    assert list(plan.w_bits) == ["conv1", "conv2", "conv3", "fc"]
+    # the adder (inputs and output: one n_levels), act3 with the pool requantizer that follows it
+    assert plan.activation_groups() == {"act1": ["act1"], "integer_add": ["integer_add"],
+                                        "act3": ["act3", "pool_act"]}
+    plan.set_quantizer("act3", 3)
+    assert plan.a_bits["pool_act"] == 3
+
+
+def test_allocation_equals_brute_force_on_a_small_network():
+    plan = small_plan()
+    w_choices, a_choices = (2, 4, 8), (2, 3, 8)
+    plans = list(all_plans(plan, w_choices, a_choices))
+    assert len(plans) == 3 ** 7
+    rng = random.Random(0)
+    budgets = []
+    for metric in ("weight_bytes", "act_bytes", "BOPs"):
+        values = sorted(t[metric] for _, t in plans)
+        budgets += [{metric: values[int(q * (len(values) - 1))]} for q in (0.0, 0.1, 0.37, 0.6, 1.0)]
+    for _ in range(6):  # several totals at once
+        budgets.append({m: rng.choice([t[m] for _, t in plans]) for m in ("weight_bytes", "act_bytes", "BOPs")})
+    checked = 0
+    for seed, budget in enumerate(budgets):
+        sens = random_sensitivity(plan, (2, 3, 4, 8), seed)
+        feasible = [predicted(bits, sens) for bits, t in plans if all(t[k] <= v for k, v in budget.items())]
+        if not feasible:
+            with pytest.raises(BudgetError):
+                allocate(plan, sens, budget, w_choices, a_choices)
+            continue
+        best = min(feasible)
+        result = allocate(plan, sens, budget, w_choices, a_choices)
+        assert result.objective == pytest.approx(best, abs=1e-9), budget
+        assert all(result.totals[k] <= v for k, v in budget.items())
+        assert result.totals == result.plan.totals() and result.budget == budget
+        assert set(result.plan.w_bits.values()) <= set(w_choices)
+        assert result.plan.a_bits["pool_act"] == result.plan.a_bits["act3"] and result.plan.a_bits["input_quant"] == 8
+        checked += 1
+    assert checked >= len(budgets) - 2
+    assert set(plan.w_bits.values()) == {8}  # the input plan is not changed
+
+
+def test_uniform_budgets_and_monotone_objective():
+    plan = small_plan()
+    sens = random_sensitivity(plan, (2, 3, 4, 8), 1)
+    limits = resolve_budget(plan, {"weight_bytes": "uniform:3", "BOPs": "uniform:3/4"})
+    three = copy.deepcopy(plan)
+    three.set_all(3, 3)
+    mixed = copy.deepcopy(plan)
+    mixed.set_all(3, 4)
+    assert limits == {"weight_bytes": three.totals()["weight_bytes"], "BOPs": mixed.totals()["BOPs"]}
+    objectives = [allocate(plan, sens, {"weight_bytes": f"uniform:{b}"}).objective for b in (2, 3, 4, 8)]
+    assert objectives == sorted(objectives, reverse=True)  # a larger budget never predicts more loss
+    # at the uniform-3 budget the uniform-3 plan is feasible, so the optimum predicts no more than it
+    result = allocate(plan, sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
+    assert result.objective <= predicted_increase(three, sens) + 1e-12
+
+
+def test_allocation_errors_name_the_problem():
+    plan = small_plan()
+    sens = random_sensitivity(plan, (2, 4, 8), 2)
+    cheapest = uniform_totals(plan, 2, 2)  # the smallest cost any plan of 2/4/8 bits has: named in the error
+    for metric in ("weight_bytes", "act_bytes", "BOPs"):
+        with pytest.raises(BudgetError, match=f"{metric} <= {cheapest[metric] - 1:,} cannot be met: even every "
+                           f"weight at 2 and every activation at 2 bits costs {cheapest[metric]:,}; raise the budget"):
+            allocate(plan, sens, {metric: cheapest[metric] - 1})
+        assert allocate(plan, sens, {metric: cheapest[metric]}).totals[metric] == cheapest[metric]  # that cost fits
+    with pytest.raises(BudgetError, match=r"measured at 2, 4, 8 bits only"):
+        allocate(plan, sens, {"weight_bytes": 1e6}, w_bits=(3, 4))
+    other = Sensitivity((2, 4, 8), 8, 0.1, {"conv1": {2: 0, 4: 0, 8: 0}}, {}, "x", "x")
+    with pytest.raises(BudgetError, match="no weight layer 'conv2'.*measure it with this config"):
+        allocate(plan, other, {"weight_bytes": 1e6})
+
+
+def test_proposal_on_the_embedded_network_edits_the_base_config():
+    cfg = load_config(PACT4, {"network.pretrained": None})
+    plan = BitPlan.from_config(cfg)
+    sens = random_sensitivity(plan, (2, 3, 4, 8), 3)
+    sens.weights["features.17.0"] = {2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0}  # the largest layer costs nothing to lower
+    result = allocate(plan, sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
+    assert result.plan.w_bits["features.17.0"] == 2
+    assert result.totals["weight_bytes"] <= resolve_budget(plan, {"weight_bytes": "uniform:3"})["weight_bytes"]
+    edited = result.config()
+    assert edited["description"].startswith("Proposed mixed precision")
+    assert edited["training"] == cfg["training"] and edited["data"] == cfg["data"]
+    _, report = pact_recipe(MobileNetV2(**edited["network"]["kwargs"]), edited["network"]["quantize"])
+    levels = {r["name"]: r["n_levels"] for r in report}
+    for layer, b in result.plan.w_bits.items():
+        assert levels[layer] == 2 ** b
+    for group, b in result.plan.a_bits.items():
+        if group != "input_quant":
+            assert levels[group] == 2 ** b
+    assert "features.17.0" in str(result.table()) and "predicted" in result.summary()
+
+
+def test_parse_budget():
+    assert parse_budget("weight_bytes=uniform:3, BOPs=2.5e8") == {"weight_bytes": (3, 3), "BOPs": 2.5e8}
+    assert parse_budget(["act_bytes=uniform:2/4", "weight_bytes=1000"]) == {"act_bytes": (2, 4), "weight_bytes": 1000}
+    assert parse_budget({"BOPs": "uniform:4"}) == {"BOPs": (4, 4)}
+    spec = parse_budget("weight_bytes=uniform:3,act_bytes=uniform:2/4,BOPs=250000000")
+    assert budget_slug(spec) == "weight_bytes-u3_act_bytes-u2-4_BOPs-250000000"
+    assert describe_budget(spec) == "weight_bytes<=uniform:3, act_bytes<=uniform:2/4, BOPs<=250,000,000"
+    for bad, message in (("weight_byte=100", "did you mean 'weight_bytes'"), ("weight_bytes", "has no '='"),
+                         ("weight_bytes=-5", "not a limit"), ("BOPs=uniform:1", "not a bit-width from 2 to 16"),
+                         ("BOPs=uniform:2/3/4", "uniform:B or uniform:W/A"), ("", "empty"),
+                         ("BOPs=1,BOPs=2", "given twice"), ("act_bytes=lots", "not a limit")):
+        with pytest.raises(BudgetError, match=message):
+            parse_budget(bad)
+    assert bit_choices([8, 2, 4]) == (2, 4, 8) and bit_choices(3) == (3,)
+    for bad in ([2, 2], [1, 4], [], ["x"], [True]):
+        with pytest.raises(BudgetError, match="give distinct bit-widths from 2 to 16"):
+            bit_choices(bad, "--w-bits")
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """A random embedded checkpoint whose sensitivity.json already holds a (synthetic) entry for bits 2 3 4 8
+    and 8 calibration images: ``labkit plan`` then reads it instead of measuring."""
+    cfg = load_config(PACT4, check_files=False)
+    folder = tmp_path_factory.mktemp("fp32")
+    torch.manual_seed(0)
+    save_atomic(make_checkpoint(build_float_network(cfg).state_dict(), {}), folder / "best.ckpt")
+    sens = random_sensitivity(BitPlan.from_config(cfg), (2, 3, 4, 8), 4)
+    sens.key, sens.checkpoint, sens.n_calib = cache_key(cfg, folder / "best.ckpt", (2, 3, 4, 8), 8), "random", 8
+    (folder / CACHE).write_text(json.dumps({sens.key: sens.as_json()}))
+    return cfg, folder, sens
+
+
+def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
+    cfg, folder, sens = cached_run
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(PACT4), "--run", str(folder), "--budget", "weight_bytes=uniform:3",
+                 "--budget", "act_bytes=uniform:3", "--calib", "8", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[cached]" in printed and f"wrote {out}" in printed and "predicted calibration-loss increase" in printed
+    proposed = load_config(out, {"network.pretrained": None})
+    plan = BitPlan.from_config(proposed)
+    limits = resolve_budget(plan, {"weight_bytes": "uniform:3", "act_bytes": "uniform:3"})
+    assert all(plan.totals()[k] <= v for k, v in limits.items())
+    expected = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
+    assert plan.w_bits == expected.plan.w_bits and plan.a_bits == expected.plan.a_bits
+    # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the description
+    # changed or added, and only in network.quantize
+    base, written = leaves(json.loads(PACT4.read_text())), leaves(json.loads(out.read_text()))
+    assert set(base) <= set(written)
+    edits = {p for p in written if written[p] != base.get(p, object())}
+    assert ("description",) in edits and written["description",].startswith("Proposed mixed precision")
+    assert all(p[:2] == ("network", "quantize") and p[-1] in ("n_levels", "quantize") for p in edits - {("description",)})
+    assert any(p[-1] == "n_levels" for p in edits)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "weight_byte=uniform:3"], "did you mean 'weight_bytes'"),
+    (["--budget", "BOPs=uniform:3", "--bits", "1", "4"], "--bits 1 4: give distinct bit-widths from 2 to 16"),
+    (["--budget", "BOPs=uniform:3", "--run", "no/such/run"], "run 'no/such/run' not found"),
+])
+def test_cli_plan_reports_bad_input_in_one_line(argv, message, tmp_path, capsys):
+    assert main(["plan", str(PACT4), "-o", str(tmp_path / "p.json"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_plan_needs_a_quantized_config(tmp_path, capsys):
+    assert main(["plan", str(ROOT / "configs" / "embedded" / "config.fp32.json"), "--budget", "BOPs=1e9",
+                 "-o", str(tmp_path / "p.json")]) == 2
+    assert "has no network.quantize" in capsys.readouterr().err
+
+
+def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path):
+    cfg, _, sens = cached_run
+    uniform = copy.deepcopy(cfg)
+    uniform.pop("name")
+    proposal = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3").config()
+    fp32 = load_config(ROOT / "configs" / "embedded" / "config.fp32.json", check_files=False)
+    runs = [("u-s0", uniform, 0, 97.0), ("u-s1", uniform, 1, 98.0), ("p-s0", proposal, 0, 99.0),
+            ("fp32", fp32, 0, 99.5), ("u-s2", uniform, 2, 10.0)]
+    for name, config, seed, top1 in runs:
+        last = config["training"]["n_epochs"] - (2 if name == "u-s2" else 1)  # u-s2 stopped an epoch early
+        with RunFolder(tmp_path / name).writing() as run:
+            run.write_config({**config, "training": {**config["training"], "seed": seed}})
+            run.write_history([{"epoch": e, "valid": {"top1": top1}, "best_top1": top1} for e in range(last + 1)])
+    table = collect_points([tmp_path])
+    assert table.title.endswith("left out, unfinished: u-s2")
+    rows = {r["label"]: r for r in table.rows}
+    assert set(rows) == {"PACT W4/A4", "PACT proposed, weight_bytes<=uniform:3", "FP32"}
+    u = rows["PACT W4/A4"]
+    assert (u["kind"], u["n"], u["top1"], u["top1_min"], u["top1_max"], u["seeds"]) == ("uniform", 2, 97.5, 97, 98, "0 1")
+    assert u["weight_bytes"] == BitPlan.from_config(cfg).totals()["weight_bytes"]
+    p = rows["PACT proposed, weight_bytes<=uniform:3"]
+    assert p["kind"] == "proposed" and p["weight_bytes"] <= resolve_budget(
+        BitPlan.from_config(cfg), {"weight_bytes": "uniform:3"})["weight_bytes"]
+    assert rows["FP32"]["kind"] == "fp32" and rows["FP32"]["weight_bytes"] is None
+    assert [r["label"] for r in pareto_front([u, p], "weight_bytes")] == [p["label"]]  # cheaper and better
+    fig = plot_pareto(table, "weight_bytes")
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed", "FP32 99.50% (n=1)"}
