@@ -324,12 +324,8 @@ def test_tqt_activation(golden, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("w/")])
 def test_weight_quantizer_follows_the_weights(golden, case):
-    inputs, reference = golden
-    c = Case(case, reference)
-    _, kind, n, quantize, init = case.split("/")
-    n = int(n)
-    conv, w_np, g = _conv(inputs, kind, n_levels=n, quantize=quantize, init_clip=init, symm_wts=True, learn_clip=False)
-    ctrl = started(conv, "linear")
+    c, conv, w_np, g, ctrl = _weight_case(golden, case, learn_clip=False)
+    n, quantize, init = conv.n_levels, conv.quantize, conv.init_clip
     ctrl.step_pre_training_batch()
     lo, hi = conv.get_clip()
     wq = conv.quantized_weight()
@@ -377,13 +373,8 @@ def test_weight_quantizer_follows_the_weights(golden, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("tqt_w/")])
 def test_tqt_weights(golden, case):
-    inputs, reference = golden
-    c = Case(case, reference)
-    _, kind, n, quantize, init = case.split("/")
-    n = int(n)
-    conv, w_np, g = _conv(inputs, kind, n_levels=n, quantize=quantize, init_clip=init, symm_wts=True,
-                          learn_clip=True, tqt=True)
-    ctrl = started(conv, "linear")
+    c, conv, w_np, g, ctrl = _weight_case(golden, case, learn_clip=True, tqt=True)
+    n, per_channel = conv.n_levels, conv.per_channel
     ours, theirs = [], []
     for it in range(2):
         ctrl.step_pre_training_batch()
@@ -398,7 +389,6 @@ def test_tqt_weights(golden, case):
         theirs.append(dict(gx=c.ref(f"gw{it}"), norm=c.ref(f"g_log_t{it}"), var=c.ref(f"var{it}"),
                            lo=c.ref(f"lo{it}"), hi=c.ref(f"hi{it}")))
         conv.zero_grad()
-    per_channel = quantize == "per_channel"
     s = conv.get_eps().double().numpy().reshape((-1, 1, 1, 1) if per_channel else ())
     _check_tqt(case, c, ours, theirs, w_np, [g.double().numpy()] * 2, s, -(n // 2), n - 1 - n // 2,
                axes=(1, 2, 3) if per_channel else None)
@@ -406,6 +396,15 @@ def test_tqt_weights(golden, case):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _weight_case(golden, case: str, **settings):
+    """``(Case, conv, weights as float64, upstream gradient, started linear controller)`` of a weight case
+    ``<family>/<conv|dw>/<n>/<quantize>/<init>``: symmetric weights as in the reference's recipes."""
+    inputs, reference = golden
+    _, kind, n, quantize, init = case.split("/")
+    conv, w_np, g = _conv(inputs, kind, n_levels=int(n), quantize=quantize, init_clip=init, symm_wts=True, **settings)
+    return Case(case, reference), conv, w_np, g, started(conv, "linear")
+
+
 def _conv(inputs, kind: str, **settings):
     w = inputs["w_conv"] if kind == "conv" else inputs["w_dw"]
     g = inputs["g_wconv"] if kind == "conv" else inputs["g_wdw"]

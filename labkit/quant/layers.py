@@ -21,8 +21,8 @@ class _WeightQuantizer(QuantizerBase):
     Bounds that are not learned follow the weights: while started, not frozen and ``learn_clip`` false,
     :meth:`refresh_bounds` re-applies the ``init_clip`` rule to the current weights; the linear controller
     calls it before every training batch and before validation, as the reference does. The stored bounds are
-    then a function of the weights that the last forward used (checkpoints and the integer twin agree with it);
-    ``freeze`` keeps the last ones."""
+    always the ones the last forward used, derived from the weights it used (checkpoints, a resumed run and the
+    integer twin see exactly those); ``freeze`` keeps the last ones."""
 
     def _setup_weight_quant(self, spec: QuantSpec | None, settings: dict) -> None:
         if spec is None:
