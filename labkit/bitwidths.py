@@ -34,6 +34,7 @@ from labkit.schema import MAX_BITS, MIN_BITS, ConfigError
 
 INPUT = "input_quant"
 INPUT_BITS = 8
+FLOAT = "float"
 
 
 @dataclass
@@ -61,7 +62,7 @@ class BitPlan:
     def __init__(self, qnet: fx.GraphModule, input_shape: tuple, input_bits: int = INPUT_BITS):
         self.input_shape, self.input_bits = tuple(input_shape), input_bits
         modules = dict(qnet.named_modules())
-        found = harmonize_plan(qnet)
+        found = harmonize_plan(qnet, requant_pool=False)  # what the (harmonized) network has, nothing to insert
         self.links, self.follows = found.links, found.follows
         self.inserted = {d["name"] for d in harmonized_layers(qnet)}
         layer_mods = {n: m for n, m in modules.items() if isinstance(m, (PACTConv2d, PACTLinear))}
@@ -74,6 +75,7 @@ class BitPlan:
         self.a_bits = {INPUT: input_bits, **{n: modules[n].spec.bits for n in quantizers}}
         self.kinds = {n: _kind(m) for n, m in layer_mods.items()}
         self._geometry(qnet, layer_mods, quantizers)
+        self.original = copy.deepcopy((self.w_bits, self.a_bits, self.per_channel))
 
     @classmethod
     def from_config(cls, cfg: dict) -> "BitPlan":
@@ -100,13 +102,23 @@ class BitPlan:
         self.layers = [LayerGeometry(n, "dw conv" if self.kinds[n] == "depthwise" else
                                      ("linear" if self.kinds[n] == "linear" else "conv"),
                                      m.weight.numel(), 0 if m.bias is None else m.bias.numel(),
-                                     math.prod(shapes[n]) * m.weight[0].numel(),
-                                     INPUT if self.links[n]["input"] == "input" else self.links[n]["input"])
+                                     math.prod(shapes[n]) * m.weight[0].numel(), self._input_of(n))
                        for n, m in layer_mods.items()]
         self.quantizers = [QuantizerGeometry(INPUT, "input quant", self.input_shape[1:])] + [
             QuantizerGeometry(n, "integer add" if n.endswith("integer_add") else "requant", shapes[n]) for n in quantizers]
         order = {INPUT: -1, **{n.target: i for i, n in enumerate(qnet.graph.nodes)}}
         self.order = sorted([g.name for g in self.layers] + [q.name for q in self.quantizers], key=order.get)
+
+    def _input_of(self, layer: str) -> str:
+        """The quantizer a layer reads: the input quantizer, an activation, or :data:`FLOAT` (no quantizer:
+        a float tensor, e.g. the pool output with ``requant_pool`` false; counted at 32 bits)."""
+        name = self.links[layer]["input"]
+        if name == "input":
+            return INPUT
+        if name is None:
+            self.a_bits[FLOAT] = 32
+            return FLOAT
+        return name
 
     # ------------------------------------------------------------------ rows and edits
     @property
@@ -131,7 +143,7 @@ class BitPlan:
             self.per_channel[name] = bool(per_channel) and row.kind != "linear"
 
     def set_quantizer(self, name: str, bits: int) -> None:
-        if name not in self.a_bits or name == INPUT:
+        if name not in self.a_bits or name in (INPUT, FLOAT):
             raise KeyError(f"no activation quantizer named {name!r}")
         self.a_bits[name] = check_bits(bits, f"{name} activation bits")
         for follower, leader in self.follows.items():
@@ -173,7 +185,7 @@ class BitPlan:
 
     def describe(self) -> str:
         """``W 4-8 / A 4-8 bits`` style summary of the plan."""
-        w, a = sorted(set(self.w_bits.values())), sorted({v for k, v in self.a_bits.items() if k != INPUT})
+        w, a = sorted(set(self.w_bits.values())), sorted({v for k, v in self.a_bits.items() if k not in (INPUT, FLOAT)})
         span = lambda b: str(b[0]) if len(b) == 1 else f"{b[0]}-{b[-1]}"  # noqa: E731
         return f"W {span(w)} / A {span(a)} bits"
 
@@ -185,29 +197,34 @@ class BitPlan:
         cfg = copy.deepcopy(cfg)
         quantize = cfg["network"]["quantize"]
         section = quantize["kwargs"]["config"] if "function" in quantize else quantize
-        by_class = {"PACTConv2d": {n: {"n_levels": 2 ** self.w_bits[n],
-                                       "quantize": "per_channel" if self.per_channel[n] else "per_layer"}
-                                   for n, k in self.kinds.items() if k != "linear"},
-                    "PACTLinear": {n: {"n_levels": 2 ** self.w_bits[n]} for n, k in self.kinds.items() if k == "linear"},
-                    "PACTUnsignedAct": {n: {"n_levels": 2 ** b} for n, b in self.a_bits.items()
-                                        if n != INPUT and n not in self.inserted}}
-        for class_key, wanted in by_class.items():
-            if wanted:
-                _edit_entries(section.setdefault(class_key, {}), wanted, f"network.quantize.{class_key}")
-        inserted = {n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n in self.inserted}
+        final = {n: {"n_levels": 2 ** self.w_bits[n], "quantize": "per_channel" if self.per_channel[n] else "per_layer"}
+                 for n in self.kinds}
+        final.update({n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n not in (INPUT, FLOAT)})
+        w0, a0, pc0 = self.original  # only what the plan changes is written
+        changed: dict[str, dict] = {}
+        for n in self.kinds:
+            if self.w_bits[n] != w0[n]:
+                changed.setdefault(n, {})["n_levels"] = final[n]["n_levels"]
+            if self.per_channel[n] != pc0[n]:
+                changed.setdefault(n, {})["quantize"] = final[n]["quantize"]
+        changed.update({n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n not in (INPUT, FLOAT) and b != a0[n]})
+        groups = {"PACTConv2d": [n for n, k in self.kinds.items() if k != "linear"],
+                  "PACTLinear": [n for n, k in self.kinds.items() if k == "linear"],
+                  "PACTUnsignedAct": [n for n in self.a_bits if n not in (INPUT, FLOAT) and n not in self.inserted]}
+        for class_key, names in groups.items():
+            todo = {n: changed[n] for n in names if n in changed}
+            if todo:
+                _edit_entries(section.setdefault(class_key, {}), todo, {n: final[n] for n in names},
+                              f"network.quantize.{class_key}")
+        inserted = {n: changed[n] for n in self.inserted if n in changed}
         if inserted:
             harmonize = section.get("harmonize")
             harmonize = {} if harmonize in (None, True) else harmonize
             if harmonize is False:
                 raise ConfigError("network.quantize.harmonize", "is false, so the plan's inserted quantizers do not exist")
             section["harmonize"] = harmonize
-            default = harmonize.get("n_levels", 256)
-            layers_cfg = harmonize.setdefault("layers", {})
-            todo = {n: v for n, v in inserted.items() if v["n_levels"] != default or
-                    any(re.match(r, n) for r in layers_cfg)}
-            _edit_entries(layers_cfg, todo, "network.quantize.harmonize.layers", all_names=sorted(inserted))
-            if not layers_cfg:
-                del harmonize["layers"]
+            _edit_entries(harmonize.setdefault("layers", {}), inserted, {n: final[n] for n in self.inserted},
+                          "network.quantize.harmonize.layers")
         cfg.pop("name", None)
         if description is not None:
             cfg["description"] = description
@@ -219,26 +236,24 @@ class BitPlan:
         return write_text_atomic(json.dumps(self.apply_to(cfg, description), indent=4) + "\n", path)
 
 
-def _edit_entries(section: dict, wanted: dict[str, dict], where: str, all_names: list[str] | None = None) -> None:
-    """Give each module of ``wanted`` its settings through the regex entry of ``section`` that matches it; an
-    exact entry (``re.escape(name)$``) is added for a module no entry matches."""
-    names = all_names or list(wanted)
-    claims: dict[str, list[str]] = {}
-    for regex in [k for k in section if k != "kwargs"]:
-        claims[regex] = [n for n in names if re.match(regex, n)]
-    for name, settings in wanted.items():
+def _edit_entries(section: dict, changed: dict[str, dict], final: dict[str, dict], where: str) -> None:
+    """Give each module of ``changed`` its new settings through the regex entry of ``section`` that matches it
+    (an exact ``re.escape(name)$`` entry is added where none does). An entry that also covers other modules is
+    edited only when all of them end with the same value (``final``: every module's settings after the plan)."""
+    claims = {regex: [n for n in final if re.match(regex, n)] for regex in section if regex != "kwargs"}
+    for name, settings in changed.items():
         regex = next((r for r, hits in claims.items() if name in hits), None)
         if regex is None:
             section[re.escape(name) + "$"] = dict(settings)
             continue
+        entry = section[regex] if isinstance(section[regex], dict) else {}
         for key, value in settings.items():
-            clash = [n for n in claims[regex] if n in wanted and wanted[n].get(key) != value]
-            if clash:
-                raise ConfigError(f"{where}[{regex!r}]", f"covers '{name}' and '{clash[0]}', which the plan gives "
+            clash = next((n for n in claims[regex] if final[n].get(key) != value), None)
+            if clash is not None:
+                raise ConfigError(f"{where}[{regex!r}]", f"covers '{name}' and '{clash}', which the plan gives "
                                   f"different {key}", "List these layers one by one in the config")
-            entry = section[regex] if isinstance(section[regex], dict) else {}
             entry[key] = value
-            section[regex] = entry
+        section[regex] = entry
 
 
 def check_bits(bits, what: str) -> int:

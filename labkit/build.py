@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from labkit.checkpoint import FORMAT, CheckpointError, load_file, read_state_dict
@@ -53,6 +54,10 @@ def build_network(cfg: dict, pretrained: bool = True) -> tuple[nn.Module, list |
 def load_pretrained(net: nn.Module, path: str) -> None:
     """Load full-precision weights (labkit checkpoint, or a torchvision state dict) into ``net``."""
     state, _ = read_state_dict(path)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"'{path}' holds non-finite values (inf/NaN) in '{bad}': it comes from a diverged run; "
+                              "use an earlier checkpoint (network.pretrained) or retrain the FP32 network")
     if is_torchvision_state_dict(state):
         state = {torchvision_key(k): v for k, v in state.items()}
     own = net.state_dict()

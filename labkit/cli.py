@@ -26,6 +26,7 @@ EPILOG = """examples:
   labkit eval runs/embedded-fp32/best.ckpt
   labkit integerize runs/embedded-pact                      # integer twin: per-layer code agreement, size report
   labkit export runs/embedded-tqt -o runs/export-tqt        # network.onnx + inputs.npz/outputs.npz, onnxruntime check
+  labkit export runs/embedded-pact --target deeploy         # RequantShift (int32) for Deeploy's Generic platform
 """
 
 
@@ -116,20 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--output-dir", "-o", metavar="DIR", help="also write comparison.csv and size.csv there")
 
     ex = sub.add_parser(
-        "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data)",
-        description="Integerize a PACT/TQT run and write network.onnx (standard operators: Conv/Gemm with integer "
-                    "weights, requantization as Mul-Add-Div-Floor-Clip; --requant-shift: one RequantShift node "
-                    "each), inputs.npz (input codes) and outputs.npz (int64 logits) for the first validation images, "
-                    "and with --activations every layer's integer output. Then checks the export with onnxruntime.")
+        "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data), for onnxruntime, "
+                       "qonnx or Deeploy",
+        description="Integerize a PACT/TQT run and write network.onnx for a target, inputs.npz (input codes) and "
+                    "outputs.npz (int64 logits) for the first validation images, and with --activations every "
+                    "layer's integer output; then check the export with onnxruntime. Targets: onnx (standard "
+                    "operators, requantization as Mul-Add-Div-Floor-Clip, symbolic batch), qonnx (the same with the "
+                    "batch fixed to --n-inputs and a shape on every tensor, for qonnx's execute_onnx), deeploy "
+                    "(the int32 twin: one RequantShift node per requantization, as Deeploy's Generic platform reads "
+                    "it; writes int32.csv, the per-layer shift, bound and headroom). docs/export.md says which "
+                    "tools and versions were run on each.")
     ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
-    ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export")
+    ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy"), default="onnx",
+                    help="onnx (default), qonnx or deeploy")
+    ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export[-<target>]")
     ex.add_argument("--n-inputs", type=int, default=8, metavar="N", help="validation images in the golden data "
-                    "(default 8)")
-    ex.add_argument("--requant-shift", action="store_true", help="RequantShift nodes (Deeploy) instead of "
-                    "Mul-Add-Div-Floor-Clip; onnxruntime cannot run them, so no check")
+                    "(default 8; the static batch of the qonnx and deeploy targets)")
     ex.add_argument("--activations", action="store_true", help="also write activations.npz (every layer)")
-    ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer; default: "
-                    "the most exact per layer")
+    ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer of the exact twin; "
+                    "default: the most exact per layer")
+    ex.add_argument("--calibrate", type=int, metavar="N", help="deeploy: int32 shifts from the largest values on the "
+                    "first N training images times --margin (larger shifts, not proven); default: bounds proven "
+                    "for every input")
+    ex.add_argument("--margin", type=float, default=2.0, metavar="M", help="deeploy with --calibrate: factor on "
+                    "the largest values seen (default 2)")
     ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
     ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
     return parser
@@ -253,8 +264,8 @@ def _integer_run(args):
     from labkit.deploy import integerize_run
 
     twin = integerize_run(args.run, input_bits=args.input_bits, d=args.d, config=_run_config(args, args.run))
-    _, val = build_datasets(twin.run.config["data"])
-    return twin.run, twin.inet, val
+    train, val = build_datasets(twin.run.config["data"])
+    return twin.run, twin.inet, train, val
 
 
 def cmd_integerize(args) -> None:
@@ -265,7 +276,7 @@ def cmd_integerize(args) -> None:
     from labkit.integer import compare
     from labkit.integer.size import size_report
 
-    loaded, inet, val = _integer_run(args)
+    loaded, inet, _, val = _integer_run(args)
     if args.limit:
         val = Subset(val, range(min(args.limit, len(val))))
     result = compare(loaded.net, inet, DataLoader(val, batch_size=64))
@@ -287,27 +298,35 @@ def cmd_integerize(args) -> None:
 
 def cmd_export(args) -> None:
     run = resolve(args.run)
-    out = _writable_folder(Path(args.output_dir) if args.output_dir else
-                           (run if run.is_dir() else run.parent) / "export", "export folder")
+    out = _writable_folder(Path(args.output_dir) if args.output_dir else (run if run.is_dir() else run.parent) /
+                           ("export" if args.target == "onnx" else f"export-{args.target}"), "export folder")
+    if args.calibrate is not None and (args.target != "deeploy" or args.calibrate < 1):
+        raise UsageError("--calibrate N (N >= 1 training images) sets the int32 shifts of --target deeploy only")
     import torch
+    from torch.utils.data import DataLoader, Subset
 
     from labkit.export import check_export, export
+    from labkit.integer import int32_twin
 
-    _, inet, val = _integer_run(args)
+    _, inet, train, val = _integer_run(args)
     n = max(1, min(args.n_inputs, len(val)))
     inputs = torch.stack([val[i][0] for i in range(n)])
-    paths = export(inet, out, inputs, requant_shift=args.requant_shift, activations=args.activations)
+    if args.target == "deeploy":
+        calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
+                                                    batch_size=64)
+        inet, plan = int32_twin(inet, calibration or None, args.margin)
+    paths = export(inet, out, inputs, target=args.target, activations=args.activations)
+    if args.target == "deeploy":
+        paths["int32"] = out / "int32.csv"
+        plan.table().to_csv(paths["int32"])
+        print(plan.summary())
     for path in paths.values():
         print(f"wrote {path}")
-    if args.requant_shift:
-        import onnx
-
-        onnx.checker.check_model(onnx.load(str(paths["network"])))
-        print("onnx checker: ok (RequantShift nodes: onnxruntime cannot run them, numbers not checked)")
-        return
     check = check_export(out)
-    print(f"onnxruntime on {check['samples']} inputs: {'identical to outputs.npz' if check['exact'] else 'DIFFERS'}"
-          f" (max |difference| {check['max_abs_diff']}); {check['onnx_nodes']} nodes: {', '.join(check['ops'])}")
+    how = " (RequantShift in Deeploy's semantics)" if args.target == "deeploy" else ""
+    print(f"onnxruntime{how} on {check['samples']} inputs: "
+          f"{'identical to outputs.npz' if check['exact'] else 'DIFFERS'} (max |difference| {check['max_abs_diff']}); "
+          f"{check['onnx_nodes']} nodes: {', '.join(check['ops'])}")
     if not check["exact"]:
         raise SystemExit(1)
 

@@ -39,7 +39,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError("", f"config file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+        raise ConfigError("", f"'{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
                               f"{err.msg})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError("", f"config file '{path}' cannot be read ({err})") from None

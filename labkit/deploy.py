@@ -1,6 +1,7 @@
 """The integer flow of trained runs, as notebook 05 and ``labkit integerize`` / ``export`` walk it: each run's
-integer twin, its element-wise check (against the float32 and the float64 fake-quant network), its size,
-and its exports.
+integer twin, its element-wise check (against the float32 and the float64 fake-quant network), its int32 version
+(requantization as a 32-bit device computes it) and that one's agreement with the exact twin, its size, and its
+exports for onnxruntime, qonnx and Deeploy.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from torch import fx, nn
 from torch.utils.data import DataLoader, Subset
 
 from labkit.data import build_datasets
-from labkit.export import check_export, export
-from labkit.integer import (Comparison, IntegerizeError, compare, input_eps, input_range, input_shape_of, integerize,
-                            requant_layers)
+from labkit.export import TARGETS, check_export, export
+from labkit.integer import (Comparison, Int32Plan, IntegerizeError, compare, input_eps, input_range, input_shape_of,
+                            int32_twin, integerize, requant_layers)
 from labkit.integer.size import size_report
 from labkit.lab import ensure_run
 from labkit.paths import resolve
@@ -27,11 +28,13 @@ from labkit.runs import LoadedRun, load_run
 
 @dataclass
 class Twin:
-    """A run's fake-quant network and its integer twin."""
+    """A run's fake-quant network, its integer twin and (after :func:`int32_twins`) the int32 version of it."""
 
     name: str
     run: LoadedRun
     inet: fx.GraphModule
+    inet32: fx.GraphModule | None = None
+    plan: Int32Plan | None = None
 
     @property
     def qnet(self) -> nn.Module:
@@ -127,6 +130,77 @@ def half_step_twice(twin: Twin, layer: str, limit: int = 64) -> dict:
     return next(r for r in compare(twin.qnet, broken, validation_loader(twin, limit)).layers if r["layer"] == layer)
 
 
+def int32_twins(nets: dict[str, Twin], calibrate: int | None = None, margin: float = 2.0) -> dict[str, Int32Plan]:
+    """Give every twin its int32 version (``twin.inet32``, :func:`labkit.integer.int32_twin`): shifts from bounds
+    proven on the input grid, or (``calibrate``) from the largest values on that many training images times
+    ``margin``. Returns the per-layer plans."""
+    for twin in nets.values():
+        calibration = None
+        if calibrate:
+            train, _ = build_datasets(twin.run.config["data"])
+            calibration = DataLoader(Subset(train, range(min(calibrate, len(train)))), batch_size=120)
+        twin.inet32, twin.plan = int32_twin(twin.inet, calibration, margin)
+    return {name: twin.plan for name, twin in nets.items()}
+
+
+def int32_table(plans: dict[str, Int32Plan]) -> Table:
+    """One line per network: how its int32 shifts were bounded, their range and the least headroom."""
+    rows = []
+    for name, plan in plans.items():
+        d32, w = [r["d32"] for r in plan.layers], plan.worst
+        rows.append({"network": name, "bounds": "proven" if plan.margin is None else f"calibrated x{plan.margin:g}",
+                     "requantizations": len(plan.layers), "d (int64)": f"{min(r['d'] for r in plan.layers)}.."
+                     f"{max(r['d'] for r in plan.layers)}", "d32": f"{min(d32)}..{max(d32)}",
+                     "least headroom (bits)": w["headroom_bits"], "in layer": w["layer"]})
+    return Table(rows, title="int32 requantization: largest shift with every partial sum inside int32")
+
+
+def compare_int32(nets: dict[str, Twin], limit: int | None = None) -> dict[str, dict[str, Comparison]]:
+    """Per network, the int32 twin against the exact (int64) one (``"int64"``) and against the fake-quant
+    network (``"fake-quant"``), on the validation set (:func:`labkit.integer.compare`)."""
+    out = {}
+    for name, twin in nets.items():
+        if twin.inet32 is None:
+            raise IntegerizeError(f"compare_int32: twin '{name}' has no int32 version yet: call int32_twins(nets)")
+        loader = validation_loader(twin, limit)
+        out[name] = {"int64": compare(twin.inet, twin.inet32, loader), "fake-quant": compare(twin.qnet, twin.inet32,
+                                                                                             loader)}
+    return out
+
+
+def int32_agreement_table(results: dict[str, dict[str, Comparison]], target: float = 99.9) -> Table:
+    """One line per network: the int32 twin's worst layer against the exact twin and against the fake-quant
+    network, predictions, and whether every layer reaches ``target`` % identical codes with every prediction
+    identical (layer by layer, against the exact twin)."""
+    rows = []
+    for name, r in results.items():
+        exact, fake = r["int64"], r["fake-quant"]
+        why = [] if exact.min_identical >= target else [f"'{exact.worst['layer']}' at {exact.min_identical:.4f}%"]
+        why += [] if exact.predictions == 100.0 else [f"{exact.predictions:.2f}% identical predictions"]
+        rows.append({"network": name, "samples": exact.n, "worst layer vs int64": exact.worst["layer"],
+                     "identical %": _floor(exact.min_identical), "end to end min %": _floor(exact.min_e2e_identical),
+                     "predictions % (vs int64)": _floor(exact.predictions),
+                     "worst vs fake-quant %": _floor(fake.min_identical),
+                     "predictions % (vs fake-quant)": _floor(fake.predictions), "top-1 int32": exact.top1_int,
+                     "top-1 int64": exact.top1_fake, "target": "met" if not why else "not met: " + "; ".join(why)})
+    return Table(rows, title=f"int32 twin vs exact (int64) twin, target >= {target}% identical codes per layer "
+                             "(identical % rounded down)")
+
+
+def int32_layers(results: dict[str, Comparison], agreement: dict[str, dict[str, Comparison]],
+                 plans: dict[str, Int32Plan], name: str | None = None) -> Table:
+    """Per requantization of one network (default: the first): its shifts and headroom, and its share of
+    identical codes (layer by layer) for int64 vs fake-quant, int32 vs fake-quant and int32 vs int64."""
+    name = name or next(iter(plans))
+    columns = [results[name].code_layers, agreement[name]["fake-quant"].code_layers,
+               agreement[name]["int64"].code_layers]
+    rows = [{"layer": p["layer"], "d": p["d"], "d32": p["d32"], "headroom bits": p["headroom_bits"],
+             "int64 vs fake-quant %": _floor(a["identical"]), "int32 vs fake-quant %": _floor(b["identical"]),
+             "int32 vs int64 %": _floor(c["identical"]), "int32 vs int64 end to end %": _floor(c["e2e_identical"])}
+            for p, a, b, c in zip(plans[name].layers, *columns)]
+    return Table(rows, title=f"{name}: identical codes per layer, exact (int64) and int32 requantization")
+
+
 def size_table(nets: dict[str, Twin]) -> Table:
     """One line per network: the totals of :func:`labkit.integer.size.size_report`."""
     rows = []
@@ -139,20 +213,26 @@ def size_table(nets: dict[str, Twin]) -> Table:
 
 
 def export_twins(nets: dict[str, Twin], output_dir: str | Path, n_inputs: int = 8) -> Table:
-    """Export each twin (``network.onnx`` + golden data, activations included) into
-    ``output_dir/export-<name>``, check it with onnxruntime, and write the RequantShift variant beside it."""
+    """Export each twin for every target into ``output_dir/export-<name>[-<target>]`` (golden data from the first
+    ``n_inputs`` validation images; the standard one with every layer's activations; Deeploy's from the int32
+    twin, made with proven bounds when :func:`int32_twins` was not called) and check each with onnxruntime."""
     rows = []
     for name, twin in nets.items():
         _, valid = build_datasets(twin.run.config["data"])
         inputs = torch.stack([valid[i][0] for i in range(min(n_inputs, len(valid)))])
-        folder = resolve(output_dir) / f"export-{name}"
-        export(twin.inet, folder, inputs, activations=True)
-        check = check_export(folder)
-        export(twin.inet, Path(f"{folder}-requantshift"), inputs[:2], requant_shift=True)
-        rows.append({"network": name, "folder": str(folder), "onnxruntime": "exact" if check["exact"] else "DIFFERENT",
-                     "max |difference|": check["max_abs_diff"], "nodes": check["onnx_nodes"],
-                     "ops": ", ".join(check["ops"])})
-    return Table(rows, title=f"exports ({n_inputs} validation images; RequantShift variants in <folder>-requantshift)")
+        if twin.inet32 is None:
+            twin.inet32, twin.plan = int32_twin(twin.inet)
+        for target in TARGETS:
+            folder = resolve(output_dir) / (f"export-{name}" + ("" if target == "onnx" else f"-{target}"))
+            export(twin.inet32 if target == "deeploy" else twin.inet, folder, inputs, target=target,
+                   activations=target == "onnx")
+            check = check_export(folder)
+            rows.append({"network": name, "target": target, "folder": str(folder),
+                         "onnxruntime": "exact" if check["exact"] else "DIFFERENT",
+                         "max |difference|": check["max_abs_diff"], "nodes": check["onnx_nodes"],
+                         "ops": ", ".join(check["ops"])})
+    return Table(rows, title=f"exports ({n_inputs} validation images; deeploy: the int32 twin, its RequantShift "
+                             "nodes run in Deeploy's semantics)")
 
 
 def _floor(value: float, digits: int = 4) -> float:

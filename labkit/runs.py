@@ -316,7 +316,7 @@ def load_run(path: str | os.PathLike, which: str = "best", config: dict | None =
     folder = RunFolder(path) if path.is_dir() else None
     ckpt_path = folder.checkpoint(which) if folder else path
     if folder and not ckpt_path.is_file():
-        raise CheckpointError(f"'{path}' holds no {ckpt_path.name}: is it a run folder of labkit train? "
+        raise RunError(f"'{path}' holds no {ckpt_path.name}: is it a run folder of labkit train? "
                               f"({RunFolder(path).summary() if RunFolder(path).holds_run() else 'it holds no run'})")
     ckpt = load_file(ckpt_path)
     if folder and which == "best" and folder.checkpoint("last").is_file() and not _all_started(ckpt):

@@ -179,8 +179,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
             logits = model(x)
             loss = criterion(logits.float(), y)
         if not torch.isfinite(loss):
+            loss = loss.detach()
             lr = optimizer.param_groups[0]["lr"]
-            raise NonFiniteError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {batch + 1}: the "
+            raise NonFiniteError(f"training loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: the "
                                  f"first non-finite output is {first_non_finite(model, x)}; lower "
                                  f"training.gd.opt.kwargs.lr (now {lr:.3g}) or check that layer's settings, then "
                                  "resume (--resume) from the last checkpoint")

@@ -24,3 +24,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def pact8():
+    """``(qnet, inet)``: a started 8/8 PACT MobileNetV2 (test_integerize.started_net) and its integer twin, built
+    once for the export and int32 tests."""
+    from test_integerize import SHAPE, eps_in_for, started_net  # noqa: PLC0415 - test module helpers
+    from labkit.integer import integerize  # noqa: PLC0415
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        qnet = started_net()
+        yield qnet, integerize(qnet, eps_in_for(), SHAPE)
+    finally:
+        torch.set_num_threads(n)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"
 
@@ -22,3 +25,15 @@ def tiny_overrides(**extra) -> dict:
     }
     overrides.update(extra)
     return overrides
+
+
+def make_imagefolder(root, classes=("cat", "dog", "eel"), per_class=3, size=40, val_classes=None):
+    """An ImageNet-shaped folder (train/ and val/, one sub-folder of random JPEGs per class)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in (val_classes or classes) if split == "val" else classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
+    return root

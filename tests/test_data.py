@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import make_imagefolder
 from labkit.data import (EMBEDDED_SIZE, DatasetError, EmbeddedDigits, IMAGENET_MEAN, IMAGENET_STD, build_datasets,
                          check_num_classes)
 
@@ -34,17 +35,6 @@ def test_augmentation_shifts_but_keeps_content():
     shifted = [train[5][0] for _ in range(20)]
     assert any(not torch.equal(s, train.images[5]) for s in shifted)
     assert all(s.shape == (3, 32, 32) for s in shifted)
-
-
-def make_imagefolder(root, classes=("cat", "dog", "eel"), per_class=3, size=40):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
-    return root
 
 
 def test_imagenet_folder_with_reference_transforms(tmp_path):

@@ -99,8 +99,7 @@ def test_apply_edits_n_levels_and_keeps_every_other_key():
     edited = plan.apply_to(cfg)
     eq = edited["network"]["quantize"]
     assert eq["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile" and eq["harmonize"]["requant_pool"] is False
-    assert eq["PACTConv2d"]["features.3.residual_branch.1.0$"] == {"n_levels": 16, "nb_std": 2.5,
-                                                                   "quantize": "per_channel"}
+    assert eq["PACTConv2d"]["features.3.residual_branch.1.0$"] == {"n_levels": 16, "nb_std": 2.5}  # only bits written
     assert edited["training"] == cfg["training"] and edited["data"] == cfg["data"]
     levels = levels_of(edited)
     assert levels["pilot.0"] == 16 and levels["pilot.2"] == 256 and levels["features.2.integer_add"] == 256
@@ -113,7 +112,7 @@ def test_apply_edits_n_levels_and_keeps_every_other_key():
     plan2 = BitPlan.from_config(cfg2)
     plan2.set_all(w_bits=6)
     assert cfg2 and plan2.apply_to(cfg2)["network"]["quantize"]["PACTConv2d"][r"features\.1\.residual_branch\.\d\.0$"] \
-        == {"n_levels": 64, "quantize": "per_channel"}
+        == {"n_levels": 64}
     plan2.set("features.1.residual_branch.0.0", w_bits=3)
     with pytest.raises(ConfigError, match=r"features\\\\\.1.*covers.*different n_levels.*one by one"):
         plan2.apply_to(cfg2)

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from labkit.integer.modules import IntegerizeError, _channel_view, requant_layers
+from labkit.integer.modules import IntegerizeError, QuantizeInput, _channel_view, requant_layers
 from labkit.report import Table
 
 
@@ -21,7 +21,8 @@ class Comparison:
     by layer** (the integer layer gets the fake-quant network's input codes, so a row measures that layer's own
     arithmetic), and ``e2e_identical`` / ``e2e_max_diff`` measured **end to end** (the integer network runs on
     its own codes; an early off-by-one spreads through later layers). ``predictions``: share (%) of samples whose
-    argmax agree end to end. ``top1_fake`` / ``top1_int``: accuracies (%) when labels were given.
+    argmax agree end to end. ``top1_fake`` / ``top1_int``: accuracies (%) of the reference and of the integer
+    network when labels were given; ``reference``: what the integer network was compared with.
     The last row compares the logits in units of their LSB (``eps_w * eps_in``): the fake-quant logits are float32
     sums, so a 1-LSB difference there is float32 rounding, not a code error; it does not count as a code layer.
     """
@@ -31,6 +32,7 @@ class Comparison:
     predictions: float
     top1_fake: float | None = None
     top1_int: float | None = None
+    reference: str = "fake-quant"
 
     COLUMNS = ("layer", "kind", "elements", "identical", "mismatches", "max_diff", "e2e_identical", "e2e_max_diff")
 
@@ -58,7 +60,7 @@ class Comparison:
             (self.top1_int is None or self.top1_int == self.top1_fake)
 
     def table(self) -> Table:
-        return Table(self.layers, self.COLUMNS, title=f"integer vs fake-quant, {self.summary()}")
+        return Table(self.layers, self.COLUMNS, title=f"integer vs {self.reference}, {self.summary()}")
 
     def summary(self) -> str:
         w = self.worst
@@ -105,14 +107,20 @@ class _Tally:
         return 100.0 * self.same / max(self.n, 1)
 
 
+def _is_integer(net: nn.Module) -> bool:
+    return isinstance(getattr(net, "input_quant", None), QuantizeInput)
+
+
 @torch.no_grad()
 def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
-    """Run the fake-quant ``qnet`` and the integer ``inet`` on the same inputs and compare them element-wise.
+    """Run the reference ``qnet`` and the integer ``inet`` on the same inputs and compare them element-wise.
 
-    ``batch``: an input tensor, an ``(inputs, labels)`` pair, or an iterable of either (a DataLoader). Both
-    networks see the same quantized input (``qnet`` gets ``eps_in * codes``). For every requantization the
-    fake-quant output is turned into codes (``round(y / eps)``) and compared with the integer codes, twice:
-    layer by layer (each integer requantization fed with the fake-quant input codes) and end to end (see
+    ``qnet``: the fake-quant network, or another integer network with the same layer names (e.g. the exact
+    int64 twin, to measure an int32 one). ``batch``: an input tensor, an ``(inputs, labels)`` pair, or an
+    iterable of either (a DataLoader). Both networks see the same quantized input (a fake-quant ``qnet`` gets
+    ``eps_in * codes``). For every requantization the fake-quant output is turned into codes
+    (``round(y / eps)``; an integer reference gives codes) and compared with the integer codes, twice: layer by
+    layer (each requantization of ``inet`` fed with the reference's input codes) and end to end (see
     :class:`Comparison`). The output row compares the logits in units of the integer output's LSB.
     Predictions (argmax) are compared end to end on every sample.
     """
@@ -130,9 +138,11 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
     fq: dict[str, torch.Tensor] = {}
     forcing = [True]
 
+    integer_ref = _is_integer(qnet)
+
     def q_hook(name, eps):
         def hook(_m, _inputs, output):
-            fq[name] = torch.round(output.double() / eps).to(torch.int64)
+            fq[name] = output if integer_ref else torch.round(output.double() / eps).to(torch.int64)
         return hook
 
     def i_hook(name):
@@ -150,15 +160,18 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
         hooks.append(req.register_forward_hook(i_hook(name)))
     was = qnet.training
     qnet.eval()
-    param = next(qnet.parameters())
-    device, dtype = param.device, param.dtype
+    param = next(qnet.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float64)
     try:
         for x, y in _batches(batch):
             x = x.to(device)
-            codes = inet.input_quant(x)
-            logits_q = qnet((codes.double() * inet.eps_in).to(dtype))
-            scale = _channel_view(inet.output_scale.to(device).double(), logits_q)
-            lq = torch.round(logits_q.double() / scale).to(torch.int64)
+            if integer_ref:
+                lq = logits_q = qnet(x)
+            else:
+                codes = inet.input_quant(x)
+                logits_q = qnet((codes.double() * inet.eps_in).to(dtype))
+                scale = _channel_view(inet.output_scale.to(device).double(), logits_q)
+                lq = torch.round(logits_q.double() / scale).to(torch.int64)
             forcing[0] = True
             out_local.add(lq, inet(x))
             forcing[0] = False
@@ -182,7 +195,8 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
     rows.append(_row("output (logits, in LSB)", "logits", out_local, out_e2e))
     return Comparison(rows, total, 100.0 * agree / max(total, 1),
                       100.0 * correct_q / total if labelled and total else None,
-                      100.0 * correct_i / total if labelled and total else None)
+                      100.0 * correct_i / total if labelled and total else None,
+                      "integer reference" if integer_ref else "fake-quant")
 
 
 def _row(name: str, kind: str, local: _Tally, e2e: _Tally) -> dict:

@@ -104,9 +104,11 @@ class Requant(nn.Module):
     """
 
     def __init__(self, mul: torch.Tensor, add: torch.Tensor, d: int, lo: int, hi: int, eps_out: float,
-                 signed: bool, n_levels: int):
+                 signed: bool, n_levels: int, reduce: bool = True):
         super().__init__()
-        mul, add, d = _reduce_pow2(mul.to(torch.int64), add.to(torch.int64), int(d))
+        mul, add, d = mul.to(torch.int64), add.to(torch.int64), int(d)
+        if reduce:  # the same function with the smallest constants
+            mul, add, d = _reduce_pow2(mul, add, d)
         self.register_buffer("mul", mul)
         self.register_buffer("add", add)
         self.d, self.lo, self.hi = d, int(lo), int(hi)

@@ -1,0 +1,181 @@
+"""The run folder owns its integrity: one writer, no silent overwrite or mix, provenance, repair after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
+from labkit.checkpoint import load_file, save_atomic
+from labkit.config import load_config
+from labkit.lab import run_config
+from labkit.runs import RunError, RunFolder, load_run, read_history
+from labkit.train import train
+
+PACT = ROOT / "configs" / "embedded" / "config.pact.json"
+
+
+def tiny(**extra):
+    return load_config(EMBEDDED_FP32, tiny_overrides(**{"data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
+                                                        **extra}))
+
+
+def test_provenance_is_recorded_per_session(tmp_path, capsys):
+    cfg = tiny(**{"training.n_epochs": 1})
+    train(cfg, tmp_path / "run", progress=False, log=None, parameters={"epochs": 1})
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)
+    entries = RunFolder(tmp_path / "run").provenance()
+    assert len(entries) == 2 and entries[0]["parameters"] == {"epochs": 1} and entries[1]["resumed_at_epoch"] == 1
+    for e in entries:
+        assert e["torch"] == torch.__version__ and e["device"] == "cpu" and len(e["data_sha256"]) == 64 * 2 + 1
+    assert entries[0]["config_sha256"] != entries[1]["config_sha256"]  # n_epochs changed: 1 -> 2
+    assert entries[0]["data_sha256"] == entries[1]["data_sha256"]
+    assert entries[0]["git"] is None or len(entries[0]["git"].split("+")[0]) == 40
+    from labkit.cli import main
+
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("trained: ") == 2 and entries[0]["config_sha256"][:12] in out
+
+
+def test_resume_extends_a_hand_schedule_exactly(tmp_path):
+    """A longer n_epochs on resume (a schedule that allows it) gives the run a longer run would have given."""
+    train(tiny(**{"training.n_epochs": 3}), tmp_path / "long", progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "ext", progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    a, b = (load_file(tmp_path / n / "last.ckpt")["state_dict"] for n in ("long", "ext"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_resumed_with_its_config_trains_nothing(tmp_path):
+    cfg = tiny(**{"training.n_epochs": 1})
+    train(cfg, tmp_path / "run", progress=False, log=None)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    result = train(cfg, tmp_path / "run", resume=True, progress=False, log=None)
+    assert result["epoch"] == 0 and result["valid"] == read_history(tmp_path / "run")[0]["valid"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", overwrite=True, progress=False, log=None)
+    assert [r["epoch"] for r in read_history(tmp_path / "run")] == [0]
+    assert len(RunFolder(tmp_path / "run").provenance()) == 1
+    assert load_file(tmp_path / "run" / "last.ckpt")["epoch"] == 0
+
+
+KILLER = """
+import os, shutil, signal, sys
+import labkit.runs
+from labkit.config import load_config
+from labkit.train import train
+sys.path.insert(0, {tests!r})
+from helpers import tiny_overrides
+
+real = shutil.copyfile
+def copy_then_die(src, dst, *a, **k):  # SIGKILL halfway through the best.ckpt copy of epoch 2
+    if str(dst).endswith(".best.ckpt.copy.tmp") and labkit.runs.load_file(src)["epoch"] == 1:
+        with open(dst, "wb") as f:
+            f.write(open(src, "rb").read()[:1000])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+labkit.runs.shutil.copyfile = copy_then_die
+overrides = {{**tiny_overrides(), "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
+             "training.n_epochs": 3}}
+train(load_config({config!r}, overrides), {out!r}, progress=False, log=None)
+"""
+
+
+def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
+    out = tmp_path / "run"
+    script = KILLER.format(tests=str(ROOT / "tests"), config=str(EMBEDDED_FP32), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(out.glob(".*.tmp")), "the kill left the temporary file of the best.ckpt write"
+    history = read_history(out)
+    assert load_file(out / "last.ckpt")["epoch"] == 1 and history[1]["valid"]["top1"] >= history[0]["valid"]["top1"]
+    assert load_file(out / "best.ckpt")["epoch"] == 0  # one epoch behind
+    cfg = tiny(**{"training.n_epochs": 3})
+    train(cfg, out, resume=True, progress=False, log=None)
+    assert not list(out.glob(".*.tmp"))
+    history = read_history(out)
+    best_epoch = max(history, key=lambda r: (r["valid"]["top1"], r["epoch"]))["epoch"]
+    assert load_file(out / "best.ckpt")["epoch"] == best_epoch
+    assert oct((out / "best.ckpt").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
+    # and the resumed run is the uninterrupted one
+    train(cfg, tmp_path / "whole", progress=False, log=None)
+    a, b = (load_file(p / "last.ckpt")["state_dict"] for p in (out, tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_into_one_folder(tmp_path):
+    """The issue's item 1: a second ``labkit train`` into a folder being written is refused at once."""
+    cfg = tmp_path / "cfg.json"
+    raw = json.loads(EMBEDDED_FP32.read_text())
+    raw["training"]["n_epochs"] = 3
+    raw["data"]["train"]["dataset"]["limit"] = 256
+    cfg.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out), "--no-progress"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text().strip()):
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out), "--resume"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 2 and f"is in use by pid {first.pid}" in second.stderr, second.stderr
+    assert first.wait(timeout=900) == 0, first.stderr.read()
+    assert [r["epoch"] for r in read_history(out)] == [0, 1, 2] and len(RunFolder(out).provenance()) == 1
+
+
+def test_bit_overrides_edit_the_config_and_keep_every_other_key(tmp_path):
+    """The issue's item 7 through the notebooks' path (lab.run_config), which sweeps and notebooks use."""
+    raw = json.loads(PACT.read_text())
+    raw["network"]["quantize"]["PACTUnsignedAct"]["kwargs"]["init_clip"] = "percentile"
+    raw["network"]["quantize"]["harmonize"]["requant_pool"] = False
+    raw["network"]["pretrained"] = None
+    path = tmp_path / "config.custom.json"
+    path.write_text(json.dumps(raw))
+    same = run_config(str(path), w_bits=8, a_bits=8)
+    q = same["network"]["quantize"]
+    assert q["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile" and q["harmonize"]["requant_pool"] is False
+    assert {k: v for k, v in same.items() if k != "name"} == {k: v for k, v in load_config(path).items() if k != "name"}
+    low = run_config(str(path), w_bits=4)  # weights only: activations keep their 8 bits
+    modules = dict(load_run_net(low).named_modules())
+    assert modules["pilot.0"].n_levels == 16 and modules["pilot.2"].n_levels == 256
+    assert modules["features.2.integer_add"].n_levels == 256 and "avgpool_act" not in modules
+    with pytest.raises(ValueError, match="0 is not a bit-width from 2 to 16"):
+        run_config(str(path), w_bits=0)
+
+
+def load_run_net(cfg):
+    from labkit.build import build_network
+
+    return build_network(cfg, pretrained=False)[0]
+
+
+def test_load_run_falls_back_to_last_when_best_predates_the_quantizers(tmp_path):
+    fp32 = tmp_path / "fp32"
+    train(tiny(**{"training.n_epochs": 1}), fp32, progress=False, log=None)
+    cfg = load_config(PACT, {**tiny_overrides(), "network.pretrained": str(fp32 / "best.ckpt"), "training.n_epochs": 2,
+                             "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
+                             "training.quantize.kwargs.schedules.activation": {"1": "start"}})
+    train(cfg, tmp_path / "pact", progress=False, log=None)
+    run = tmp_path / "pact"
+    assert load_run(run, "last").path.name == "last.ckpt"
+    early = load_file(run / "last.ckpt")  # as if the best epoch had been epoch 0, before the activations started
+    early["state_dict"] = {k: (torch.zeros_like(v) if k.endswith("started_flag") and ".acts" not in k and "act" in k
+                               else v) for k, v in early["state_dict"].items()}
+    save_atomic(early, run / "best.ckpt")
+    with pytest.warns(UserWarning, match="before every quantizer had started"):
+        assert load_run(run).path.name == "last.ckpt"
+    with pytest.raises(RunError, match="holds no best.ckpt"):
+        load_run(tmp_path)
