@@ -134,6 +134,10 @@ def _normalise(cfg: dict) -> None:
             network.setdefault("pretrained", pretrained)
         if isinstance(network.get("pretrained"), str):
             network["pretrained"] = str(resolve(network["pretrained"], must_exist=True))
+        recipe = network.get("quantize", {}).get("kwargs") if isinstance(network.get("quantize"), dict) else None
+        for key in ("precision_spec_file", "finetuning_ckpt"):  # the reference recipe's file arguments
+            if isinstance(recipe, dict) and isinstance(recipe.get(key), str) and recipe[key]:
+                recipe[key] = str(resolve(recipe[key], must_exist=True))
     data = cfg.get("data")
     if isinstance(data, dict):
         data.setdefault("name", "imagenet")

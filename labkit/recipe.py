@@ -3,7 +3,19 @@
 ``quantize_config`` is the ``network.quantize`` section, in either layout:
 
 (a) the seed's: ``{"PACTConv2d": {...}, "PACTLinear": {...}, "PACTUnsignedAct": {...}, "harmonize": {...}}``
-(b) the reference framework's: ``{"function": "pact_recipe", "kwargs": {"config": <layout a>}}``
+(b) the reference framework's: ``{"function": "pact_recipe", "kwargs": {"config": <layout a>, ...}}``, whose
+    other keyword arguments mean what they mean in the reference's MobileNet recipes:
+
+    ``quantize_pool``        true/false: re-quantize the average pool's output, i.e. ``harmonize.requant_pool``
+                             (absent: labkit's default, true; the reference's default is false, so its
+                             MobileNetV2 has 35 unsigned activations and labkit's 36, ``avgpool_act``)
+    ``precision_spec_file``  a JSON file ``{"layer_levels": {name: n_levels}}`` (as the reference's Bayesian
+                             Bits runs write it) overriding ``n_levels`` of the named layers: quantized convs,
+                             linears, activations, and modules the harmonizer inserts (labkit's names,
+                             ``features.2.integer_add``, ``avgpool_act``: see :func:`labkit.harmonize.plan`);
+                             ``module.`` prefixes and a trailing ``$`` are ignored; an unknown name is an error
+    ``finetuning_ckpt``      weights loaded after the recipe (:func:`labkit.build.build_network`): a state dict
+                             under ``net`` (``module.`` prefixes stripped) or a labkit checkpoint
 
 Per class, keys are regular expressions on hierarchical module names, matched from the start (``re.match``,
 ``$`` anchors allowed: ``"features.3.residual_branch.1.0$"``), mapping to constructor kwargs; the key
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 from typing import Any
 
@@ -44,11 +57,13 @@ from torch import nn
 from labkit.harmonize import harmonize as run_harmonize
 from labkit.harmonize import harmonized_layers
 from labkit.harmonize import plan as harmonize_plan
+from labkit.paths import resolve
 from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
-from labkit.schema import ConfigError, check_quantize
+from labkit.schema import RECIPE_KWARGS, ConfigError, check_quantize
+from labkit.spec import QuantSpec, SpecError
 
-__all__ = ["pact_recipe", "normalize_quantize_config", "default_quantize_config", "CLASS_TARGETS",
-           "REPORT_FIELDS"]
+__all__ = ["pact_recipe", "normalize_quantize_config", "recipe_options", "read_precision_spec",
+           "default_quantize_config", "CLASS_TARGETS", "REPORT_FIELDS"]
 
 #: class key -> (PACT class, float module types it replaces)
 CLASS_TARGETS: dict[str, tuple[type, tuple[type, ...]]] = {
@@ -71,6 +86,7 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     keys :data:`REPORT_FIELDS` (``source`` is ``"recipe"`` or ``"harmonize"``; ``bits`` = ceil(log2 n_levels)).
     """
     config = normalize_quantize_config(quantize_config)
+    spec_file = recipe_options(quantize_config).get("precision_spec_file")
     if not isinstance(net, nn.Module):
         raise TypeError(f"pact_recipe: expected a torch.nn.Module, got {type(net).__name__}")
     named = [(n, m) for n, m in net.named_modules() if n]
@@ -116,6 +132,11 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
                     settings["act_kind"] = "relu6" if isinstance(module, nn.ReLU6) else "relu"
                 plan[name] = {"class_key": class_key, "regex": regex, "settings": settings, "float": module}
 
+    hcfg = config.get("harmonize", True)
+    hkwargs = {} if hcfg in (None, True, False) else dict(hcfg)
+    if spec_file:
+        _apply_precision_spec(net, plan, hkwargs if hcfg is not False else None, spec_file)
+
     # build everything first: a bad setting leaves the network untouched
     for name, item in plan.items():
         pact_cls = CLASS_TARGETS[item["class_key"]][0]
@@ -137,10 +158,8 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     report = [_report_row(name, item["module"], "recipe")
               for name, item in sorted(plan.items(), key=lambda kv: index[kv[0]])]
 
-    hcfg = config.get("harmonize", True)
     if hcfg is False:
         return net, report
-    hkwargs = {} if hcfg in (None, True) else dict(hcfg)
     try:
         net = run_harmonize(net, **hkwargs)
     except (TypeError, ValueError) as err:
@@ -154,10 +173,54 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
 
 def normalize_quantize_config(quantize_config: dict) -> dict:
     """Either layout -> a deep copy in the seed's layout (a), after :func:`labkit.schema.check_quantize`
-    (every class key, regex, layer setting and harmonize option; :class:`ConfigError` naming the key)."""
+    (every class key, regex, layer setting and harmonize option; :class:`ConfigError` naming the key);
+    the reference's ``quantize_pool`` becomes ``harmonize.requant_pool``."""
     check_quantize(quantize_config)
     config = copy.deepcopy(quantize_config)
-    return config["kwargs"]["config"] if "function" in config else config
+    if "function" not in config:
+        return config
+    out = config["kwargs"]["config"]
+    pool = config["kwargs"].get("quantize_pool")
+    if pool is not None and out.get("harmonize") is not False:
+        harmonize = out.get("harmonize")
+        out["harmonize"] = {**(harmonize if isinstance(harmonize, dict) else {}), "requant_pool": pool}
+    return out
+
+
+def recipe_options(quantize_config: dict) -> dict:
+    """The reference layout's recipe keyword arguments that are set (``quantize_pool``, ``precision_spec_file``,
+    ``finetuning_ckpt``); ``{}`` for the seed's layout."""
+    if not isinstance(quantize_config, dict) or "function" not in quantize_config:
+        return {}
+    kwargs = quantize_config.get("kwargs") or {}
+    return {k: kwargs[k] for k in RECIPE_KWARGS if kwargs.get(k) is not None}
+
+
+def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precision_spec_file") -> dict[str, int]:
+    """``{module name: n_levels}`` from a ``{"layer_levels": {name: n_levels}}`` file; ``module.`` prefixes (of
+    every name, as the reference) and a trailing ``$`` (the reference's config-key spelling) are dropped.
+    A missing or malformed file, or a value that is no valid ``n_levels``, is a :class:`ConfigError` at ``where``."""
+    file = resolve(path, must_exist=True)
+    if not file.is_file():
+        raise ConfigError(where, f"file '{path}' not found", "Fix the path (relative paths are read from the "
+                          "current directory, else from the project root) or remove the key")
+    try:
+        levels = json.loads(file.read_text()).get("layer_levels")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(where, f"'{file}' is not a JSON object ({err})", 'Write {"layer_levels": {...}}') from None
+    if not isinstance(levels, dict):
+        raise ConfigError(where, f"'{file}' has no \"layer_levels\" object", 'Write {"layer_levels": '
+                          '{"features.3.residual_branch.1.0": 16, ...}}')
+    if levels and all(k.startswith("module.") for k in levels):
+        levels = {k[len("module."):]: v for k, v in levels.items()}
+    out = {}
+    for name, n in levels.items():
+        try:
+            QuantSpec(n_levels=n)
+        except SpecError as err:
+            raise ConfigError(where, f"'{file}', layer '{name}': {err}") from None
+        out[name[:-1] if name.endswith("$") else name] = n
+    return out
 
 
 def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *, tqt: bool = False,
@@ -219,6 +282,39 @@ def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *,
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _apply_precision_spec(net: nn.Module, plan: dict, hkwargs: dict | None, path: str) -> None:
+    """``n_levels`` from the precision spec file into the recipe's ``plan`` (layers it quantizes) and into
+    ``hkwargs["layers"]`` (modules the harmonizer will insert; ``hkwargs`` None: harmonization is off)."""
+    where = "network.quantize.kwargs.precision_spec_file"
+    levels = read_precision_spec(path, where)
+    for name in [n for n in levels if n in plan]:
+        plan[name]["settings"]["n_levels"] = levels.pop(name)
+    if not levels:
+        return
+    inserted = [] if hkwargs is None else harmonize_plan(
+        net, list(plan), requant_pool=hkwargs.get("requant_pool", True)).names
+    modules = dict(net.named_modules())
+    for name in levels:
+        if name not in inserted:
+            what = (f"'{name}' is a {type(modules[name]).__name__} that network.quantize does not quantize"
+                    if name in modules else f"'{name}' names no module of {type(net).__name__}")
+            raise ConfigError(where, f"{what} (in '{path}'); it can name the layers the config quantizes and the "
+                              f"modules the harmonizer inserts ({', '.join(inserted) or 'none'})"
+                              f"{_suggest(name, list(plan) + inserted)}", "Fix or remove that entry")
+    layers = {}
+    for regex, settings in (hkwargs.get("layers") or {}).items():
+        hits = [n for n in inserted if re.match(regex, n)]
+        if not any(n in levels for n in hits):
+            layers[regex] = settings
+            continue
+        for name in hits:  # this regex's settings, per module, with the file's n_levels
+            layers[re.escape(name) + "$"] = {**(settings or {}), **({"n_levels": levels[name]} if name in levels
+                                                                      else {})}
+    for name, n in levels.items():
+        layers.setdefault(re.escape(name) + "$", {"n_levels": n})
+    hkwargs["layers"] = layers
+
+
 def _override_entry(value: int | dict | None, name: str) -> dict:
     if value is None:
         return {}

@@ -30,6 +30,8 @@ COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
 #: ``network.quantize`` class keys and the quantizer role of what they build
 QUANTIZE_CLASSES = {"PACTConv2d": "weights", "PACTLinear": "weights", "PACTUnsignedAct": "unsigned_act"}
 HARMONIZE_OPTIONS = ("requant_pool", "force_out_eps", "layers")
+#: keyword arguments of the reference's ``pact_recipe`` (beside ``config``), as in its MobileNet recipes
+RECIPE_KWARGS = ("quantize_pool", "precision_spec_file", "finetuning_ckpt")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -206,7 +208,9 @@ def validate(cfg: dict) -> None:
 
 def check_quantize(quantize: Any, where: str = "network.quantize") -> None:
     """The per-layer section, in either layout (the seed's, or ``{"function": "pact_recipe", "kwargs":
-    {"config": ...}}``): class keys, regexes, every layer's settings, the harmonize options."""
+    {"config": ..., "quantize_pool": ..., "precision_spec_file": ..., "finetuning_ckpt": ...}}``): class keys,
+    regexes, every layer's settings, the harmonize options, the reference recipe's keyword arguments (whether
+    the files exist is checked when the network is built)."""
     if not isinstance(quantize, dict):
         raise ConfigError(where, f"expected an object, got {_type(quantize)}")
     if "function" in quantize:
@@ -215,10 +219,11 @@ def check_quantize(quantize: Any, where: str = "network.quantize") -> None:
         _known(quantize, ("function", "kwargs"), where)
         kwargs = quantize.get("kwargs")
         if isinstance(kwargs, dict):
-            _known(kwargs, ("config",), f"{where}.kwargs")
+            _known(kwargs, ("config",) + RECIPE_KWARGS, f"{where}.kwargs")
         if not isinstance(kwargs, dict) or not isinstance(kwargs.get("config"), dict):
             raise ConfigError(f"{where}.kwargs.config", "must be an object with the PACTConv2d / PACTLinear / "
                               "PACTUnsignedAct / harmonize sections")
+        _recipe_kwargs(kwargs, f"{where}.kwargs")
         quantize, where = kwargs["config"], f"{where}.kwargs.config"
     _known(quantize, tuple(QUANTIZE_CLASSES) + ("harmonize",), where)
     for class_key, role in QUANTIZE_CLASSES.items():
@@ -252,6 +257,28 @@ def check_quantize(quantize: Any, where: str = "network.quantize") -> None:
     for regex, layer in layers.items():
         _regex(regex, f"{path}.layers[{regex!r}]")
         _settings({**settings, **(layer or {})}, "signed_act", f"{path}.layers[{regex!r}]")
+
+
+def _recipe_kwargs(kwargs: dict, where: str) -> None:
+    """``quantize_pool`` (true/false: ``harmonize.requant_pool``), ``precision_spec_file`` and
+    ``finetuning_ckpt`` (paths or null)."""
+    for key in ("precision_spec_file", "finetuning_ckpt"):
+        if kwargs.get(key) is not None and not (isinstance(kwargs[key], str) and kwargs[key]):
+            raise ConfigError(f"{where}.{key}", f"expected a file path or null, got {_type(kwargs[key])} "
+                              f"({kwargs[key]!r})")
+    pool = kwargs.get("quantize_pool")
+    if pool is None:
+        return
+    if not isinstance(pool, bool):
+        raise ConfigError(f"{where}.quantize_pool", f"expected true or false, got {pool!r}")
+    harmonize = kwargs["config"].get("harmonize")
+    if harmonize is False and pool:
+        raise ConfigError(f"{where}.quantize_pool", "is true, but config.harmonize is false (no harmonization, "
+                          "so nothing re-quantizes the pool)", "Drop one of them")
+    if isinstance(harmonize, dict) and harmonize.get("requant_pool", pool) != pool:
+        raise ConfigError(f"{where}.quantize_pool", f"is {str(pool).lower()} but config.harmonize.requant_pool "
+                          f"is {str(harmonize['requant_pool']).lower()} (both say whether the pool's output is "
+                          "re-quantized)", "Keep one of them")
 
 
 def check_controllers(quantize: Any, where: str = "training.quantize") -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from labkit.quant import init as qinit
 from labkit.quant import (
     PACTConv2d,
     PACTIntegerAdd,
@@ -144,6 +145,64 @@ def test_adder_eps_synced_before_every_batch():
     ctrls[1].step_pre_training_batch()
     assert net.add.acts[0].get_eps().item() == pytest.approx(target)
     assert net.add.acts[1].get_eps().item() == pytest.approx(target)
+
+
+def _max_abs(w, per_channel):
+    return w.detach().abs().amax(dim=(1, 2, 3)) if per_channel else w.detach().abs().max()
+
+
+def test_weight_bounds_follow_the_weights_until_frozen():
+    net, ctrls, opt = _make()
+    data = _data()
+    _run_epochs(net, ctrls, opt, [0, 1], data)
+    # after the pre-validation hook the bounds that are not learned are those of the current weights
+    torch.testing.assert_close(net.fc.clip_hi, _max_abs(net.fc.weight, False), rtol=0, atol=0)
+    sawb = qinit.sawb_clip(net.conv2.weight, 256, "sawb_asymm")
+    torch.testing.assert_close(net.conv2.clip_hi, sawb, rtol=0, atol=0)
+    assert net.fc.follows_weights and net.conv2.follows_weights and not net.conv.follows_weights
+    learned = net.conv.clip_hi.clone()
+    with torch.no_grad():
+        for m in (net.conv, net.conv2, net.fc):
+            m.weight.mul_(1.5)
+    ctrls[0].step_pre_training_batch()
+    torch.testing.assert_close(net.fc.clip_hi, _max_abs(net.fc.weight, False), rtol=0, atol=0)
+    torch.testing.assert_close(net.conv2.clip_hi, 1.5 * sawb, rtol=1e-6, atol=0)
+    assert torch.equal(net.conv.clip_hi, learned)  # learn_clip: bounds are parameters, not a function of w
+    lo, hi = net.fc.get_clip()
+    assert lo.item() == -net.fc.weight.abs().max().item() and hi.item() == pytest.approx(-lo.item() * 127 / 128)
+    # the weights moved by training too: right before the next batch the bounds are those of the new weights
+    _run_epochs(net, ctrls, opt, [2], data)  # freeze at 2
+    frozen = net.fc.clip_hi.clone()
+    assert net.fc.frozen and not net.fc.follows_weights
+    with torch.no_grad():
+        net.fc.weight.mul_(2.0)
+    ctrls[0].step_pre_training_batch()
+    ctrls[0].step_pre_validation_epoch(2)
+    assert torch.equal(net.fc.clip_hi, frozen)  # frozen bounds stay where they were
+    ctrls[0].apply("thaw")
+    ctrls[0].step_pre_training_batch()
+    torch.testing.assert_close(net.fc.clip_hi, _max_abs(net.fc.weight, False), rtol=0, atol=0)
+
+
+def test_refresh_bounds_equals_the_start_rule_and_leaves_const_and_tqt_state_alone():
+    torch.manual_seed(1)
+    for settings in ({"init_clip": "max", "symm_wts": True}, {"init_clip": "max", "symm_wts": False},
+                     {"init_clip": "sawb_symm", "n_levels": 16}, {"init_clip": "std", "nb_std": 2.0},
+                     {"init_clip": "max", "tqt": True}, {"init_clip": "const", "init_clip_hi": 0.1}):
+        for quantize in ("per_channel", "per_layer"):
+            conv = PACTConv2d(4, 6, 3, quantize=quantize, learn_clip=False, **settings)
+            conv.start()
+            with torch.no_grad():
+                conv.weight.mul_(3.0)
+            fresh = copy.deepcopy(conv)
+            fresh.stop()
+            fresh.start()  # the init rule on the current weights
+            before = copy.deepcopy(conv.state_dict())
+            assert conv.refresh_bounds() == (settings["init_clip"] != "const")
+            for key, value in conv.state_dict().items():
+                expect = before[key] if settings["init_clip"] == "const" or key.startswith("tqt_") else \
+                    fresh.state_dict()[key]
+                torch.testing.assert_close(value, expect, rtol=0, atol=0, msg=f"{settings} {quantize} {key}")
 
 
 def test_skipped_epochs_are_caught_up_and_commands_idempotent():

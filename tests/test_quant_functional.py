@@ -111,7 +111,9 @@ def test_pact_half_input_keeps_dtype():
 
 # ------------------------------------------------------------------------------------------------ TQT
 def ref_tqt(x, log2_t, n_levels, signed, pow2):
-    n, p, d = tqt_code_range(n_levels, signed)
+    n, p, _ = tqt_code_range(n_levels, signed)
+    # t = -lo (signed), t = hi (unsigned, continuous: the reference's step t / (N - 1)), the paper's 2^b with pow2
+    d = n_levels // 2 if signed else (n_levels if pow2 else n_levels - 1)
     s = 2.0 ** math.ceil(log2_t - math.log2(d)) if pow2 else 2.0 ** log2_t / d
     c = torch.floor(x / s + 0.5)
     return s * c.clamp(n, p), s, c, n, p
@@ -155,6 +157,8 @@ def test_tqt_pow2_scales_exact_powers_of_two_paper_formula():
     # continuous variant (reference library): s = 2^log2_t / D, not a power of two in general
     s = tqt_scale(torch.tensor(0.4), 256, signed=True, pow2=False).item()
     assert s == pytest.approx(2 ** 0.4 / 128)
+    s = tqt_scale(torch.tensor(0.4), 256, signed=False, pow2=False).item()
+    assert s == pytest.approx(2 ** 0.4 / 255)  # unsigned: hi = t
 
 
 def test_tqt_per_channel_log2t_gradient_reduction():

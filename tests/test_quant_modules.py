@@ -88,7 +88,7 @@ def test_activation_init_modes(mode):
         exp_lo, exp_hi = 0.9 * x1.min() + 0.1 * x2.min(), 0.9 * x1.max() + 0.1 * x2.max()
     elif mode == "std":
         m = 0.9 * x1.mean() + 0.1 * x2.mean()
-        sd = (0.9 * x1.var(unbiased=False) + 0.1 * x2.var(unbiased=False)).sqrt()
+        sd = (0.9 * x1.var() + 0.1 * x2.var()).sqrt()
         exp_lo, exp_hi = m - 2 * sd, m + 2 * sd
     elif mode == "percentile":
         exp_lo = 0.9 * torch.quantile(x1, 0.01) + 0.1 * torch.quantile(x2, 0.01)

@@ -197,6 +197,107 @@ def test_already_quantized_network_is_refused():
         pact_recipe(net, {"PACTConv2d": {"pilot.0$": {}}})
 
 
+# ------------------------------------------------------------------ the reference recipe's keyword arguments
+def reference_layout(config, **kwargs):
+    return {"function": "pact_recipe", "kwargs": {"config": config, **kwargs}}
+
+
+def unsigned_acts(net):
+    return [n for n, m in net.named_modules() if type(m) is PACTUnsignedAct]
+
+
+def test_quantize_pool_false_gives_the_reference_network_of_35_unsigned_activations():
+    cfg = default_quantize_config(small())
+    del cfg["harmonize"]["requant_pool"]
+    ref_net, _ = pact_recipe(small(), reference_layout(copy.deepcopy(cfg), quantize_pool=False))
+    pool_net, _ = pact_recipe(small(), reference_layout(copy.deepcopy(cfg), quantize_pool=True))
+    default_net, _ = pact_recipe(small(), reference_layout(copy.deepcopy(cfg)))
+    assert len(unsigned_acts(ref_net)) == 35 and "avgpool_act" not in dict(ref_net.named_modules())
+    assert unsigned_acts(pool_net) == unsigned_acts(default_net) == unsigned_acts(ref_net) + ["avgpool_act"]
+    # without the requantizer the classifier reads the pool's float mean, as in the reference
+    pool_node = next(n for n in ref_net.graph.nodes if n.target == "avgpool")
+    assert [u.target for u in pool_node.users] == ["flatten"]
+    assert normalize_quantize_config(reference_layout(copy.deepcopy(cfg), quantize_pool=False))["harmonize"][
+        "requant_pool"] is False
+    with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*requant_pool is true"):
+        pact_recipe(small(), reference_layout({**cfg, "harmonize": {"requant_pool": True}}, quantize_pool=False))
+    with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*harmonize is false"):
+        pact_recipe(small(), reference_layout({**cfg, "harmonize": False}, quantize_pool=True))
+    with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*true or false"):
+        pact_recipe(small(), reference_layout(cfg, quantize_pool="no"))
+
+
+def test_precision_spec_file_overrides_n_levels_of_recipe_and_inserted_layers(tmp_path):
+    cfg = default_quantize_config(small())
+    cfg["harmonize"]["layers"] = {r"features\.\d+\.integer_add$": {"init_clip": "const"}}
+    spec = tmp_path / "bb.json"
+    spec.write_text(json.dumps({"layer_levels": {
+        "module.pilot.0": 16, "module.features.3.residual_branch.1.2$": 4, "module.features.2.integer_add": 16,
+        "module.avgpool_act": 8, "module.classifier.1": 64}}))
+    net, report = pact_recipe(small(), reference_layout(cfg, precision_spec_file=str(spec)))
+    levels = {r["name"]: r["n_levels"] for r in report}
+    assert (levels["pilot.0"], levels["features.3.residual_branch.1.2"], levels["classifier.1"]) == (16, 4, 64)
+    assert (levels["features.2.integer_add"], levels["avgpool_act"]) == (16, 8)
+    mods = dict(net.named_modules())
+    add = mods["features.2.integer_add"]
+    assert [q.n_levels for q in add.quantizers()] == [16, 16, 16]
+    assert add.acts[0].init_clip == "const" == mods["features.4.integer_add"].acts[0].init_clip  # the layers entry kept
+    assert mods["features.4.integer_add"].n_levels == 256 and levels["features.3.residual_branch.0.0"] == 256
+    assert sum(v != 256 for v in levels.values()) == 5
+
+    for layer_levels, match in (({"features.3.residual_branch.1.1": 16}, "'features.3.residual_branch.1.1' is a "
+                                 "BatchNorm2d that network.quantize does not quantize"),
+                                ({"features.2.integer_ad": 16}, "names no module.*did you mean 'features.2.integer_add'"),
+                                ({"_QL_OP_TREE_REPLACE_ADD_0": 16}, "names no module.*avgpool_act"),
+                                ({"pilot.0": 3.5}, "layer 'pilot.0': n_levels must be an integer")):
+        spec.write_text(json.dumps({"layer_levels": layer_levels}))
+        with pytest.raises(ConfigError, match=r"kwargs\.precision_spec_file'.*" + match):
+            pact_recipe(small(), reference_layout(cfg, precision_spec_file=str(spec)))
+    spec.write_text(json.dumps({"levels": {}}))
+    with pytest.raises(ConfigError, match="no \"layer_levels\" object"):
+        pact_recipe(small(), reference_layout(cfg, precision_spec_file=str(spec)))
+    with pytest.raises(ConfigError, match=r"precision_spec_file'.*'.*nowhere\.json' not found"):
+        pact_recipe(small(), reference_layout(cfg, precision_spec_file=str(tmp_path / "nowhere.json")))
+
+
+def test_finetuning_ckpt_is_loaded_after_the_recipe(tmp_path, monkeypatch):
+    from labkit.build import build_network
+    from labkit.checkpoint import CheckpointError
+    from labkit.config import resolve_config
+
+    raw = json.loads((ROOT / "configs" / "embedded" / "config.pact.json").read_text())
+    raw["network"]["pretrained"] = None
+    section = raw["network"]["quantize"]
+    donor, _ = build_network(resolve_config(raw))
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(torch.randn_like(p))
+    state = {"module." + k: v for k, v in donor.state_dict().items()}
+    del state["module.classifier.1.bias"]
+    state["module._QL_SOMETHING.clip_lo"] = torch.zeros(())
+    monkeypatch.chdir(tmp_path)
+    torch.save({"net": state, "epoch": 3}, tmp_path / "ft.ckpt")
+    raw["network"]["quantize"] = reference_layout(section, finetuning_ckpt="ft.ckpt")
+    cfg = resolve_config(raw)  # a relative path: read from the current directory (else the project root)
+    with pytest.warns(UserWarning, match=r"finetuning_ckpt.*1 are not in it.*'classifier.1.bias'.*1 of its"):
+        net, _ = build_network(cfg)
+    got, want = net.state_dict(), donor.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "classifier.1.bias")
+    assert not torch.equal(got["classifier.1.bias"], want["classifier.1.bias"])
+    unloaded, _ = build_network(cfg, pretrained=False)  # a run's own checkpoint comes next: not loaded
+    assert not torch.equal(unloaded.state_dict()["pilot.0.weight"], want["pilot.0.weight"])
+
+    torch.save({"model": state}, tmp_path / "ft.ckpt")
+    with pytest.raises(CheckpointError, match="holds no state dict under 'net' \\(it holds: model\\)"):
+        build_network(cfg)
+    torch.save({"net": {"pilot.0.weight": torch.zeros(3)}}, tmp_path / "ft.ckpt")
+    with pytest.raises(CheckpointError, match="'pilot.0.weight' has shape \\(3,\\)"):
+        build_network(cfg)
+    (tmp_path / "ft.ckpt").unlink()
+    with pytest.raises(ConfigError, match=r"kwargs\.finetuning_ckpt'.*not found"):
+        build_network(cfg)
+
+
 # ------------------------------------------------------------------ shipped configs
 def expected_levels(path: Path, name: str, kind: str) -> int:
     if "4b" in path.name:

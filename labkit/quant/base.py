@@ -10,10 +10,14 @@ Bounds (effective ``lo``/``hi``, ``eps = (hi - lo) / (n_levels - 1)``, floored a
   * signed, ``symm``:       almost-symmetric, zero exact: lo = -m, eps = m / floor(n/2), hi = lo + (n-1) eps
                             with m = ``clip_hi`` (n = 256: codes -128..127, hi = 127/128 m)
   * signed, not ``symm``:   lo = ``clip_lo``, hi = ``clip_hi``
-  * ``tqt``:                parameter ``log2_t``; scale s (see :mod:`labkit.quant.functional`), lo = n s, hi = p s;
+  * ``tqt``:                parameter ``log2_t``; scale s (see :mod:`labkit.quant.functional`), lo = n s, hi = p s
+                            (t = 2^log2_t is -lo when signed, hi when unsigned and not ``pow2``);
                             TQT grids are symmetric by design (``symm`` is ignored)
 ``start`` initialises by ``init_clip`` (rules in :mod:`labkit.quant.init`); symmetric grids take
-m = max(|lo|, |hi|) of the rule's range, except ``const`` where m = ``init_clip_hi``.
+m = max(|lo|, |hi|) of the rule's range, except ``const`` where m = ``init_clip_hi``. Every symmetric grid,
+``sawb_symm`` included, is the almost-symmetric one above: zero must be a code of an integer network (the
+reference puts ``sawb_symm`` on the exactly symmetric [-m, m], eps = 2m / (n - 1), where an even n has no zero).
+Weight bounds that are not learned follow the weights (:meth:`labkit.quant.layers.PACTConv2d.refresh_bounds`).
 With ``learn_clip`` the bound parameters receive the PACT gradients (or the TQT log2 t gradient) once started;
 the raw TQT gradient is normalised by :func:`labkit.quant.optim.normalize_tqt_grads`, which the training loop
 calls right before each optimizer step. ``requires_grad`` of bound parameters is ``learn_clip`` and never
@@ -136,16 +140,18 @@ class QuantizerBase(nn.Module):
         return self.n_levels // 2
 
     @torch.no_grad()
-    def _set_bounds(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Store raw (lo, hi) (scalars or per-channel vectors) into the bound parameters."""
+    def _set_bounds(self, lo: torch.Tensor, hi: torch.Tensor, reset_tqt_state: bool = True) -> None:
+        """Store raw (lo, hi) (scalars or per-channel vectors) into the bound parameters (TQT: and restart the
+        gradient normalisation's running variance unless ``reset_tqt_state`` is false)."""
         lo = lo.float().reshape(self.clip_shape) if lo.numel() > 1 else lo.float().reshape(())
         hi = hi.float().reshape(self.clip_shape) if hi.numel() > 1 else hi.float().reshape(())
         tiny = EPS_MIN * (self.n_levels - 1)
         if self.tqt:
             t = hi if not self.signed else torch.maximum(lo.abs(), hi.abs())
             self.log2_t.copy_(torch.log2(t.clamp(min=tiny)).expand(self.clip_shape))
-            self.tqt_var.zero_()
-            self.tqt_step.zero_()
+            if reset_tqt_state:
+                self.tqt_var.zero_()
+                self.tqt_step.zero_()
         elif not self.signed:
             self.clip_hi.copy_(hi.clamp(min=tiny).expand(self.clip_shape))
         elif self.symm:
@@ -195,7 +201,7 @@ class QuantizerBase(nn.Module):
         asymmetric: lo kept, hi = lo + (n-1) eps; TQT: log2 t = log2(eps D), pow2 picks ceil(log2 eps))."""
         eps = torch.as_tensor(eps, dtype=torch.float32, device=self.started_flag.device).clamp(min=EPS_MIN)
         if self.tqt:
-            _, _, d = tqt_code_range(self.n_levels, self.signed)
+            _, _, d = tqt_code_range(self.n_levels, self.signed, self.pow2)
             if self.pow2:  # land strictly inside (k - 1, k] so that ceil() gives k exactly
                 k = torch.ceil(torch.log2(eps) - 1e-6)
                 self.log2_t.copy_((k + math.log2(d) - 0.5).expand(self.clip_shape))

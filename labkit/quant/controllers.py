@@ -6,7 +6,9 @@ every scheduled command with ``last_epoch < epoch <= e`` (so skipped epochs are 
 ``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
 schedule to a net restored from a checkpoint reproduces the uninterrupted run's module state.
 The activation controller also covers the adders' quantizers and calls every adder's ``sync_eps`` after its
-commands, before every training batch and before validation.
+commands, before every training batch and before validation. At the same points the linear controller
+re-derives the weight bounds that are not learned from the current weights (``refresh_bounds``: started, not
+frozen, ``learn_clip`` false), so that they follow the weights as in the reference.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PACTController:
                 raise TypeError(f"{name} controller: unknown keyword {k!r}; allowed: {', '.join(START_KWARGS)}")
         self.modules = list(modules)
         self.adders = list(adders)
+        self.weight_quantizers = [m for _, m in self.modules if isinstance(m, _WeightQuantizer)]
         self.name = name
         self.schedule = parse_schedule(schedule, f"{name} schedule")
         self.start_kwargs = start_kwargs
@@ -80,8 +83,11 @@ class PACTController:
                 print(f"  {n}: lo={s['lo']:.5g} hi={s['hi']:.5g} eps={s['eps']:.5g} n_levels={s['n_levels']}")
 
     def sync(self) -> None:
+        """Adder eps sync and weight-bound refresh (what must hold before every forward)."""
         for a in self.adders:
             a.sync_eps()
+        for m in self.weight_quantizers:
+            m.refresh_bounds()
 
     # ------------------------------------------------------------------ trainer hooks
     def step_pre_training_epoch(self, epoch: int) -> None:

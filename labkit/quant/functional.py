@@ -12,18 +12,26 @@ the single point x == hi counts as ``above``). Gradients (straight-through estim
 summed down to the shape of ``lo`` / ``hi`` (a scalar, or one value per output channel).
 
 TQT (arXiv 1903.08066): a trained ``log2_t``; scale ``s = 2^log2_t / D`` (continuous, as the reference
-library) or ``s = 2^ceil(log2_t - log2 D)`` (``pow2``: the paper; equals ``2^ceil(log2 t) / D`` when D is a
-power of two). Codes ``n..p``: signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``D = floor(N/2)``; unsigned
-``n = 0``, ``p = N - 1``, ``D = N`` (N = n_levels; N = 2^b gives the paper's grids)::
+library) or ``s = 2^ceil(log2_t - log2 D)`` (``pow2``: the paper, ``2^ceil(log2 t) / 2^(b-1)`` signed and
+``2^ceil(log2 t) / 2^b`` unsigned). Codes ``n..p`` and divisor ``D`` (:func:`tqt_code_range`, N = n_levels):
+signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``D = floor(N/2)`` (t = -lo); unsigned ``n = 0``, ``p = N - 1``,
+``D = N - 1`` continuous (t = hi, the reference's step t / (N - 1)) or ``D = N`` with ``pow2`` (the paper)::
 
     q = s * clamp(R(x/s), n, p)
     dq/dx = 1 if n <= R(x/s) <= p else 0
     dq/dlog2_t = s ln2 (R(x/s) - x/s) inside,  s ln2 n below,  s ln2 p above
 
+Regions are decided on the rounded code ``R(x/s)``, as in the paper: an x within half a step beyond a bound
+rounds onto the grid's end code and counts as inside. (The reference library decides on x itself,
+``x >= p s`` is above, so those elements get no x gradient and ``s ln2 p`` instead of ``s ln2 (p - x/s)``.)
+
 The log2_t gradient is normalised (Adam-like, without momentum) by :func:`normalize_tqt_grad`:
 ``v <- beta v + (1 - beta) g^2``, ``g <- g / (sqrt(v / (1 - beta^k)) + 1e-12)`` then optionally ``tanh(g)``;
-the training loop applies it right before the optimizer step (:func:`labkit.quant.optim.normalize_tqt_grads`); ``tqt_quantize`` can
-also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
+1e-12 only guards against 0 / 0 (the reference adds 1e-5, which shrinks the step of a threshold whose raw
+gradient is not much larger than 1e-5: the normalisation is meant to make steps independent of the gradient's
+scale). The training loop applies it right before the optimizer step
+(:func:`labkit.quant.optim.normalize_tqt_grads`), not inside backward as the reference does; ``tqt_quantize``
+can also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
 Half-precision inputs are computed in float32; the output has the input's dtype.
@@ -183,17 +191,18 @@ def pact_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels:
     return PACTQuantFn.apply(x, lo, hi, int(n_levels), bool(rounding))
 
 
-def tqt_code_range(n_levels: int, signed: bool) -> tuple[int, int, int]:
-    """``(n, p, D)``: code range and threshold divisor (signed: D = floor(N/2), n = -D; unsigned: D = N, n = 0)."""
+def tqt_code_range(n_levels: int, signed: bool, pow2: bool = False) -> tuple[int, int, int]:
+    """``(n, p, D)``: code range and threshold divisor, ``s = t / D`` (signed: n = -D, D = floor(N/2); unsigned:
+    n = 0, D = N - 1, so that hi = t as in the reference, or D = N with ``pow2``, the paper's 2^b)."""
     if signed:
         d = n_levels // 2
         return -d, n_levels - 1 - d, d
-    return 0, n_levels - 1, n_levels
+    return 0, n_levels - 1, n_levels if pow2 else n_levels - 1
 
 
 def tqt_scale(log2_t: torch.Tensor, n_levels: int, signed: bool, pow2: bool) -> torch.Tensor:
     """``s = 2^log2_t / D`` or, with ``pow2``, ``s = 2^ceil(log2_t - log2 D)`` (exact power of two)."""
-    _, _, d = tqt_code_range(n_levels, signed)
+    _, _, d = tqt_code_range(n_levels, signed, pow2)
     if pow2:
         return torch.exp2(torch.ceil(log2_t - math.log2(d)))
     return torch.exp2(log2_t) / d

@@ -2,20 +2,26 @@
 
 Weights (computed from the tensor at ``start``; per layer, or per output channel = dim 0):
   ``max``        lo = min w, hi = max w (symmetric quantizers use m = max |w|)
-  ``std``        mean -/+ nb_std * std (symmetric: m = max(|mean - k std|, |mean + k std|))
-  ``sawb_symm``  m = c1 sqrt(E[w^2]) - c2 E|w| with the symmetric-range coefficients
+  ``std``        mean -/+ nb_std * std (unbiased; symmetric: m = max(|mean - k std|, |mean + k std|))
+  ``sawb_symm``  m = c1 sqrt(E[w^2]) - c2 E|w| with the symmetric-range coefficients (the quantizer puts m on
+                 its almost-symmetric grid, see :mod:`labkit.quant.base`)
   ``sawb_asymm`` the same with the almost-symmetric-range coefficients (odd n_levels: the only column)
   ``const``      [init_clip_lo, init_clip_hi]
 SAWB falls back to max |w| wherever alpha* <= 0.
 
 Activations (from statistics gathered in training mode before ``start``):
   ``max`` EMA of the batch min / max (unsigned: hi only); ``std`` mean -/+ nb_std * std (EMAs of the batch
-  mean and variance); ``percentile`` EMA of the batch ``100 - percentile`` / ``percentile`` percentiles
-  (linear interpolation); ``const`` [init_clip_lo, init_clip_hi] (unsigned: [0, init_clip_hi]).
+  mean and unbiased variance); ``percentile`` EMA of the batch ``100 - percentile`` / ``percentile``
+  percentiles (linear interpolation); ``const`` [init_clip_lo, init_clip_hi] (unsigned: [0, init_clip_hi]).
+  Every EMA starts from the first batch's value. (The reference starts its mean / variance EMAs from 0 / 1,
+  as batch norm does: after k batches that data-independent prior still weighs (1 - momentum)^k, 73% after
+  three batches, which pulls the ``std`` bound towards 0 + nb_std.)
 Signed symmetric quantizers take m = max(|lo|, |hi|); TQT takes t = hi (unsigned) or max(|lo|, |hi|).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -38,6 +44,9 @@ SAWB_COEFFS: dict[int, tuple[tuple[float, float], tuple[float, float] | None]] =
     255: ((35.48044, 40.89530), None),
     256: ((34.97231, 40.26019), (36.15292, 41.73554)),
 }
+
+#: weight modes whose symmetric bound :func:`weight_magnitude` computes directly
+MAGNITUDE_MODES = ("max", "sawb_symm", "sawb_asymm")
 
 # statistics sampled per batch for the percentile rule (strided subsample; no RNG draws)
 PERCENTILE_SAMPLES = 1 << 16
@@ -66,9 +75,17 @@ def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_chan
     """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0."""
     c1, c2 = sawb_coefficients(n_levels, mode)
     dims = _reduce_dims(w, per_channel)
-    wf = w.detach().float()
-    alpha = c1 * torch.sqrt((wf ** 2).mean(dim=dims)) - c2 * wf.abs().mean(dim=dims)
-    return torch.where(alpha > 0, alpha, wf.abs().amax(dim=dims))
+    a = w.detach().float().abs()
+    alpha = c1 * torch.sqrt((a * a).mean(dim=dims)) - c2 * a.mean(dim=dims)
+    return torch.where(alpha > 0, alpha, a.amax(dim=dims))
+
+
+def weight_magnitude(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False) -> torch.Tensor:
+    """``m = max(|lo|, |hi|)`` of :func:`weight_clip` for ``max`` (max |w|) and the SAWB modes, in a few tensor
+    ops (the symmetric bound that weight quantizers re-derive before every batch)."""
+    if mode == "max":
+        return w.detach().float().abs().amax(dim=_reduce_dims(w, per_channel))
+    return sawb_clip(w, n_levels, mode, per_channel)
 
 
 def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False, nb_std: float = 3.0,
@@ -80,7 +97,8 @@ def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = F
     if mode == "max":
         return wf.amin(dim=dims), wf.amax(dim=dims)
     if mode == "std":
-        mean, std = wf.mean(dim=dims), wf.std(dim=dims, unbiased=False)
+        count = math.prod(wf.shape[d] for d in dims)
+        mean, std = wf.mean(dim=dims), wf.std(dim=dims, correction=1 if count > 1 else 0)
         return mean - nb_std * std, mean + nb_std * std
     if mode in ("sawb_symm", "sawb_asymm"):
         a = sawb_clip(w, n_levels, mode, per_channel)
@@ -91,20 +109,21 @@ def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = F
 
 def update_act_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, momentum: float, percentile: float) -> None:
     """EMA (``new = (1 - momentum) old + momentum batch``; the first batch is copied) of the batch min, max,
-    mean, variance and the ``100 - percentile`` / ``percentile`` percentiles (of a strided subsample of at most
-    ``PERCENTILE_SAMPLES`` values). NaN values are ignored (an all-NaN batch makes the statistics NaN, and a
-    later ``start`` then raises). Updates ``stats`` in place without host synchronisation."""
+    mean, unbiased variance and the ``100 - percentile`` / ``percentile`` percentiles (of a strided subsample
+    of at most ``PERCENTILE_SAMPLES`` values). NaN values are ignored (an all-NaN batch makes the statistics
+    NaN, and a later ``start`` then raises). Updates ``stats`` in place without host synchronisation."""
     xf = x.detach().float().reshape(-1)
     if xf.numel() == 0:
         return
     nan = torch.isnan(xf)
     mean = torch.nanmean(xf)
+    count = (~nan).sum()
     sub = xf[:: max(1, xf.numel() // PERCENTILE_SAMPLES)]
     q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], device=xf.device)
     pct = torch.nanquantile(sub, q)
     batch = {
         "running_min": torch.where(nan, torch.inf, xf).amin(), "running_max": torch.where(nan, -torch.inf, xf).amax(),
-        "running_mean": mean, "running_var": torch.nanmean((xf - mean) ** 2),
+        "running_mean": mean, "running_var": torch.nansum((xf - mean) ** 2) / (count - 1).clamp(min=1),
         "running_pct_lo": pct[0], "running_pct_hi": pct[1],
     }
     first = stats["n_stat_batches"] == 0

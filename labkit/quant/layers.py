@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
+from labkit.quant.functional import EPS_MIN
 from labkit.spec import QuantSpec
 
 
@@ -15,7 +16,13 @@ class _WeightQuantizer(QuantizerBase):
     """Weight fake quantization for conv/linear subclasses (``self.weight``); float weights before start.
 
     Always signed. ``symm`` (``symm_wts`` in configs): almost-symmetric range (m = ``clip_hi``); else lo/hi
-    free. ``per_channel``: one bound per output channel (dim 0), bound gradients reduced per channel."""
+    free. ``per_channel``: one bound per output channel (dim 0), bound gradients reduced per channel.
+
+    Bounds that are not learned follow the weights: while started, not frozen and ``learn_clip`` false,
+    :meth:`refresh_bounds` re-applies the ``init_clip`` rule to the current weights; the linear controller
+    calls it before every training batch and before validation, as the reference does. The stored bounds are
+    always the ones the last forward used, derived from the weights it used (checkpoints, a resumed run and the
+    integer twin see exactly those); ``freeze`` keeps the last ones."""
 
     def _setup_weight_quant(self, spec: QuantSpec | None, settings: dict) -> None:
         if spec is None:
@@ -35,6 +42,24 @@ class _WeightQuantizer(QuantizerBase):
     def _raw_init_bounds(self):
         return qinit.weight_clip(self.weight, self.init_clip, self.n_levels, self.per_channel, self.nb_std,
                                  self.init_clip_lo, self.init_clip_hi)
+
+    @property
+    def follows_weights(self) -> bool:
+        """Whether :meth:`refresh_bounds` re-derives the bounds: started, not frozen, not learned, not ``const``."""
+        return self._started and not self._frozen and not self.learn_clip and self.init_clip != "const"
+
+    @torch.no_grad()
+    def refresh_bounds(self) -> bool:
+        """Re-derive the bounds from the current weights by ``init_clip`` if :attr:`follows_weights`; returns
+        whether it did (a handful of reductions over the weight tensor)."""
+        if not self.follows_weights:
+            return False
+        if self.symm and not self.tqt and self.init_clip in qinit.MAGNITUDE_MODES:  # m only: fewer tensor ops
+            m = qinit.weight_magnitude(self.weight, self.init_clip, self.n_levels, self.per_channel)
+            self.clip_hi.copy_(m.clamp_(min=EPS_MIN * (self.n_levels - 1)).view(self.clip_shape))
+        else:
+            self._set_bounds(*self._raw_init_bounds(), reset_tqt_state=False)
+        return True
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight used in forward: fake-quantized after ``start``, float before."""
