@@ -7,6 +7,7 @@ Notebooks call these one at a time and display what they return; the logic lives
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import re
@@ -71,6 +72,15 @@ class Conversion:
     def key_table(self, first: int = 12) -> Table:
         table = key_table(self.state)
         return Table(table.rows[:first], title=f"key map: first {first} of {len(table)} tensors")
+
+    def what_we_saw(self) -> "Lines":
+        """The conversion's key numbers: tensors, network, the logit check, the file written (or why none)."""
+        written = (f"wrote {self.checkpoint}: use it as network.pretrained" if self.checkpoint else
+                   "no checkpoint written: the demo network's weights are random (give real weights to convert them)")
+        return Lines([f"{len(self.state)} torchvision tensors -> MobileNetV2 capacity {self.net.capacity}, "
+                      f"{self.net.num_classes} classes", f"max |logit difference| {self.max_diff:.3g} "
+                      f"({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'}: the bound is 1e-5)", written],
+                     f"what we saw: {self.source}")
 
     def _repr_html_(self) -> str:
         return f"<p>{self.summary()}</p>"
@@ -320,6 +330,23 @@ def quantizer_log(run: str | Path, show: int = 0) -> "Collapsed":
     what = "; ".join(f"epoch {e['epoch'] + 1 if e['epoch'] is not None else '?'} {e['controller']} {e['command']}"
                      for e in events) or "no controller commands logged"
     return Collapsed(Table(rows, title=f"{path}"), f"quantizer bounds at each controller command ({what})")
+
+
+def sweep_summary(output_dir: str | Path) -> "Lines":
+    """A finished sweep's ``results.csv`` as one line per run (final and best top-1, time) plus the best run."""
+    path = resolve(output_dir) / "results.csv"
+    if not path.is_file():
+        return Lines([f"{path} not found: the sweep has not finished"], "what we saw")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = [f"{r['run']}: final top-1 {float(r['final_top1']):.2f}%, best {float(r['best_top1']):.2f}% "
+             f"({float(r['seconds']):.0f} s)" if r in ok else f"{r['run']}: {r.get('status')} ({r.get('error', '')})"
+             for r in rows]
+    if ok:
+        best = max(ok, key=lambda r: float(r["best_top1"]))
+        lines.append(f"best: {best['run']} at {float(best['best_top1']):.2f}%; {len(ok)} of {len(rows)} runs finished")
+    return Lines(lines, f"what we saw: {path}")
 
 
 class Collapsed:

@@ -40,7 +40,7 @@ def plot_training_curves(history: list[dict], title: str = "", axes=None):
         ax.legend()
     if title:
         fig.suptitle(title)
-    return Plot(fig, f"{title or 'training'}: loss and top-1 over {len(history)} epochs")
+    return Plot(fig, f"{title or 'loss and top-1'} ({len(history)} epochs)")
 
 
 def _epoch_axis(ax) -> None:
@@ -120,13 +120,14 @@ def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None,
     if title:
         fig.suptitle(title)
     n = len(groups["activations"]) + len(groups["weights"])
-    return Plot(fig, f"{title or 'clipping bounds'}: {n} quantizers, {len(history)} points")
+    return Plot(fig, f"{title or 'clipping bounds'} ({n} quantizers, {len(history)} points)")
 
 
 def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_levels: int, title: str = "", ax=None,
-                             bounds: str = "clip bounds"):
+                             bounds: str = "clip bounds", outside: float | None = None):
     """Histogram of ``values`` with the clip bounds ``lo``/``hi`` (legend: ``bounds``, i.e. whose they are) and,
-    for <= 64 levels, the grid ``lo + k eps``."""
+    for <= 64 levels, the grid ``lo + k eps``. ``outside``: the share (%) of values outside their own bounds
+    (default: outside ``lo``/``hi``)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     v = values.detach().flatten().float().cpu()
@@ -139,20 +140,24 @@ def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_level
             ax.axvline(lo + k * eps, color="0.6", lw=0.4)
     ax.axvline(lo, color="#c44e52", lw=1.5, label=f"{bounds}: {lo:.3g} .. {hi:.3g}")
     ax.axvline(hi, color="#c44e52", lw=1.5)
-    clipped = float(((v < lo) | (v > hi)).float().mean()) * 100
-    ax.set(title=title or f"{n_levels} levels", xlabel=f"value ({n_levels} levels, {clipped:.2f}% outside)",
+    clipped = float(((v < lo) | (v > hi)).float().mean()) * 100 if outside is None else outside
+    ax.set(title=title or f"{n_levels} levels", xlabel=f"value ({n_levels} levels; {clipped:.2f}% outside their bounds)",
            ylabel="count")
     ax.legend(fontsize=7, loc="upper right")
     return ax
 
 
-def _widest_channel(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float, str]:
-    """Bounds to draw for one quantizer: its own (per tensor) or those of its widest channel (per channel)."""
-    lo, hi = lo.detach().float().flatten(), hi.detach().float().flatten()
+def _widest_channel(lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> tuple[float, float, str, float]:
+    """Bounds to draw for one quantizer: its own (per tensor) or those of its widest channel (per channel, dim
+    0 of ``values``); and the share (%) of ``values`` outside their own channel's bounds."""
+    lo, hi, v = lo.detach().float().flatten(), hi.detach().float().flatten(), values.detach().float()
     if hi.numel() == 1:
-        return float(lo), float(hi), "clip bounds (per tensor)"
+        return float(lo), float(hi), "clip bounds (per tensor)", float(((v < lo) | (v > hi)).float().mean()) * 100
+    shape = (-1,) + (1,) * (v.dim() - 1)
+    outside = float(((v < lo.view(shape)) | (v > hi.view(shape))).float().mean()) * 100
     c = int((hi - lo).argmax())
-    return float(lo[c]), float(hi[c]), f"widest of {hi.numel()} channels (#{c}); narrowest ±{float((hi - lo).min()) / 2:.3g}"
+    return (float(lo[c]), float(hi[c]), f"widest of {hi.numel()} channels (#{c}); narrowest ±{float((hi - lo).min()) / 2:.3g}",
+            outside)
 
 
 def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, batch: torch.Tensor):
@@ -170,11 +175,11 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
         hook.remove()
         qnet.train(was_training)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
-    lo_w, hi_w, whose_w = _widest_channel(*conv.get_clip_w())
-    plot_quantized_histogram(conv.weight, lo_w, hi_w, conv.n_levels, f"{weight_layer} weights", axes[0], whose_w)
-    lo_a, hi_a, whose_a = _widest_channel(*act.get_clip())
+    lo_w, hi_w, whose_w, out_w = _widest_channel(*conv.get_clip_w(), conv.weight)
+    plot_quantized_histogram(conv.weight, lo_w, hi_w, conv.n_levels, f"{weight_layer} weights", axes[0], whose_w, out_w)
+    lo_a, hi_a, whose_a, out_a = _widest_channel(*act.get_clip(), captured["x"])
     plot_quantized_histogram(captured["x"], lo_a, hi_a, act.n_levels, f"{act_layer} input ({len(batch)} images)",
-                             axes[1], whose_a)
+                             axes[1], whose_a, out_a)
     return Plot(fig, f"histograms: {weight_layer} weights, {act_layer} input, with their clip bounds")
 
 

@@ -302,7 +302,8 @@ def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, 
             for c, cstate in zip(controllers, ckpt.get("controllers", [])):
                 c.load_state_dict(cstate)
             start_epoch, best_top1, history = state.start_epoch, ckpt["best_top1"], state.history
-            say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
+            if start_epoch < n_epochs:
+                say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
         elif resume:
             say(f"no checkpoint in {run.path} yet: starting from epoch 1")
         if main and start_epoch < n_epochs:

@@ -9,6 +9,7 @@ value). The saved JSON is a complete config that ``labkit train`` accepts; its n
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import ipywidgets as W
@@ -22,6 +23,24 @@ BULK_TARGETS = ("all layers", "depthwise", "pointwise", "first and last")
 DEFAULT_SAVE = "runs/mixed/config.mixed.json"
 COLUMNS = (("layer", "300px"), ("type", "90px"), ("W bits", "70px"), ("A bits", "70px"), ("per-channel", "90px"))
 RED = "color:#b00"
+
+
+class _Text(W.HTML):
+    """An HTML widget whose plain-text form (a saved notebook's fallback) is its text, not the widget's repr."""
+
+    def __repr__(self) -> str:
+        return re.sub(r"<[^>]+>", "", self.value)
+
+
+class _Box(W.VBox):
+    """A VBox whose plain-text form is ``text``."""
+
+    def __init__(self, children, text: str):
+        super().__init__(children)
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def _mib(n_bytes: float) -> str:
@@ -40,10 +59,11 @@ class BitWidthEditor:
         self.totals = W.HTML()
         self.message = W.HTML()
         self.saved: tuple[Path, dict] | None = None
-        self.save_status = W.HTML()
+        self.save_status = _Text()
+        self.summary = _Text()  # the plan's key numbers (notebook 06's last cell), follows every edit
         self.costs = W.HTML()
         self.chart = W.HTML()
-        self.outputs = W.VBox([self.chart, self.costs])
+        self.outputs = _Box([self.chart, self.costs], "per-layer memory and BOPs (bars) and the cost table")
         self.widget = W.VBox([self._bulk_bar(), self.totals, self.message, self._head(), self._table(),
                               self._save_bar(save_to)])
         self._refresh()
@@ -161,6 +181,9 @@ class BitWidthEditor:
             f"<b>activations</b> {_mib(t['act_bytes'])} in all, largest {_mib(t['peak_act_bytes'])} · "
             f"<b>BOPs</b> {t['BOPs'] / 1e9:.2f} G ({100 * t['bops_vs_fp32']:.2f}% of FP32) · "
             f"input {'x'.join(map(str, self.plan.input_shape[1:]))}")
+        self.summary.value = (f"<b>{self.name()}</b>: {self.plan.describe()}; weights {int(t['weight_bytes']):,} bytes "
+                              f"({t['compression']:.1f}x smaller than FP32), activations {int(t['act_bytes']):,} "
+                              f"bytes, {100 * t['bops_vs_fp32']:.2f}% of FP32's BOPs")
         costs = self.plan.costs()
         self.costs.value = cost_html(costs, t)
         self.chart.value = cost_bars(costs)
