@@ -4,9 +4,12 @@ nbval (``pytest --nbval-lax notebooks``) runs them top to bottom with their defa
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+
+from labkit.lab import CONSOLE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -22,12 +25,34 @@ def test_committed_clean_with_parameters_cell(path):
 
 
 def run_notebook(name, tmp_path, **parameters):
-    import papermill
+    """Execute a notebook through labkit's papermill wrapper; check it is quiet; return its text."""
+    from labkit.lab import execute_notebook
 
-    out = tmp_path / name
-    papermill.execute_notebook(str(ROOT / "notebooks" / name), str(out), parameters=parameters,
-                               cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
-    return output_text(json.loads(out.read_text()))
+    nb = json.loads(execute_notebook(name.removesuffix(".ipynb"), tmp_path / name, parameters).read_text())
+    assert_quiet(nb)
+    return output_text(nb)
+
+
+def assert_quiet(nb) -> None:
+    """No stderr output (kernel warnings, tracebacks), no bare figure or object reprs, no tqdm fallback text."""
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+            assert out.get("name") != "stderr", f"cell {i} wrote to stderr: {text[:300]}"
+            assert not re.search(r"<Figure size|<\w+(\.\w+)+ (object )?at 0x|\|\s+\| 0/\d+", text), \
+                f"cell {i} shows a bare repr or a progress-bar fallback: {text[:300]}"
+
+
+def test_console_lines_of_labkit_lab():
+    """labkit lab's console gets the trainer's epoch, resume and controller lines of a notebook, nothing else."""
+    from labkit.lab import _Lines
+
+    seen = []
+    sink = _Lines(seen.append, "  03  ", lambda line: bool(CONSOLE_LINE.match(line.strip())))
+    sink.write("embedded-pact: PACT/TQT MobileNetV2\n[linear controller] start: 53 quantizers, eps 0.001 .. 0.01\nep")
+    sink.write("och   1/4  lr 0.002  train loss 0.1\nsome other line\nruns/x is complete (4 epochs): nothing to train\n")
+    assert seen == ["  03  [linear controller] start: 53 quantizers, eps 0.001 .. 0.01",
+                    "  03  epoch   1/4  lr 0.002  train loss 0.1", "  03  runs/x is complete (4 epochs): nothing to train"]
 
 
 def output_text(nb) -> str:
