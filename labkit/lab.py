@@ -25,6 +25,7 @@ from labkit.config import load_config
 from labkit.convert import (conversion_error, demo_torchvision_state, from_torchvision, key_table,
                             load_torchvision_weights, save_converted, torchvision_hub_file)
 from labkit.data import build_datasets
+from labkit.errors import LabkitError
 from labkit.paths import resolve
 from labkit.report import Table
 from labkit.runs import QUANTIZERS, RunFolder, read_history
@@ -254,6 +255,10 @@ def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: i
     return target
 
 
+class NotebookError(LabkitError):
+    """A notebook of the lab failed; the message names it, the cell, the error and the executed notebook."""
+
+
 class _Lines:
     """A file-like sink for a kernel's stdout: complete lines that ``keep`` accepts go to ``log``, prefixed."""
 
@@ -294,7 +299,12 @@ def run_notebooks(output_dir: str = "runs/lab", names=MAIN_FLOW, parameters: dic
     for name in names:
         target = out / f"{name}.ipynb"
         log(f"{name}.ipynb -> {target}")
-        executed.append(execute_notebook(name, target, (parameters or {}).get(name, {}), log, verbose))
+        try:
+            executed.append(execute_notebook(name, target, (parameters or {}).get(name, {}), log, verbose))
+        except papermill.PapermillExecutionError as err:
+            raise NotebookError(f"{name}.ipynb failed in cell {err.exec_count}: {err.ename}: "
+                                f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (the executed notebook: "
+                                f"{target})") from None
     return executed
 
 
