@@ -88,3 +88,25 @@ def test_fp32_notebook_under_papermill_with_other_parameters(tmp_path):
     assert "epoch   1/1" in text and "1 of 1 epochs, final top-1" in text
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert len(history) == 1 and (run_dir / "best.ckpt").is_file()
+
+
+def _history(top1s):
+    best = 0.0
+    for epoch, top1 in enumerate(top1s):
+        best = max(best, top1)
+        yield {"epoch": epoch, "seconds": 2.0, "best_top1": best, "valid": {"top1": top1, "loss": 1.0},
+               "train": {"top1": top1, "loss": 1.0}}
+
+
+@pytest.mark.parametrize("top1s, warned", [([9.0, 11.0], True), ([60.0, 85.0], True), ([90.0, 97.5], False)])
+def test_what_we_saw_computes_the_numbers_and_warns_on_a_weak_baseline(tmp_path, top1s, warned):
+    """Notebook 02's conclusion: first/last/best top-1 and time from the run folder; a warning below
+    ``expect_top1`` (90 here) or within twice of chance (10 classes: 20%)."""
+    from labkit.lab import what_we_saw
+
+    (tmp_path / "config.json").write_text(json.dumps({"network": {"kwargs": {"num_classes": 10}}}))
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _history(top1s)))
+    text = repr(what_we_saw(tmp_path, expect_top1=90.0))
+    assert f"2 epochs in 4 s: valid top-1 {top1s[0]:.2f}% after epoch 1, {top1s[1]:.2f}% at the end, best " \
+           f"{max(top1s):.2f}%" in text
+    assert ("WARNING: best top-1" in text) == warned
