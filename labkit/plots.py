@@ -15,6 +15,8 @@ from IPython.display import display
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from labkit.runs import read_history
+
 #: layers labelled per clip panel: the ones whose bound moved most (relative to its first value)
 TOP_K = 3
 PANEL_TITLES = {("activations", "hi"): "activation clip bound (alpha)", ("weights", "hi"): "weight clip bound",
@@ -184,18 +186,22 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
 
 
 class LiveClipPlot:
-    """Training callback for notebooks: clip bounds and the running train loss, redrawn in place after the first
-    batch, then at most every ``interval`` seconds and after every epoch (axes show from the start)."""
+    """Training callback for notebooks: clip bounds redrawn in place after the first batch, then at most every
+    ``interval`` seconds and after every epoch. Axes show from the start; with ``run`` (a run folder being
+    continued) its epochs so far are drawn at once."""
 
-    def __init__(self, title: str = "", interval: float = 3.0):
-        self.title, self.interval, self.points, self.shown = title, interval, [], 0.0
+    def __init__(self, title: str = "", interval: float = 3.0, run=None):
+        self.title, self.interval, self.shown = title, interval, 0.0
+        self.points = [r for r in (read_history(run) if run else []) if "quant" in r]
         self.fig = plt.figure(figsize=(15, 4.2), layout="constrained")
-        self.fig.subplots(1, 2)
-        for ax in self.fig.axes:
-            ax.set(xlabel="epoch", title="waiting for the first batch")
-            _epoch_axis(ax)
-        self.handle = display(Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)"),
-                              display_id=True)
+        if self.points:
+            plot = plot_clip_trajectories(self.points, title=f"{title}: {len(self.points)} epochs in {run}", fig=self.fig)
+        else:
+            for ax in self.fig.subplots(1, 2):
+                ax.set(xlabel="epoch", title="waiting for the first batch")
+                _epoch_axis(ax)
+            plot = Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)")
+        self.handle = display(plot, display_id=True)
 
     def on_batch(self, record: dict) -> None:
         if time.perf_counter() - self.shown >= self.interval:
