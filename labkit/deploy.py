@@ -305,7 +305,8 @@ def conclude(results: dict[str, Comparison], agreement: dict[str, dict[str, Comp
         records.append({"network": name, "top1_fake": r.top1_fake, "top1_int": r.top1_int, "predictions": r.predictions,
                         "min_identical": float(_floor(r.min_identical)), "export": str(resolve(output_dir)),
                         "int32_min_identical": int32 and float(_floor(int32.min_identical))})
-        lines.append(f"{name}: integer top-1 {r.top1_int:.2f}% (fake-quant {r.top1_fake:.2f}%), {_floor(r.predictions)}% "
+        lines.append(f"{name}: integer top-1 {r.top1_int:.2f}% (fake-quant {r.top1_fake:.2f}%), "
+                     f"{_floor(r.predictions)}% "
                      f"of {r.n} predictions identical, worst layer {_floor(r.min_identical)}% identical codes; "
                      + (f"int32 twin: worst layer {_floor(int32.min_identical)}% identical to int64 on {int32.n} "
                         "images; " if int32 else "")

@@ -143,7 +143,8 @@ def what_we_saw(run: str | Path, expect_top1: float | None = None) -> "Lines":
     base = read_history(Path(start).parent) if start and (Path(start).parent / "history.jsonl").is_file() else []
     if base:
         lines.append(f"the FP32 network it started from ({Path(start).parent.name}): best top-1 "
-                     f"{base[-1]['best_top1']:.2f}%, so quantization costs {base[-1]['best_top1'] - last['best_top1']:+.2f}"
+                     f"{base[-1]['best_top1']:.2f}%, so quantization costs "
+                     f"{base[-1]['best_top1'] - last['best_top1']:+.2f}"
                      " points (best vs best)")
     if last.get("quant"):
         moved = {n: (first["quant"][n]["hi"], s["hi"]) for n, s in last["quant"].items()
@@ -322,7 +323,8 @@ def lab_results(executed: list[Path]) -> Table:
     for twin in (json.loads(summary.read_text()) if summary.is_file() else []):
         rows.append({"step": "05_integerize_export", "network": f"{twin['network']} integer",
                      "top-1 %": twin["top1_int"], "best %": None,
-                     "integer agreement": f"{twin['predictions']:g}% predictions, worst layer {twin['min_identical']:g}%",
+                     "integer agreement": f"{twin['predictions']:g}% predictions, worst layer "
+                                          f"{twin['min_identical']:g}%",
                      "where": twin["export"]})
     notebooks = ", ".join(p.name for p in executed)
     return Table(rows, title=f"labkit lab: results (executed notebooks in {executed[0].parent if executed else '-'}: "

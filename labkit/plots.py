@@ -143,7 +143,8 @@ def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_level
     ax.axvline(lo, color="#c44e52", lw=1.5, label=f"{bounds}: {lo:.3g} .. {hi:.3g}")
     ax.axvline(hi, color="#c44e52", lw=1.5)
     clipped = float(((v < lo) | (v > hi)).float().mean()) * 100 if outside is None else outside
-    ax.set(title=title or f"{n_levels} levels", xlabel=f"value ({n_levels} levels; {clipped:.2f}% outside their bounds)",
+    ax.set(title=title or f"{n_levels} levels",
+           xlabel=f"value ({n_levels} levels; {clipped:.2f}% outside their bounds)",
            ylabel="count")
     ax.legend(fontsize=7, loc="upper right")
     return ax
@@ -158,8 +159,8 @@ def _widest_channel(lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) ->
     shape = (-1,) + (1,) * (v.dim() - 1)
     outside = float(((v < lo.view(shape)) | (v > hi.view(shape))).float().mean()) * 100
     c = int((hi - lo).argmax())
-    return (float(lo[c]), float(hi[c]), f"widest of {hi.numel()} channels (#{c}); narrowest ±{float((hi - lo).min()) / 2:.3g}",
-            outside)
+    whose = f"widest of {hi.numel()} channels (#{c}); narrowest ±{float((hi - lo).min()) / 2:.3g}"
+    return float(lo[c]), float(hi[c]), whose, outside
 
 
 def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, batch: torch.Tensor):
@@ -195,7 +196,8 @@ class LiveClipPlot:
         self.points = [r for r in (read_history(run) if run else []) if "quant" in r]
         self.fig = plt.figure(figsize=(15, 4.2), layout="constrained")
         if self.points:
-            plot = plot_clip_trajectories(self.points, title=f"{title}: {len(self.points)} epochs in {run}", fig=self.fig)
+            plot = plot_clip_trajectories(self.points, title=f"{title}: {len(self.points)} epochs in {run}",
+                                          fig=self.fig)
         else:
             for ax in self.fig.subplots(1, 2):
                 ax.set(xlabel="epoch", title="waiting for the first batch")

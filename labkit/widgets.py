@@ -208,7 +208,7 @@ class BitWidthEditor:
 
     # ------------------------------------------------------------------ results
     def name(self) -> str:
-        """The saved config's name: the base config's, ``mixed`` and the bit ranges (``embedded-pact-mixed-W4-8-A4-8``)."""
+        """The saved config's name: the base's, ``mixed``, the bit ranges (``embedded-pact-mixed-W4-8-A4-8``)."""
         plan = self.plan.describe().removesuffix(" bits").replace("W ", "W").replace("A ", "A").replace(" / ", "-")
         return f"{self.base_config.get('name', 'config')}-mixed-{plan}"
 
@@ -248,7 +248,8 @@ def cost_html(costs: list[dict], totals: dict, max_height: str = "320px") -> str
     head = "".join(f"<th style='position:sticky;top:0;background:var(--jp-layout-color1,#fff)'>{c}</th>"
                    for c in ("layer", "type", "W", "A", "weight bytes", "activation bytes", "BOPs"))
     body = "".join(f"<tr><td>{c['name']}</td><td>{c['kind']}</td><td>{c['w_bits']}</td><td>{c['a_bits'] or ''}</td>"
-                   f"<td>{int(c['weight_bytes']):,}</td><td>{int(c['act_bytes']):,}</td><td>{int(c['BOPs']):,}</td></tr>"
+                   f"<td>{int(c['weight_bytes']):,}</td><td>{int(c['act_bytes']):,}</td>"
+                   f"<td>{int(c['BOPs']):,}</td></tr>"
                    for c in costs)
     total = {k: int(totals[k]) for k in ("weight_bytes", "act_bytes", "BOPs")}
     foot = (f"<tr><td><b>total</b></td><td></td><td></td><td></td><td><b>{total['weight_bytes']:,}</b></td>"

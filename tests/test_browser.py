@@ -46,7 +46,8 @@ def test_widget_editor_in_jupyterlab(tmp_path):
     names = [row.name for row in editor.plan.rows]
     # the biggest layer the plan puts at `bits` (not the first or last): 4 -> 2 bits moves the weight total
     params = {g.name: g.params for g in editor.plan.layers}
-    layer = max((r for r in editor.plan.rows[1:-1] if r.w_bits == PARAMETERS["bits"]), key=lambda r: params[r.name]).name
+    layer = max((r for r in editor.plan.rows[1:-1] if r.w_bits == PARAMETERS["bits"]),
+                key=lambda r: params[r.name]).name
     new_bits = 2
 
     def expected_totals():

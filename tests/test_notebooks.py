@@ -50,9 +50,11 @@ def test_console_lines_of_labkit_lab():
     seen = []
     sink = _Lines(seen.append, "  03  ", lambda line: bool(CONSOLE_LINE.match(line.strip())))
     sink.write("embedded-pact: PACT/TQT MobileNetV2\n[linear controller] start: 53 quantizers, eps 0.001 .. 0.01\nep")
-    sink.write("och   1/4  lr 0.002  train loss 0.1\nsome other line\nruns/x is complete (4 epochs): nothing to train\n")
+    sink.write("och   1/4  lr 0.002  train loss 0.1\nsome other line\n")
+    sink.write("runs/x is complete (4 epochs): nothing to train\n")
     assert seen == ["  03  [linear controller] start: 53 quantizers, eps 0.001 .. 0.01",
-                    "  03  epoch   1/4  lr 0.002  train loss 0.1", "  03  runs/x is complete (4 epochs): nothing to train"]
+                    "  03  epoch   1/4  lr 0.002  train loss 0.1",
+                    "  03  runs/x is complete (4 epochs): nothing to train"]
 
 
 def output_text(nb) -> str:

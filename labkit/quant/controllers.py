@@ -86,7 +86,8 @@ class PACTController:
         self.log(f"[{self.name} controller] {command}: {len(rows)} quantizers, eps {min(eps):.3g} .. {max(eps):.3g}")
         if self.detail:
             for r in rows:
-                self.log(f"  {r['name']}: lo={r['lo']:.5g} hi={r['hi']:.5g} eps={r['eps']:.5g} n_levels={r['n_levels']}")
+                self.log(f"  {r['name']}: lo={r['lo']:.5g} hi={r['hi']:.5g} eps={r['eps']:.5g} "
+                         f"n_levels={r['n_levels']}")
 
     def sync(self) -> None:
         for a in self.adders:
