@@ -318,13 +318,13 @@ def lab_results(executed: list[Path]) -> Table:
         last = history[-1] if history else {}
         rows.append({"step": name, "network": Path(run).name.split("-", 1)[-1].upper(),
                      "top-1 %": last.get("valid", {}).get("top1"), "best %": last.get("best_top1"),
-                     "integer agreement": "", "where": str(resolve(run)) if history else "not run"})
+                     "integer agreement": "", "where": str(resolve(run).absolute()) if history else "not run"})
     summary = resolve(INTEGER_DIR) / INTEGER_SUMMARY
     for twin in (json.loads(summary.read_text()) if summary.is_file() else []):
         rows.append({"step": "05_integerize_export", "network": f"{twin['network']} integer",
                      "top-1 %": twin["top1_int"], "best %": None,
-                     "integer agreement": f"{twin['predictions']:g}% predictions, worst layer "
-                                          f"{twin['min_identical']:g}%",
+                     "integer agreement": f"{twin['predictions']:g}% predictions (fake-quant top-1 "
+                                          f"{twin['top1_fake']:.2f}%), worst layer {twin['min_identical']:g}%",
                      "where": twin["export"]})
     notebooks = ", ".join(p.name for p in executed)
     return Table(rows, title=f"labkit lab: results (executed notebooks in {executed[0].parent if executed else '-'}: "
