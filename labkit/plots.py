@@ -45,8 +45,11 @@ def plot_training_curves(history: list[dict], title: str = "", axes=None):
     return Plot(fig, f"{title or 'loss and top-1'} ({len(history)} epochs)")
 
 
-def _epoch_axis(ax) -> None:
+def _epoch_axis(ax, last: float | None = None) -> None:
+    """Integer epoch ticks; with ``last`` (the largest x drawn) the axis spans epoch 0 to at least 1."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if last is not None:
+        ax.set_xlim(0, max(1.0, last) * 1.04)
     ax.grid(alpha=0.3)
 
 
@@ -89,7 +92,7 @@ def top_movers(series: dict[str, list[tuple[float, float]]], k: int = TOP_K, rel
     def moved(points):
         first, last = points[0][1], points[-1][1]
         return abs(last - first) / (max(abs(first), 1e-12) if relative else 1.0)
-    return sorted((n for n, p in series.items() if len(p) > 1), key=lambda n: -moved(series[n]))[:k]
+    return sorted((n for n, p in series.items() if len(p) > 1 and moved(p) > 0), key=lambda n: -moved(series[n]))[:k]
 
 
 def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None, title: str = "", fig=None):
@@ -110,14 +113,17 @@ def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None,
         named = top_movers(series, relative=key != "log2_t")  # log2 t: already relative
         for name, points in series.items():
             if name not in named:
-                ax.plot(*zip(*points), color="0.75", lw=0.8)
+                ax.plot(*zip(*points), color="0.75", lw=0.8, marker=".", markersize=2)
         for name in named:
             ax.plot(*zip(*series[name]), lw=1.8, marker=".", label=name)
         ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=PANEL_TITLES[group, key])
-        _epoch_axis(ax)
+        _epoch_axis(ax, max((p[-1][0] for p in series.values()), default=None))
         if named:
             ax.legend(title=f"moved most (of {len(series)})", fontsize=7, title_fontsize=7, loc="best")
-        elif not series:
+        elif series:
+            ax.text(0.5, 0.02, f"{len(series)} layers; none moved yet", transform=ax.transAxes, ha="center",
+                    color="0.4", fontsize=8)
+        else:
             ax.text(0.5, 0.5, "no values yet", transform=ax.transAxes, ha="center", color="0.5")
     if title:
         fig.suptitle(title)

@@ -5,7 +5,7 @@ JupyterLab in headless Chromium and leaves screenshots in ``test-artifacts/``; t
     python scripts/make_screenshots.py --only widget   # one of: widget (notebook 06), training (notebook 03)
 
 Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``). Notebook 03
-trains one epoch of PACT into a temporary folder (from ``runs/embedded-fp32/best.ckpt``, trained first when
+trains two epochs of PACT into a temporary folder (from ``runs/embedded-fp32/best.ckpt``, trained first when
 missing): minutes on 2 cores.
 """
 

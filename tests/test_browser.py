@@ -5,7 +5,7 @@ A private JupyterLab (free port, token, temporary root, config and runtime folde
 all its cells through the Run menu, waits for the ipywidgets editor, types a new W bits value into one layer's
 row and clicks the bulk *apply* button. After each edit the rendered totals line must equal what the same
 editor computes in this process for the same edit, and the cost table below the editor must change with it.
-Notebook 03 trains one epoch: its live clip plot must show (axes) while the training cell still runs, before the
+Notebook 03 trains two epochs: its live clip plot must show (axes) while the training cell still runs, before the
 first epoch's line, and no cell may show a stderr box. Screenshots land in ``test-artifacts/`` (the README's
 pictures: ``scripts/make_screenshots.py`` copies them to ``docs/img``).
 
@@ -100,23 +100,23 @@ def test_widget_editor_in_jupyterlab(tmp_path):
 
 @pytest.mark.slow
 def test_training_notebook_in_jupyterlab(tmp_path):
-    """Notebook 03, one epoch into a fresh run folder: the live plot draws before the first epoch ends, no cell
+    """Notebook 03, two epochs into a fresh run folder: the live plot draws before the first epoch ends, no cell
     writes to stderr, and the clip-bound figures are captured for the README."""
     import browser
 
     missing = browser.missing_requirements()
     if missing:
         pytest.fail(f"the browser test needs {' and '.join(missing)}: {browser.INSTALL_HINT}", pytrace=False)
-    parameters = {"epochs": 1, "output_dir": str(tmp_path / "pact")}
+    parameters = {"epochs": 2, "output_dir": str(tmp_path / "pact")}  # epoch 2 starts the activation quantizers
     with browser.open_notebook(TRAINING, parameters=parameters,
                                failure_screenshot=ARTIFACTS / "training-failure.png") as lab:
         lab.run_all()
         live = lab.wait_for_image("LiveClipPlot(", timeout=1800, while_running=True)
-        assert "epoch 1/1 " not in live and "epoch   1/1" not in live, f"the plot came after the epoch: {live}"
+        assert "epoch 1/2 " not in live and "epoch   1/2" not in live, f"the plot came after the epoch: {live}"
         lab.wait_until_idle(timeout=3600)
         lab.screenshot_cell("LiveClipPlot(", ARTIFACTS / "live-clip-plot.png")
         lab.screenshot_cell("plot_clip_trajectories(read_history", ARTIFACTS / "clip-bounds.png")
         stderr = lab.stderr_outputs()
         done = browser.normalize(lab.cell("lab.what_we_saw").inner_text())
     assert not stderr, f"stderr boxes in notebook 03: {stderr[:3]}"
-    assert "1 epochs in" in done, f"the last cell did not conclude the run: {done}"
+    assert "2 epochs in" in done, f"the last cell did not conclude the run: {done}"
