@@ -11,7 +11,7 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import display
+from IPython.display import DisplayHandle
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
@@ -195,21 +195,22 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
 class LiveClipPlot:
     """Training callback for notebooks: clip bounds redrawn in place after the first batch, then at most every
     ``interval`` seconds and after every epoch. Axes show from the start; with ``run`` (a run folder being
-    continued) its epochs so far are drawn at once."""
+    continued) a line says how many epochs it holds, and its epochs so far are drawn with the first new batch."""
 
     def __init__(self, title: str = "", interval: float = 3.0, run=None):
         self.title, self.interval, self.shown = title, interval, 0.0
         self.points = [r for r in (read_history(run) if run else []) if "quant" in r]
         self.fig = plt.figure(figsize=(15, 4.2), layout="constrained")
-        if self.points:
-            plot = plot_clip_trajectories(self.points, title=f"{title}: {len(self.points)} epochs in {run}",
-                                          fig=self.fig)
-        else:
-            for ax in self.fig.subplots(1, 2):
-                ax.set(xlabel="epoch", title="waiting for the first batch")
-                _epoch_axis(ax)
-            plot = Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)")
-        self.handle = display(plot, display_id=True)
+        self.handle = DisplayHandle()
+        if self.points:  # a finished run trains nothing: a line, not a second copy of the history plot
+            self.handle.display({"text/plain": f"{title}: {run} holds {len(self.points)} epochs; the live plot "
+                                               "starts with the next training batch (the history is plotted below)"},
+                                raw=True)
+            return
+        for ax in self.fig.subplots(1, 2):
+            ax.set(xlabel="epoch", title="waiting for the first batch")
+            _epoch_axis(ax)
+        self.handle.display(Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)"))
 
     def on_batch(self, record: dict) -> None:
         if time.perf_counter() - self.shown >= self.interval:
