@@ -201,6 +201,7 @@ class LiveClipPlot:
         self.title, self.interval, self.shown = title, interval, 0.0
         self.points = [r for r in (read_history(run) if run else []) if "quant" in r]
         self.fig = plt.figure(figsize=(15, 4.2), layout="constrained")
+        plt.close(self.fig)  # shown through the display handle only, never by the inline backend
         self.handle = DisplayHandle()
         if self.points:  # a finished run trains nothing: a line, not a second copy of the history plot
             self.handle.display({"text/plain": f"{title}: {run} holds {len(self.points)} epochs; the live plot "
