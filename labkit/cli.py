@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override any config key by its dotted path, value as JSON, e.g. "
                          "--set data.train.dataloader.bs=128 (repeatable)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
+    tr.add_argument("--verbose", action="store_true", help="also print every quantizer's bounds at each controller "
+                    "command (always written to the run folder's quantizers.jsonl)")
 
     ev = sub.add_parser(
         "eval", help="validation loss/top-1/top-5 of a checkpoint",
@@ -125,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser(
         "lab", help="the whole flow on the embedded default: FP32 -> PACT -> TQT -> integerize/export",
         description="Execute the lab notebooks in order with papermill (their default parameters: the embedded "
-                    "default) and print where the executed notebooks, runs, plots and tables are.")
+                    "default), printing one line per training epoch, then a results table: FP32/PACT/TQT top-1, "
+                    "the integer networks' agreement, and where each run and export is.")
     lab.add_argument("--output-dir", "-o", default="runs/lab", metavar="DIR",
                      help="where the executed notebooks go (default runs/lab); runs go to runs/embedded-*")
+    lab.add_argument("--verbose", action="store_true", help="print every line the notebooks print")
     ig = sub.add_parser(
         "integerize", help="integer network of a PACT/TQT run; per-layer check against fake quantization",
         description="Turn a trained PACT/TQT run into its integer twin (integer weight codes, BN folded into "
@@ -224,7 +228,7 @@ def cmd_train(args) -> None:
     from labkit.train import train
 
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, verbose=args.verbose)
     print(f"final valid top-1 {result['valid']['top1']:.2f}%  (best {result['best_top1']:.2f}%)  -> {out}")
 
 
@@ -309,14 +313,11 @@ def cmd_plan(args) -> None:
 
 def cmd_lab(args) -> None:
     out = _writable_folder(Path(args.output_dir).absolute(), "lab folder")
-    from labkit.lab import run_notebooks
+    from labkit.lab import lab_results, run_notebooks
 
-    executed = run_notebooks(out)
-    print("executed notebooks (open them in JupyterLab for tables and plots):")
-    for path in executed:
-        print(f"  {path}")
-    print("runs (config, history.jsonl, checkpoints): runs/embedded-fp32, runs/embedded-pact, runs/embedded-tqt")
-    print("integer networks and exports (network.onnx, inputs.npz, outputs.npz): runs/integerize")
+    executed = run_notebooks(out, verbose=args.verbose)
+    print(lab_results(executed))
+    print("open the executed notebooks in JupyterLab for the plots and per-layer tables")
 
 
 def _integer_run(args):

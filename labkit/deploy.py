@@ -7,6 +7,7 @@ exports for onnxruntime, qonnx and Deeploy.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from labkit.export import TARGETS, check_export, export
 from labkit.integer import (Comparison, Int32Plan, IntegerizeError, compare, input_eps, input_range, input_shape_of,
                             int32_twin, integerize, requant_layers)
 from labkit.integer.size import size_report
-from labkit.lab import ensure_run
+from labkit.lab import INTEGER_SUMMARY, Collapsed, Lines, ensure_run
 from labkit.paths import resolve
 from labkit.quant import QuantizerBase
 from labkit.report import Table
@@ -194,9 +195,9 @@ def int32_agreement_table(results: dict[str, dict[str, Comparison]], target: flo
 
 
 def int32_layers(results: dict[str, Comparison], agreement: dict[str, dict[str, Comparison]],
-                 plans: dict[str, Int32Plan], name: str | None = None) -> Table:
+                 plans: dict[str, Int32Plan], name: str | None = None) -> Collapsed:
     """Per requantization of one network (default: the first): its shifts and headroom, and its share of
-    identical codes (layer by layer) for int64 vs fake-quant, int32 vs fake-quant and int32 vs int64."""
+    identical codes (layer by layer) for int64 vs fake-quant, int32 vs fake-quant and int32 vs int64; collapsed."""
     name = name or next(iter(plans))
     columns = [results[name].code_layers, agreement[name]["fake-quant"].code_layers,
                agreement[name]["int64"].code_layers]
@@ -204,7 +205,15 @@ def int32_layers(results: dict[str, Comparison], agreement: dict[str, dict[str, 
              "int64 vs fake-quant %": _floor(a["identical"]), "int32 vs fake-quant %": _floor(b["identical"]),
              "int32 vs int64 %": _floor(c["identical"]), "int32 vs int64 end to end %": _floor(c["e2e_identical"])}
             for p, a, b, c in zip(plans[name].layers, *columns)]
-    return Table(rows, title=f"{name}: identical codes per layer, exact (int64) and int32 requantization")
+    differing = sum(r["int32 vs int64 %"] != "100" for r in rows)
+    return Collapsed(Table(rows, title=f"{name}: identical codes per layer, exact (int64) and int32 requantization"),
+                     f"{name}: {differing} of {len(rows)} requantizations where int32 and int64 codes differ")
+
+
+def int32_details(plans: dict[str, Int32Plan], name: str | None = None) -> Collapsed:
+    """One network's int32 plan (default: the first): per layer its input interval, shifts, bound, headroom."""
+    name = name or next(iter(plans))
+    return Collapsed(plans[name].table(), f"{name}: {plans[name].summary()}")
 
 
 def size_table(nets: dict[str, Twin]) -> Table:
@@ -241,7 +250,68 @@ def export_twins(nets: dict[str, Twin], output_dir: str | Path, n_inputs: int = 
                              "nodes run in Deeploy's semantics)")
 
 
-def _floor(value: float, digits: int = 4) -> float:
-    """Round down, so that 99.99996% never shows as 100."""
+def _floor(value: float, digits: int = 4) -> str:
+    """A percentage rounded down, as text: ``100`` only when nothing differs (99.99996 shows as 99.9999)."""
+    if value >= 100.0:
+        return "100"
     scale = 10 ** digits
-    return int(value * scale) / scale
+    return f"{int(value * scale) / scale:.{digits}f}"
+
+
+def _verdict(r: Comparison, target: float) -> str:
+    """``target met`` or ``target NOT met: <why>`` for one comparison."""
+    why = [] if r.min_identical >= target else [f"'{r.worst['layer']}' has {r.worst['mismatches']} differing codes "
+                                                f"({_floor(r.min_identical)}% < {target}%)"]
+    why += [] if r.predictions == 100.0 else [f"{_floor(r.predictions)}% identical predictions (< 100%)"]
+    why += [] if r.top1_int is None or r.top1_int == r.top1_fake else ["the top-1s differ"]
+    return "target met" if not why else "target NOT met: " + "; ".join(why)
+
+
+def summary(results: dict[str, Comparison], target: float = 99.99) -> Lines:
+    """One line per network: worst layer's codes, predictions, top-1 fake-quant vs integer, the verdict and why."""
+    lines = []
+    for name, r in results.items():
+        w = r.worst
+        top1 = "" if r.top1_int is None else f"; top-1 fake-quant {r.top1_fake:.2f}% vs integer {r.top1_int:.2f}%"
+        lines.append(f"{name}: {_verdict(r, target)} ({r.n} images; codes: worst layer '{w['layer']}' "
+                     f"{_floor(w['identical'])}% identical, {w['mismatches']} differ, max difference "
+                     f"{w['max_diff']}; predictions {_floor(r.predictions)}% identical{top1})")
+    return Lines(lines, f"integer twin vs {next(iter(results.values())).reference} network (target: >= {target}% "
+                        "identical codes in every layer, every prediction identical, equal top-1)")
+
+
+def layer_details(results: dict[str, Comparison], name: str | None = None) -> Collapsed:
+    """Per layer of one network (default: the first), layers with differing codes first; collapsed."""
+    name = name or next(iter(results))
+    r = results[name]
+    rows = sorted(r.layers, key=lambda row: (row["mismatches"] == 0, r.layers.index(row)))
+    rows = [{**row, "identical": _floor(row["identical"]), "e2e_identical": _floor(row["e2e_identical"])}
+            for row in rows]
+    differing = sum(row["mismatches"] > 0 for row in r.code_layers)
+    return Collapsed(Table(rows, r.COLUMNS, title=f"{name}: per layer, differing layers first (identical % rounded "
+                                                  "down)"),
+                     f"{name}: {differing} of {len(r.code_layers)} layers with differing codes")
+
+
+def conclude(results: dict[str, Comparison], agreement: dict[str, dict[str, Comparison]], exports: Table,
+             output_dir: str | Path) -> Lines:
+    """What notebook 05 saw, per network: integer vs fake-quant, int32 vs int64, the exports; also written to
+    ``output_dir/summary.json`` (``labkit lab`` prints it)."""
+    records, lines = [], []
+    for name, r in results.items():
+        int32 = agreement.get(name, {}).get("int64")
+        folders = [row for row in exports.rows if row["network"] == name]
+        exact = sum(row["onnxruntime"] == "exact" for row in folders)
+        records.append({"network": name, "top1_fake": r.top1_fake, "top1_int": r.top1_int, "predictions": r.predictions,
+                        "min_identical": float(_floor(r.min_identical)), "export": str(resolve(output_dir)),
+                        "int32_min_identical": int32 and float(_floor(int32.min_identical))})
+        lines.append(f"{name}: integer top-1 {r.top1_int:.2f}% (fake-quant {r.top1_fake:.2f}%), "
+                     f"{_floor(r.predictions)}% "
+                     f"of {r.n} predictions identical, worst layer {_floor(r.min_identical)}% identical codes; "
+                     + (f"int32 twin: worst layer {_floor(int32.min_identical)}% identical to int64 on {int32.n} "
+                        "images; " if int32 else "")
+                     + f"exports exact in onnxruntime: {exact} of {len(folders)}")
+    path = resolve(output_dir) / INTEGER_SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
+    return Lines(lines, f"what we saw (also in {path})")

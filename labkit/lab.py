@@ -7,9 +7,13 @@ Notebooks call these one at a time and display what they return; the logic lives
 
 from __future__ import annotations
 
+import csv
+import html
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import papermill
 import torch
@@ -21,14 +25,26 @@ from labkit.config import load_config
 from labkit.convert import (conversion_error, demo_torchvision_state, from_torchvision, key_table,
                             load_torchvision_weights, save_converted, torchvision_hub_file)
 from labkit.data import build_datasets
+from labkit.errors import LabkitError
 from labkit.paths import resolve
 from labkit.report import Table
-from labkit.runs import RunFolder
+from labkit.runs import QUANTIZERS, RunFolder, read_history
 from labkit.train import evaluate_checkpoint, train
 
 NOTEBOOK_DIR = "notebooks"
 MAIN_FLOW = ("02_fp32_check", "03_pact_training", "04_tqt_training", "05_integerize_export")
 FP32_CONFIG = "configs/embedded/config.fp32.json"
+#: the run folder each notebook of the main flow writes with its default parameters
+MAIN_RUNS = {"02_fp32_check": "runs/embedded-fp32", "03_pact_training": "runs/embedded-pact",
+             "04_tqt_training": "runs/embedded-tqt"}
+#: notebook 05's output folder and the file there with one line per integer twin (``lab_results`` reads it)
+INTEGER_DIR, INTEGER_SUMMARY = "runs/integerize", "summary.json"
+#: the kernel's own log (a TCP-without-encryption warning at start, a KeyboardInterrupt at shutdown) would land
+#: in the executed notebook as stderr; user code's warnings and errors still show
+KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+#: the console lines of ``labkit lab`` (without --verbose): a trainer's epoch, resume and skip lines
+CONSOLE_LINE = re.compile(r"^(epoch +\d+/\d+|resuming |no checkpoint in |\S+ is complete|\S+ is missing: training|"
+                          r"\S+ holds no run: training|\[\w+ controller\])")
 #: overrides of a short run (a notebook's stand-in for a missing run): a quarter of the data, no dropout
 SHORT_RUN = {"data.train.dataset.limit": 384, "data.valid.dataset.limit": 120, "data.train.dataloader.bs": 32,
              "network.kwargs.dropout": 0.0}
@@ -57,6 +73,15 @@ class Conversion:
     def key_table(self, first: int = 12) -> Table:
         table = key_table(self.state)
         return Table(table.rows[:first], title=f"key map: first {first} of {len(table)} tensors")
+
+    def what_we_saw(self) -> "Lines":
+        """The conversion's key numbers: tensors, network, the logit check, the file written (or why none)."""
+        written = (f"wrote {self.checkpoint}: use it as network.pretrained" if self.checkpoint else
+                   "no checkpoint written: the demo network's weights are random (give real weights to convert them)")
+        return Lines([f"{len(self.state)} torchvision tensors -> MobileNetV2 capacity {self.net.capacity}, "
+                      f"{self.net.num_classes} classes", f"max |logit difference| {self.max_diff:.3g} "
+                      f"({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'}: the bound is 1e-5)", written],
+                     f"what we saw: {self.source}")
 
     def _repr_html_(self) -> str:
         return f"<p>{self.summary()}</p>"
@@ -99,6 +124,41 @@ def describe(cfg: dict) -> str:
 def run_summary(run: str | Path) -> str:
     """One line about a run folder: epochs, final and best top-1."""
     return RunFolder(resolve(run)).summary()
+
+
+def what_we_saw(run: str | Path, expect_top1: float | None = None) -> "Lines":
+    """A training notebook's conclusion, computed from its run folder: top-1 from the first to the last epoch,
+    the FP32 network it started from, time, the bounds that moved most; a warning when the best top-1 is below
+    ``expect_top1`` or within twice of chance."""
+    folder = RunFolder(resolve(run))
+    history = read_history(folder.path)
+    if not history:
+        return Lines([f"{folder.path} holds no epochs yet"], "what we saw")
+    first, last = history[0], history[-1]
+    cfg = json.loads(folder.file("config.json").read_text())
+    lines = [f"{len(history)} epochs in {sum(r.get('seconds') or 0 for r in history):.0f} s: valid top-1 "
+             f"{first['valid']['top1']:.2f}% after epoch 1, {last['valid']['top1']:.2f}% at the end, best "
+             f"{last['best_top1']:.2f}%"]
+    start = cfg["network"].get("pretrained")
+    base = read_history(Path(start).parent) if start and (Path(start).parent / "history.jsonl").is_file() else []
+    if base:
+        lines.append(f"the FP32 network it started from ({Path(start).parent.name}): best top-1 "
+                     f"{base[-1]['best_top1']:.2f}%, so quantization costs "
+                     f"{base[-1]['best_top1'] - last['best_top1']:+.2f}"
+                     " points (best vs best)")
+    if last.get("quant"):
+        moved = {n: (first["quant"][n]["hi"], s["hi"]) for n, s in last["quant"].items()
+                 if s.get("kind") == "activations" and n in first.get("quant", {})}
+        if moved:
+            n, (a, b) = max(moved.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]) / max(abs(kv[1][0]), 1e-12))
+            lines.append(f"{len(last['quant'])} quantizers; the activation bound that moved most: {n} "
+                         f"{a:.3g} -> {b:.3g} (epoch 1 -> {len(history)})")
+    chance = 100.0 / cfg["network"]["kwargs"].get("num_classes", 1000)
+    if last["best_top1"] <= 2 * chance or (expect_top1 is not None and last["best_top1"] < expect_top1):
+        lines.append(f"WARNING: best top-1 {last['best_top1']:.2f}% is a poor baseline (chance {chance:.1f}%"
+                     + (f", expected >= {expect_top1:g}%" if expect_top1 is not None else "") + "): train longer "
+                     "(epochs) or check the data before quantizing from it")
+    return Lines(lines, f"what we saw: {folder.path.name}")
 
 
 def qat_config(config: str, **parameters) -> dict:
@@ -196,24 +256,134 @@ def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: i
     return target
 
 
-def execute_notebook(name: str, target: str | Path, parameters: dict[str, Any] | None = None) -> Path:
+class NotebookError(LabkitError):
+    """A notebook of the lab failed; the message names it, the cell, the error and the executed notebook."""
+
+
+class _Lines:
+    """A file-like sink for a kernel's stdout: complete lines that ``keep`` accepts go to ``log``, prefixed."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str, keep: Callable[[str], bool]):
+        self.log, self.prefix, self.keep, self.rest = log, prefix, keep, ""
+
+    def write(self, text: str) -> None:
+        *lines, self.rest = (self.rest + text).split("\n")
+        for line in lines:
+            if line.strip() and self.keep(line):
+                self.log(f"{self.prefix}{line}")
+
+    def flush(self) -> None:
+        pass
+
+
+def execute_notebook(name: str, target: str | Path, parameters: dict[str, Any] | None = None,
+                     log: Callable[[str], None] | None = None, verbose: bool = False) -> Path:
     """Run ``notebooks/<name>.ipynb`` top to bottom with papermill into ``target`` (from its own folder, so
-    relative paths in it work); a failing cell raises ``papermill.PapermillExecutionError``."""
+    relative paths in it work); a failing cell raises ``papermill.PapermillExecutionError``. With ``log``, the
+    trainer's epoch lines (every printed line with ``verbose``) go there as they come, prefixed by ``name``."""
     source = resolve(f"{NOTEBOOK_DIR}/{name}.ipynb", must_exist=True)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    keep = (lambda line: True) if verbose else (lambda line: bool(CONSOLE_LINE.match(line.strip())))
     papermill.execute_notebook(str(source), str(target), parameters=parameters or {}, cwd=str(source.parent),
-                               progress_bar=False, kernel_name="python3")
+                               progress_bar=False, kernel_name="python3", extra_arguments=KERNEL_ARGS,
+                               stdout_file=_Lines(log, f"  {name}  ", keep) if log else None)
     return target
 
 
 def run_notebooks(output_dir: str = "runs/lab", names=MAIN_FLOW, parameters: dict | None = None,
-                  log=print) -> list[Path]:
-    """Execute notebooks in order with papermill into ``output_dir`` (each writes its runs below it)."""
+                  log=print, verbose: bool = False) -> list[Path]:
+    """Execute notebooks in order with papermill into ``output_dir`` (each writes its runs below it); one
+    line per notebook and per training epoch in ``log``."""
     out = resolve(output_dir)
     executed = []
     for name in names:
         target = out / f"{name}.ipynb"
-        log(f"running {name}.ipynb -> {target}")
-        executed.append(execute_notebook(name, target, (parameters or {}).get(name, {})))
+        log(f"{name}.ipynb -> {target}")
+        try:
+            executed.append(execute_notebook(name, target, (parameters or {}).get(name, {}), log, verbose))
+        except papermill.PapermillExecutionError as err:
+            raise NotebookError(f"{name}.ipynb failed in cell {err.exec_count}: {err.ename}: "
+                                f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (the executed notebook: "
+                                f"{target})") from None
     return executed
+
+
+def lab_results(executed: list[Path]) -> Table:
+    """What the main flow produced: each run's top-1 (final and best) and folder, each integer twin's
+    agreement with its fake-quant network and export folder (from notebook 05's summary file)."""
+    rows = []
+    for name, run in MAIN_RUNS.items():
+        history = read_history(resolve(run)) if (resolve(run) / "history.jsonl").is_file() else []
+        last = history[-1] if history else {}
+        rows.append({"step": name, "network": Path(run).name.split("-", 1)[-1].upper(),
+                     "top-1 %": last.get("valid", {}).get("top1"), "best %": last.get("best_top1"),
+                     "integer agreement": "", "where": str(resolve(run).absolute()) if history else "not run"})
+    summary = resolve(INTEGER_DIR) / INTEGER_SUMMARY
+    for twin in (json.loads(summary.read_text()) if summary.is_file() else []):
+        rows.append({"step": "05_integerize_export", "network": f"{twin['network']} integer",
+                     "top-1 %": twin["top1_int"], "best %": None,
+                     "integer agreement": f"{twin['predictions']:g}% predictions (fake-quant top-1 "
+                                          f"{twin['top1_fake']:.2f}%), worst layer {twin['min_identical']:g}%",
+                     "where": twin["export"]})
+    notebooks = ", ".join(p.name for p in executed)
+    return Table(rows, title=f"labkit lab: results (executed notebooks in {executed[0].parent if executed else '-'}: "
+                             f"{notebooks})")
+
+
+def quantizer_log(run: str | Path, show: int = 0) -> "Collapsed":
+    """The run folder's controller log (``quantizers.jsonl``): one row per quantizer and command, collapsed
+    under a one-line summary (what the trainer printed as one line per command)."""
+    path = RunFolder(resolve(run)).file(QUANTIZERS)
+    events = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [{"epoch": e["epoch"] + 1 if e["epoch"] is not None else None, "controller": e["controller"],
+             "command": e["command"], "quantizer": q["name"], "lo": q["lo"], "hi": q["hi"], "eps": q["eps"],
+             "levels": q["n_levels"]} for e in events for q in e["quantizers"]]
+    what = "; ".join(f"epoch {e['epoch'] + 1 if e['epoch'] is not None else '?'} {e['controller']} {e['command']}"
+                     for e in events) or "no controller commands logged"
+    return Collapsed(Table(rows, title=f"{path}"), f"quantizer bounds at each controller command ({what})")
+
+
+def sweep_summary(output_dir: str | Path) -> "Lines":
+    """A finished sweep's ``results.csv`` as one line per run (final and best top-1, time) plus the best run."""
+    path = resolve(output_dir) / "results.csv"
+    if not path.is_file():
+        return Lines([f"{path} not found: the sweep has not finished"], "what we saw")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = [f"{r['run']}: final top-1 {float(r['final_top1']):.2f}%, best {float(r['best_top1']):.2f}% "
+             f"({float(r['seconds']):.0f} s)" if r in ok else f"{r['run']}: {r.get('status')} ({r.get('error', '')})"
+             for r in rows]
+    if ok:
+        best = max(ok, key=lambda r: float(r["best_top1"]))
+        lines.append(f"best: {best['run']} at {float(best['best_top1']):.2f}%; {len(ok)} of {len(rows)} runs finished")
+    return Lines(lines, f"what we saw: {path}")
+
+
+class Collapsed:
+    """A table shown closed under a one-line summary (HTML ``<details>``); its text is the summary line only."""
+
+    def __init__(self, table: Table, summary: str):
+        self.table, self.summary = table, summary
+
+    def _repr_html_(self) -> str:
+        return (f"<details><summary>{html.escape(self.summary)} · {len(self.table)} rows (click to open)</summary>"
+                f"{self.table._repr_html_()}</details>")
+
+    def __repr__(self) -> str:
+        return f"{self.summary} ({len(self.table)} rows; open the table in JupyterLab)"
+
+
+class Lines:
+    """Lines of text shown as a list (HTML) or one per line (text): the summary a notebook cell opens with."""
+
+    def __init__(self, lines: list[str], title: str = ""):
+        self.lines, self.title = lines, title
+
+    def _repr_html_(self) -> str:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in self.lines)
+        return f"<b>{html.escape(self.title)}</b><ul>{items}</ul>" if self.title else f"<ul>{items}</ul>"
+
+    def __repr__(self) -> str:
+        return "\n".join(([self.title] if self.title else []) + self.lines)

@@ -33,6 +33,9 @@ class Table:
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
         return "\n".join(lines)
 
+    def __repr__(self) -> str:
+        return f"{self.title or 'table'} ({len(self.rows)} rows x {len(self.columns)} columns; print() it for the text)"
+
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(self._fmt(r.get(c)))}</td>" for c in self.columns)

@@ -45,7 +45,8 @@ from labkit.paths import PROJECT_ROOT, resolve
 
 CONFIG, PROVENANCE, HISTORY, LAST, BEST, LOCK = (
     "config.json", "provenance.json", "history.jsonl", "last.ckpt", "best.ckpt", ".lock")
-RUN_FILES = (CONFIG, PROVENANCE, HISTORY, LAST, BEST)
+QUANTIZERS = "quantizers.jsonl"  # controller commands, one JSON line each with every quantizer's bounds
+RUN_FILES = (CONFIG, PROVENANCE, HISTORY, LAST, BEST, QUANTIZERS)
 #: config keys that may differ between a run and its resumption (they change nothing it computes)
 COSMETIC_KEYS = ("name", "description")
 

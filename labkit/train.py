@@ -11,6 +11,7 @@ non-finite; nothing of that epoch is written.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from tqdm.auto import tqdm
 
 from labkit.build import build_controllers, build_network
 from labkit.checkpoint import make_checkpoint
@@ -30,8 +30,9 @@ from labkit.data import build_datasets, check_num_classes, fingerprint
 from labkit.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env, shutdown
 from labkit.errors import LabkitError
 from labkit.optim import build_optimizer, build_scheduler
+from labkit.progress import progress as progress_bar
 from labkit.quant import PACTConv2d, PACTLinear, normalize_tqt_grads, quant_summaries, tqt_modules
-from labkit.runs import RunFolder, load_run, open_for_training, provenance_entry
+from labkit.runs import QUANTIZERS, RunFolder, load_run, open_for_training, provenance_entry
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "train_one_epoch", "topk_correct", "resolve_device",
            "NonFiniteError", "DeviceError", "quant_state"]
@@ -122,7 +123,7 @@ def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, amp: bool
     net.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = [0.0, 0.0, 0.0, 0.0]
-    for x, y in tqdm(loader, desc="valid", leave=False, disable=not progress, mininterval=1.0):
+    for x, y in progress_bar(loader, desc="valid", leave=False, disable=not progress):
         x, y = _to_device(x, y, device)
         with _autocast(device, amp):
             logits = net(x)
@@ -166,11 +167,12 @@ def first_non_finite(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, criterion, controllers, scheduler_per_batch=None,
-                    amp=False, progress=False, desc="train", tqt=(), epoch: int = 0) -> dict:
-    """One pass over ``loader``; controllers step before every batch. Returns train loss/top-1/top-5."""
+                    amp=False, progress=False, desc="train", tqt=(), epoch: int = 0, on_batch=None) -> dict:
+    """One pass over ``loader``; controllers step before every batch. Returns train loss/top-1/top-5.
+    ``on_batch(batch, n_batches, metrics)`` follows every batch (running train loss/top-1 so far)."""
     model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0)
+    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress)
     for batch, (x, y) in enumerate(bar):
         for c in controllers:
             c.step_pre_training_batch()
@@ -197,6 +199,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, criterion, control
         c1, c5 = topk_correct(logits.detach().float(), y)
         sums = [s + v for s, v in zip(sums, (loss.item() * len(y), c1, c5, len(y)))]
         bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", top1=f"{100 * sums[1] / sums[3]:.1f}", refresh=False)
+        if on_batch is not None:
+            on_batch(batch, len(loader), _summarise(*sums))
     return _summarise(*all_reduce_sum(sums, device))
 
 
@@ -217,13 +221,16 @@ def quant_state(net: nn.Module) -> dict:
 # ------------------------------------------------------------------------------------------- the run
 def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
           progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
-          log: Callable[[str], None] | None = print, parameters: dict | None = None) -> dict:
+          log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False) -> dict:
     """Train ``cfg`` (a resolved config) into the run folder ``output_dir``; returns the final record plus
     ``best_top1`` and ``run_dir``.
 
     A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
     allows) or ``overwrite`` (see :func:`labkit.runs.open_for_training`). ``callbacks`` get each epoch's history
-    record (notebooks draw live plots from them). ``parameters``: the notebook parameters to record as the
+    record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after every training
+    batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``. Controller commands are one
+    line each in ``log``; every quantizer's bounds go to the run folder's ``quantizers.jsonl`` (and to ``log``
+    with ``verbose``). ``parameters``: the notebook parameters to record as the
     run's provenance (default: the command line). Under ``torchrun`` the process group is joined here and
     left at the end.
     """
@@ -232,7 +239,7 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite:
     clean = False
     try:
         result = _train(cfg, RunFolder(output_dir), resume, overwrite, dev, rank, world, local_rank, progress,
-                        callbacks, log, parameters)
+                        callbacks, log, parameters, verbose)
         clean = True
         return result
     finally:
@@ -240,7 +247,8 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite:
             shutdown(clean)
 
 
-def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, callbacks, log, parameters) -> dict:
+def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, callbacks, log, parameters,
+           verbose) -> dict:
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -257,6 +265,8 @@ def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, 
     check_num_classes(train_ds, cfg["network"]["kwargs"].get("num_classes", 1000))
     net, _ = build_network(cfg)
     controllers = build_controllers(cfg, net)
+    for c in controllers:
+        c.log, c.detail = say, verbose
     if world > 1 and tcfg.get("sync_bn", True):
         convert_sync_batchnorm(net)
     net.to(dev)
@@ -292,7 +302,8 @@ def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, 
             for c, cstate in zip(controllers, ckpt.get("controllers", [])):
                 c.load_state_dict(cstate)
             start_epoch, best_top1, history = state.start_epoch, ckpt["best_top1"], state.history
-            say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
+            if start_epoch < n_epochs:
+                say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
         elif resume:
             say(f"no checkpoint in {run.path} yet: starting from epoch 1")
         if main and start_epoch < n_epochs:
@@ -315,10 +326,14 @@ def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, 
             train_loader.sampler.set_epoch(epoch)
             for c in controllers:
                 c.step_pre_training_epoch(epoch)
+            if main:
+                _write_events(run, controllers)
             lr = optimizer.param_groups[0]["lr"]
+            on_batch = _batch_hook(callbacks, net, epoch)
             train_metrics = train_one_epoch(model, train_loader, optimizer, scaler, dev, criterion, controllers,
                                             scheduler if per_batch else None, amp, progress and main,
-                                            desc=f"epoch {epoch + 1}/{n_epochs}", tqt=tqt, epoch=epoch)
+                                            desc=f"epoch {epoch + 1}/{n_epochs}", tqt=tqt, epoch=epoch,
+                                            on_batch=on_batch)
             for c in controllers:
                 c.step_pre_validation_epoch(epoch)
             valid_metrics = evaluate(net, val_loader, dev, amp, progress and main)
@@ -350,6 +365,30 @@ def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, 
             for callback in callbacks:
                 callback(record)
     return {**record, "best_top1": best_top1, "run_dir": str(run.path)}
+
+
+def _write_events(run: RunFolder, controllers) -> None:
+    """Append the controllers' reported commands (every quantizer's bounds) to ``quantizers.jsonl``."""
+    events = [e for c in controllers for e in c.events]
+    if events:
+        with open(run.file(QUANTIZERS), "a") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+    for c in controllers:
+        c.events.clear()
+
+
+def _batch_hook(callbacks, net: nn.Module, epoch: int):
+    """``on_batch`` for :func:`train_one_epoch` that feeds the callbacks' ``on_batch`` methods (None: none)."""
+    hooks = [cb.on_batch for cb in callbacks if hasattr(cb, "on_batch")]
+    if not hooks:
+        return None
+
+    def on_batch(batch: int, n_batches: int, metrics: dict) -> None:
+        record = {"epoch": epoch, "batch": batch, "batches": n_batches, "train": metrics,
+                  "quant": lambda: quant_state(net)}
+        for hook in hooks:
+            hook(record)
+    return on_batch
 
 
 def _broadcast(obj):

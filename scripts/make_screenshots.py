@@ -1,83 +1,46 @@
-"""Make the README's pictures with the project's own code.
+"""Make the README's pictures from the browser test (tests/test_browser.py): it runs notebooks 03 and 06 in
+JupyterLab in headless Chromium and leaves screenshots in ``test-artifacts/``; this copies them to ``docs/img``.
 
-    python scripts/make_screenshots.py              # both
-    python scripts/make_screenshots.py --only clip  # one of: widget, clip
+    python scripts/make_screenshots.py                 # both notebooks
+    python scripts/make_screenshots.py --only widget   # one of: widget (notebook 06), training (notebook 03)
 
-``docs/img/widget-editor.png``: notebook 06 opened in JupyterLab in headless Chromium and run through the Run
-menu (the same code as tests/test_browser.py: ``labkit.browser``; needs ``apt-get install -y chromium`` and
-``pip install playwright``). ``docs/img/clip-bounds.png``: ``labkit.plots.plot_clip_trajectories`` of
-``runs/embedded-pact``, trained first with ``labkit train configs/embedded/config.pact.json`` when missing
-or written by an older labkit without quantizer kinds (after the FP32 run it starts from, when missing too).
+Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``). Notebook 03
+trains two epochs of PACT into a temporary folder (from ``runs/embedded-fp32/best.ckpt``, trained first when
+missing): minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "img"
-PACT_RUN = ROOT / "runs" / "embedded-pact"
-FP32_CKPT = ROOT / "runs" / "embedded-fp32" / "best.ckpt"
-
-
-def train(config: str) -> None:
-    print(f"labkit train {config}", flush=True)
-    subprocess.run([sys.executable, "-m", "labkit.cli", "train", config, "--no-progress"], cwd=ROOT, check=True)
-
-
-def clip_bounds(path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from labkit.plots import plot_clip_trajectories
-    from labkit.runs import read_history
-
-    history = read_history(PACT_RUN)
-    if not history or any("kind" not in s for s in history[-1].get("quant", {}).values()):
-        print(f"{PACT_RUN.relative_to(ROOT)}: " + ("no history" if not history else
-              "history written before quantizer kinds were recorded (weights and activations unseparated)"))
-        if not FP32_CKPT.is_file():
-            train("configs/embedded/config.fp32.json")
-        train("configs/embedded/config.pact.json")
-        history = read_history(PACT_RUN)
-    fig = plot_clip_trajectories(history)
-    fig.suptitle("PACT 8b/8b on the embedded default (runs/embedded-pact): clipping bounds per layer", y=1.04)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
-
-
-def widget_editor(path: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import browser  # the browser driver of tests/test_browser.py
-
-    with tempfile.TemporaryDirectory(prefix="labkit-screenshot-") as tmp:
-        parameters = {"output_config": str(Path(tmp) / "config.mixed.json")}  # the defaults otherwise
-        with browser.open_notebook(ROOT / "notebooks" / "06_mixed_precision.ipynb", parameters=parameters,
-                                   failure_screenshot=ROOT / "test-artifacts" / "screenshot-failure.png") as lab:
-            lab.run_all()
-            lab.wait_for_editor(timeout=300)
-            collapsed = lab.collapsed_rows()
-            if collapsed:
-                raise browser.BrowserError(f"{len(collapsed)} editor rows are drawn squeezed (under 16 px tall): "
-                                           "not writing a screenshot of a broken editor")
-            return lab.screenshot_editor(path)
+ARTIFACTS = ROOT / "test-artifacts"
+#: test name -> the screenshots it leaves in test-artifacts/
+JOBS = {"widget": ("test_widget_editor_in_jupyterlab", ("widget-editor.png", "widget-costs.png")),
+        "training": ("test_training_notebook_in_jupyterlab", ("live-clip-plot.png", "clip-bounds.png"))}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("widget", "clip"), help="make one picture only")
+    parser.add_argument("--only", choices=tuple(JOBS), help="one notebook's pictures only")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = {"clip": (clip_bounds, "clip-bounds.png"), "widget": (widget_editor, "widget-editor.png")}
-    for name, (make, filename) in jobs.items():
-        if args.only in (None, name):
-            path = make(args.out / filename)
-            print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    for name, (test, pictures) in JOBS.items():
+        if args.only not in (None, name):
+            continue
+        for picture in pictures:
+            (ARTIFACTS / picture).unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "--full", f"tests/test_browser.py::{test}"], cwd=ROOT,
+                       check=True)
+        for picture in pictures:
+            path = shutil.copy(ARTIFACTS / picture, args.out / picture)
+            print(f"wrote {path} ({Path(path).stat().st_size / 1024:.0f} KiB)")
     return 0
 
 

@@ -366,6 +366,68 @@ class LabNotebook:
             self.page.wait_for_timeout(250)
         raise self.fail(f"the totals line did not change within {timeout:.0f} s after the edit; still:\n{before}")
 
+    # ------------------------------------------------------------------ any notebook
+    def stderr_outputs(self) -> list[str]:
+        """Texts of the red stderr boxes rendered so far."""
+        boxes = self.page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+        return [normalize(t) for t in boxes.all_inner_texts()]
+
+    def cell(self, code: str):
+        """The code cell whose input contains ``code``."""
+        cell = self.page.locator(".jp-CodeCell").filter(has=self.page.locator(".jp-InputArea-editor",
+                                                                                has_text=code))
+        if cell.count() != 1:
+            raise self.fail(f"expected one code cell containing {code!r}, found {cell.count()}")
+        return cell
+
+    def running(self, cell) -> bool:
+        return "[*]" in normalize(cell.locator(".jp-InputArea-prompt").inner_text())
+
+    def wait_for_image(self, code: str, timeout: float = 600, while_running: bool = False):
+        """Wait until the cell containing ``code`` shows an image; with ``while_running``, the cell must still
+        be executing when it does. Returns the cell's output text at that moment."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cell = self.cell(code)
+            if cell.locator(".jp-OutputArea-output img").count():
+                text = normalize(cell.locator(".jp-Cell-outputWrapper").inner_text())
+                if while_running and not self.running(cell):
+                    raise self.fail(f"the cell with {code!r} showed its first image only after it finished")
+                return text
+            errors = self._errors()
+            if errors:
+                raise self.fail(f"a cell raised while waiting for the image of {code!r}:\n{errors[0][:2000]}")
+            self.page.wait_for_timeout(500)
+        raise self.fail(f"the cell with {code!r} showed no image within {timeout:.0f} s")
+
+    def wait_until_idle(self, timeout: float = 1800) -> None:
+        """Wait until no cell shows [*] any more (Run All finished); fail early on a traceback."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            prompts = self.page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+            if not any("[*]" in t for t in prompts) and self._executed_any():
+                return
+            errors = self._errors()
+            if errors:
+                raise self.fail(f"a cell raised:\n{errors[0][:2000]}")
+            self.page.wait_for_timeout(1000)
+        raise self.fail(f"the notebook was still running after {timeout:.0f} s")
+
+    def cost_table(self) -> str:
+        """The text of notebook 06's cost table (the widget below the editor)."""
+        table = self.page.locator(".widget-html-content").filter(has_text="activation bytes").last
+        return normalize(table.inner_text())
+
+    def screenshot_cell(self, code: str, path: str | Path) -> Path:
+        """A screenshot of the cell containing ``code`` (its input and outputs)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cell = self.cell(code)
+        cell.scroll_into_view_if_needed()
+        self.page.mouse.move(0, 0)
+        cell.screenshot(path=str(path))
+        return path
+
     def screenshot_editor(self, path: str | Path) -> Path:
         """A screenshot of the cell that displays the editor (its code and the widget)."""
         path = Path(path)

@@ -255,3 +255,23 @@ def test_stop_and_thaw_commands():
     x = torch.randn(2, 4)
     torch.testing.assert_close(net.fc(x), F.linear(x, net.fc.weight, net.fc.bias))
     assert ctrl.state_dict()["last_epoch"] == 3
+
+
+def test_verbose_commands_are_one_line_with_every_bound_kept():
+    """A verbose controller logs one line per command; every quantizer's bounds go to ``events`` (the trainer
+    writes them to quantizers.jsonl); ``detail`` adds one line per quantizer."""
+    net, ctrls, _ = _make()
+    lines = []
+    linear = next(c for c in ctrls if c.name == "linear")
+    linear.log = lines.append
+    linear.step_pre_training_epoch(0)
+    assert len(lines) == 1 and lines[0].startswith("[linear controller] start: 3 quantizers, eps ")
+    event = linear.events[-1]
+    assert (event["epoch"], event["command"]) == (0, "start") and [q["name"] for q in event["quantizers"]] == \
+        ["conv", "conv2", "fc"]
+    lo, hi = net.conv.get_clip_w()
+    assert event["quantizers"][0]["hi"] == pytest.approx(float(hi.float().mean()))
+    linear.detail = True
+    linear.step_pre_training_epoch(2)
+    assert lines[1].startswith("[linear controller] freeze: 3 quantizers") and len(lines) == 5
+    assert lines[2].startswith("  conv: lo=")

@@ -13,7 +13,7 @@ from helpers import ROOT
 PACKAGE = ROOT / "labkit"
 #: the stages in pipeline order; a module may import its own stage and earlier ones only
 STAGES = [
-    ("errors", "paths", "report", "spec"),
+    ("errors", "paths", "report", "spec", "progress"),
     ("schema", "config", "costs", "budget"),
     ("models",),
     ("checkpoint",),

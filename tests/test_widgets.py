@@ -168,13 +168,37 @@ def test_editor_rows_bulk_totals_and_saved_config(tmp_path):
     assert pc_linear.disabled and editor.rows["classifier.1"][1].disabled
     editor.save_path.value = str(tmp_path / "config.custom.json")
     editor.save_button.click()
-    assert "saved" in editor.message.value
+    assert "saved" in editor.save_status.value and editor.message.value == ""
     saved = json.loads((tmp_path / "config.custom.json").read_text())
-    assert "Mixed precision" in saved["description"] and "name" not in saved
+    assert "Mixed precision" in saved["description"] and "17 at 6, 1 at 4" in saved["description"]
+    assert saved["name"] == editor.name() == "embedded-pact-mixed-W4-8-A3-8"  # the plan, not the base's name
     levels = levels_of(load_config(tmp_path / "config.custom.json", {"network.pretrained": None}))
     assert levels["features.5.residual_branch.0.0"] == 16 and levels["features.5.residual_branch.0.2"] == 8
     assert levels["features.4.residual_branch.1.0"] == 64
     assert saved["training"] == {k: v for k, v in base()["training"].items()}
+
+
+def test_editor_outputs_follow_edits_and_refuse_invalid_bits(tmp_path):
+    """The cost table, the chart and the save status below the editor change with every edit; 1 bit is refused
+    next to its box and the plan keeps the last valid value; byte counts are integers."""
+    editor = BitWidthEditor(base(), save_to=tmp_path / "config.json")
+    layer = "features.5.residual_branch.0.0"
+    costs, chart = editor.costs.value, editor.chart.value
+    assert "not saved yet" in editor.save_status.value
+    editor.save()
+    assert "saved" in editor.save_status.value and (tmp_path / "config.json").is_file()
+    editor.rows[layer][0].value = 4
+    assert editor.costs.value != costs and editor.chart.value != chart
+    assert "edited since saved" in editor.save_status.value
+    weight = next(c for c in editor.plan.costs() if c["name"] == layer)["weight_bytes"]
+    assert f"<td>{layer}</td><td>pointwise</td><td>4</td><td>8</td><td>{weight:,}</td>" in editor.costs.value
+    editor.rows[layer][0].value = 1
+    assert "W 1 bit: choose 2 to 16" in editor.notes[layer].value and editor.plan[layer].w_bits == 4
+    editor.rows[layer][0].value = 3
+    assert editor.notes[layer].value == "" and editor.plan[layer].w_bits == 3
+    editor.bulk_w.value = 17
+    editor.bulk_apply.click()
+    assert "choose 2 to 16" in editor.bulk_note.value and editor.plan[layer].w_bits == 3
 
 
 def test_editor_reports_invalid_saves(tmp_path):

@@ -3,7 +3,9 @@
 A schedule maps epochs (str or int) to a command or a list of commands, e.g.
 ``{"0": ["start", "verbose_on"], "4": "freeze"}``. ``step_pre_training_epoch(e)`` applies, in epoch order,
 every scheduled command with ``last_epoch < epoch <= e`` (so skipped epochs are caught up) and records
-``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
+``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. While verbose, each command is reported
+as one line to ``log`` (per-layer bounds too when ``detail`` is set) and kept, with every quantizer's bounds, in
+``events`` (the trainer writes them to the run folder). Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
 schedule to a net restored from a checkpoint reproduces the uninterrupted run's module state.
 The activation controller also covers the adders' quantizers and calls every adder's ``sync_eps`` after its
 commands, before every training batch and before validation. At the same points the linear controller
@@ -55,6 +57,10 @@ class PACTController:
         self.start_kwargs = start_kwargs
         self.last_epoch = -1
         self.verbose = False
+        self.log = print  # one line per reported command
+        self.detail = False  # also log every quantizer's lo/hi/eps
+        self.events: list[dict] = []  # reported commands with every quantizer's bounds, oldest first
+        self.epoch: int | None = None  # the scheduled epoch whose commands are being applied
 
     # ------------------------------------------------------------------ commands
     def apply(self, command: str) -> None:
@@ -76,11 +82,15 @@ class PACTController:
             self._report(command)
 
     def _report(self, command: str) -> None:
-        print(f"[{self.name} controller] {command} ({len(self.modules)} quantizers)")
-        if command == "start":
-            for n, m in self.modules:
-                s = m.quant_summary()
-                print(f"  {n}: lo={s['lo']:.5g} hi={s['hi']:.5g} eps={s['eps']:.5g} n_levels={s['n_levels']}")
+        rows = [{"name": n, **m.quant_summary()} for n, m in self.modules]
+        self.events.append({"epoch": self.epoch, "controller": self.name, "command": command,
+                            "quantizers": rows})
+        eps = [r["eps"] for r in rows] or [float("nan")]
+        self.log(f"[{self.name} controller] {command}: {len(rows)} quantizers, eps {min(eps):.3g} .. {max(eps):.3g}")
+        if self.detail:
+            for r in rows:
+                self.log(f"  {r['name']}: lo={r['lo']:.5g} hi={r['hi']:.5g} eps={r['eps']:.5g} "
+                         f"n_levels={r['n_levels']}")
 
     def sync(self) -> None:
         """Adder eps sync and weight-bound refresh (what must hold before every forward)."""
@@ -94,6 +104,7 @@ class PACTController:
         epoch = int(epoch)
         for e, cmds in self.schedule.items():
             if self.last_epoch < e <= epoch:
+                self.epoch = e
                 # verbose_on/off first, so that the same epoch's other commands are reported
                 for c in sorted(cmds, key=lambda c: not c.startswith("verbose")):
                     self.apply(c)
