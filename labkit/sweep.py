@@ -1,7 +1,7 @@
 """Sweeps: run the training notebook once per grid point through papermill and gather a results table.
 
 A grid is ``{"algorithm": [...], "bits": [...], "budget": [...], "seed": [...]}``; each point runs
-``notebooks/03_pact_training.ipynb`` with ``seed``, ``epochs`` and a config built from
+the algorithm's training notebook (``04_tqt_training`` for ``tqt*``, else ``03_pact_training``) with ``seed``, ``epochs`` and a config built from
 ``configs/<data>/config.<algorithm>.json``: for a ``bits`` point that config with ``w_bits = a_bits = bits``
 (every layer); for a ``budget`` point (:func:`labkit.budget.parse_budget`, e.g.
 ``"weight_bytes=uniform:3,BOPs=uniform:3"``) the plan :func:`labkit.allocate.propose` finds for that budget
@@ -32,6 +32,7 @@ from labkit.runs import RunFolder, read_history
 from labkit.sensitivity import DEFAULT_BITS
 
 TRAINING_NOTEBOOK = "03_pact_training"
+TQT_NOTEBOOK = "04_tqt_training"
 GRID_KEYS = ("algorithm", "bits", "budget", "seed")
 class SweepError(LabkitError, ValueError):
     """A sweep grid that cannot run (unknown key, no algorithm, impossible bits, no config for an algorithm)."""
@@ -72,6 +73,11 @@ def algorithm_config(algorithm: str, data: str = "embedded") -> Path:
     return config
 
 
+def training_notebook(algorithm: str) -> str:
+    """The notebook that trains ``algorithm``'s config: TQT's for ``tqt*``, PACT's otherwise."""
+    return TQT_NOTEBOOK if algorithm.startswith("tqt") else TRAINING_NOTEBOOK
+
+
 def run_name(point: dict) -> str:
     if "budget" in point:
         return f"{point['algorithm']}-{budget_slug(parse_budget(point['budget']))}-s{point['seed']}"
@@ -80,7 +86,7 @@ def run_name(point: dict) -> str:
 
 def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int = 2, data: str = "embedded",
               data_root: str | None = None, device: str = "auto", pretrained: str | None = None,
-              notebook: str = TRAINING_NOTEBOOK, plan_bits=DEFAULT_BITS, calib: int = 256, log=print) -> Table:
+              notebook: str | None = None, plan_bits=DEFAULT_BITS, calib: int = 256, log=print) -> Table:
     """Run every grid point; write ``results.csv`` and ``results.png`` into ``output_dir``; return the table.
 
     ``pretrained`` None: each config's own ``network.pretrained``. Budget points choose among ``plan_bits``
@@ -101,7 +107,8 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
                       "output_dir": str(run_dir), "device": device, "data_root": data_root,
                       "pretrained": str(resolve(pretrained)) if pretrained else None}
         row = {"run": name, **point, "notebook": str(executed), "epochs": epochs, "config": str(config)}
-        log(f"[sweep] {name}: running {notebook}.ipynb -> {executed}")
+        source = notebook or training_notebook(point["algorithm"])
+        log(f"[sweep] {name}: running {source}.ipynb -> {executed}")
         t0 = time.perf_counter()
         try:
             if "budget" in point:
@@ -109,7 +116,7 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
                 if key not in plans:
                     plans[key] = _propose(config, point, out / "plans", data_root, pretrained, plan_bits, calib, log)
                 parameters["config"] = row["config"] = str(plans[key])
-            execute_notebook(notebook, executed, parameters)
+            execute_notebook(source, executed, parameters, log=log)  # one console line per epoch
             history = read_history(run_dir)
             if not history:
                 raise RuntimeError(f"the notebook ran but wrote no history in {run_dir}")
