@@ -96,6 +96,9 @@ class Allocation:
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
 
+    def __repr__(self) -> str:
+        return self.summary()
+
     def __str__(self) -> str:
         return str(self.table())
 

@@ -3,7 +3,8 @@
 The editor edits a :class:`labkit.bitwidths.BitPlan`; every change goes through the plan, so what the rows
 show, the totals, the cost table and chart below (:attr:`BitWidthEditor.outputs`) and the save status always
 agree. A value outside 2..16 bits is refused with a message next to its box (the plan keeps the last valid
-value). The saved JSON is a complete config that ``labkit train`` accepts; its name and description state the plan.
+value). **propose** fills the rows with the optimal bits for a budget (:func:`labkit.allocate.propose`); they
+stay editable. The saved JSON is a complete config that ``labkit train`` accepts; its name and description state the plan.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from pathlib import Path
 
 import ipywidgets as W
 
+from labkit.allocate import Allocation, propose
 from labkit.bitwidths import BitPlan
+from labkit.budget import format_budget, parse_budget
 from labkit.checkpoint import write_text_atomic
+from labkit.errors import LabkitError
+from labkit.lab import ensure_pretrained
 from labkit.paths import resolve
 from labkit.schema import MAX_BITS, MIN_BITS
+from labkit.sensitivity import DEFAULT_BITS
 
 BULK_TARGETS = ("all layers", "depthwise", "pointwise", "first and last")
 DEFAULT_SAVE = "runs/mixed/config.mixed.json"
@@ -64,8 +70,10 @@ class BitWidthEditor:
         self.costs = W.HTML()
         self.chart = W.HTML()
         self.outputs = _Box([self.chart, self.costs], "per-layer memory and BOPs (bars) and the cost table")
-        self.widget = W.VBox([self._bulk_bar(), self.totals, self.message, self._head(), self._table(),
-                              self._save_bar(save_to)])
+        self.proposal: Allocation | None = None
+        self.propose_settings = {"bits": DEFAULT_BITS, "n_calib": 64}
+        self.widget = W.VBox([self._propose_bar(), self._bulk_bar(), self.totals, self.message, self._head(),
+                              self._table(), self._save_bar(save_to)])
         self._refresh()
 
     @classmethod
@@ -119,6 +127,14 @@ class BitWidthEditor:
         return W.HBox([self.bulk_target, W.Label("W"), self.bulk_w, W.Label("A"), self.bulk_a, self.bulk_apply,
                        self.bulk_note])
 
+    def _propose_bar(self) -> W.VBox:
+        self.budget_box = W.Text(value="", placeholder="weight_bytes=uniform:3,act_bytes=uniform:3",
+                                 description="budget", layout=W.Layout(width="460px"))
+        self.propose_button = W.Button(description="propose", button_style="info", layout=W.Layout(width="90px"))
+        self.propose_button.on_click(lambda _: self._propose_clicked())
+        self.propose_status = _Text()
+        return W.VBox([W.HBox([self.budget_box, self.propose_button]), self.propose_status])
+
     def _save_bar(self, save_to: str | Path) -> W.VBox:
         self.save_path = W.Text(value=str(save_to), description="save to", layout=W.Layout(width="460px"))
         self.save_button = W.Button(description="save config", button_style="success")
@@ -162,6 +178,32 @@ class BitWidthEditor:
         else:
             raise ValueError(f"unknown bulk target {target!r}; choose one of {BULK_TARGETS}")
         self._sync_rows()
+
+    def _propose_clicked(self) -> None:
+        try:
+            self.propose(self.budget_box.value, **self.propose_settings)
+        except LabkitError as err:
+            self.propose_status.value = f"<span style='{RED}'>{err}</span>"
+
+    def propose(self, budget, bits=DEFAULT_BITS, n_calib: int = 64) -> Allocation:
+        """Fill the plan with the bits :func:`labkit.allocate.propose` chooses for ``budget`` (the sensitivity of
+        the base config's pretrained checkpoint at ``bits`` on ``n_calib`` training images, cached beside it);
+        the rows stay editable. Returns the :class:`~labkit.allocate.Allocation`."""
+        self.propose_settings = {"bits": tuple(bits), "n_calib": n_calib}
+        self.propose_status.value = "measuring the sensitivity (cached after the first time) and allocating ..."
+        ensure_pretrained(self.base_config)  # the embedded FP32 run is trained first when missing
+        allocation = propose(self.base_config, budget, bits=bits, n_calib=n_calib)
+        self.plan.w_bits.update(allocation.plan.w_bits)
+        self.plan.a_bits.update(allocation.plan.a_bits)
+        self.proposal = allocation
+        self.budget_box.value = format_budget(parse_budget(budget))
+        self._sync_rows()
+        totals = self.plan.totals()
+        within = ", ".join(f"{metric} {int(totals[metric]):,} &le; {limit:,}"
+                           for metric, limit in allocation.budget.items())
+        self.propose_status.value = (f"proposed for <code>{self.budget_box.value}</code>: {within}; predicted "
+                                     f"calibration-loss increase {allocation.objective:.4f}")
+        return allocation
 
     def _sync_rows(self) -> None:
         self._syncing = True

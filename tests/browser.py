@@ -357,6 +357,14 @@ class LabNotebook:
             box.press("Enter")
         bar.locator("button", has_text="apply").click()
 
+    def propose(self, budget: str) -> None:
+        """The propose bar: type ``budget`` into its box, click *propose*."""
+        bar = self.page.locator(".widget-hbox").filter(has=self.page.locator("button", has_text="propose")).last
+        box = bar.locator("input[type=text]").first
+        box.fill(budget)
+        box.press("Enter")
+        bar.locator("button", has_text="propose").click()
+
     def wait_for_totals_change(self, before: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

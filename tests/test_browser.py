@@ -22,7 +22,8 @@ NOTEBOOK = ROOT / "notebooks" / "06_mixed_precision.ipynb"
 TRAINING = ROOT / "notebooks" / "03_pact_training.ipynb"
 ARTIFACTS = ROOT / "test-artifacts"
 PARAMETERS = {"config": "configs/embedded/config.pact.json", "bits": 4, "first_last_bits": 8,
-              "depthwise_bits": None, "epochs": 0}
+              "depthwise_bits": None, "epochs": 0, "budget": None}  # no budget: Run All leaves the plan as started
+BUDGET = "weight_bytes=uniform:3,act_bytes=uniform:3"  # typed into the propose bar
 
 
 def expected_editor():
@@ -89,6 +90,20 @@ def test_widget_editor_in_jupyterlab(tmp_path):
         assert after_bulk == expected_totals(), (
             f"after the bulk apply (all layers 8/8):\n  browser: {after_bulk}\n  python:  {expected_totals()}")
         assert "(4.0x smaller than FP32)" in after_bulk
+
+        # the propose bar: a budget typed and proposed fills the rows (the FP32 run and its sensitivity are made
+        # on the first proposal, then cached beside the checkpoint, where this process reads them)
+        lab.propose(BUDGET)
+        after_propose = lab.wait_for_totals_change(after_bulk, timeout=1800)
+        allocation = editor.propose(BUDGET)
+        assert after_propose == expected_totals(), (
+            f"after proposing for {BUDGET}:\n  browser: {after_propose}\n  python:  {expected_totals()}")
+        totals = editor.plan.totals()
+        assert all(totals[m] <= limit for m, limit in allocation.budget.items()), (totals, allocation.budget)
+        shown_bits = {name: int(lab.row(name).locator("input[type=number]").first.input_value()) for name in names}
+        assert shown_bits == allocation.plan.w_bits, "the rows do not show the proposed weight bits"
+        assert len(set(shown_bits.values())) > 1, f"the proposal is uniform: {set(shown_bits.values())}"
+        lab.screenshot_editor(ARTIFACTS / "widget-propose.png")
 
         collapsed = lab.collapsed_rows()
         stderr = lab.stderr_outputs()

@@ -207,3 +207,38 @@ def test_editor_reports_invalid_saves(tmp_path):
     editor.save_path.value = str(tmp_path / "file" / "config.json")  # a file where a folder must be
     editor.save_button.click()
     assert "not saved" in editor.message.value
+
+
+def test_propose_fills_the_rows_within_the_budget_and_a_bad_budget_is_a_message(monkeypatch):
+    """The editor's propose step with a synthetic sensitivity (the measured one is test_sensitivity's): the rows,
+    the plan and the saved config take the allocation's bits, the totals stay within the budget, and a budget
+    that cannot be met is a message under the budget box, the plan unchanged."""
+    import labkit.widgets as widgets
+    from helpers import random_sensitivity
+    from labkit.allocate import allocate
+
+    def fake_propose(cfg, budget, bits, n_calib):
+        plan = BitPlan.from_config(cfg)
+        return allocate(plan, random_sensitivity(plan, bits, seed=3), budget)
+
+    monkeypatch.setattr(widgets, "propose", fake_propose)
+    editor = BitWidthEditor.start(base(ROOT / "configs" / "embedded" / "config.pact.4b.json"), 4, 8)
+    budget = "weight_bytes=uniform:3,act_bytes=uniform:3"
+    allocation = editor.propose(budget, bits=(2, 3, 4, 8), n_calib=8)
+    assert editor.plan.w_bits == allocation.plan.w_bits and editor.plan.a_bits == allocation.plan.a_bits
+    for row in editor.plan.rows:
+        w, a, _ = editor.rows[row.name]
+        assert w.value == allocation.plan.w_bits[row.name]
+        assert a.disabled or a.value == allocation.plan.a_bits[row.act]
+    totals = editor.plan.totals()
+    assert set(allocation.budget) == {"weight_bytes", "act_bytes"}
+    assert all(totals[m] <= limit for m, limit in allocation.budget.items())
+    assert len(set(allocation.plan.w_bits.values())) > 1  # a mixed plan, not uniform 3
+    assert "&le;" in editor.propose_status.value and editor.budget_box.value == budget
+    assert BitPlan.from_config(editor.config()).w_bits == allocation.plan.w_bits
+
+    before = copy.deepcopy((editor.plan.w_bits, editor.plan.a_bits))
+    editor.budget_box.value = "weight_bytes=10"
+    editor._propose_clicked()
+    assert "weight_bytes" in editor.propose_status.value and "color:#b00" in editor.propose_status.value
+    assert (editor.plan.w_bits, editor.plan.a_bits) == before
