@@ -54,7 +54,7 @@ def test_cli_sweep_refuses_a_bad_budget_before_it_starts(tmp_path, capsys):
 
 def test_an_algorithm_without_config_is_refused_before_any_run(tmp_path):
     with pytest.raises(SweepError, match=r"no config .*config\.nope\.json for sweep algorithm 'nope': choose one of"):
-        run_sweep({"algorithm": ["pact", "nope"], "bits": [8]}, tmp_path / "sweep", epochs=1, log=None)
+        run_sweep({"algorithm": ["pact", "nope"], "bits": [8]}, tmp_path / "sweep", epochs=1)
     assert not (tmp_path / "sweep").exists()
 
 
