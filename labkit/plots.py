@@ -292,7 +292,11 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
            title=f"accuracy vs {x}")
     ax.grid(alpha=0.3)
     ax.margins(x=0.3, y=0.15)  # room for the labels, which start at their points
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no trained runs yet: train plans (labkit sweep) to place them here", ha="center",
+                va="center", transform=ax.transAxes, fontsize=9, color="0.4")
     return ax.figure
 
 

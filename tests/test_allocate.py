@@ -246,3 +246,14 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert [r["label"] for r in pareto_front([u, p], "weight_bytes")] == [p["label"]]  # cheaper and better
     fig = plot_pareto(table, "weight_bytes")
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed", "FP32 99.50% (n=1)"}
+
+
+def test_pareto_plot_without_runs_says_so_and_warns_nothing(tmp_path):
+    import warnings
+
+    table = collect_points([tmp_path])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a legend without artists would warn in the notebook's stderr
+        fig = plot_pareto(table, "weight_bytes")
+    ax = fig.axes[0]
+    assert ax.get_legend() is None and any("no trained runs yet" in t.get_text() for t in ax.texts)
