@@ -221,9 +221,12 @@ EMBEDDED_QAT = {"pact8": "pact", "tqt8": "tqt", "pact4": "pact.4b", "tqt4": "tqt
 def qat_runs(tmp_path_factory):
     """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
     configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
-    (~5 min on 2 cores)."""
+    (the four slow tests below take ~14 min with it). Trained with one thread, as in the whole module's run
+    (``one_thread``), so that a selected test sees the same networks: the thread count changes float32 sums,
+    hence the trained weights."""
     root = tmp_path_factory.mktemp("qat")
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         train(load_config(EMBEDDED_FP32), root / "fp32", progress=False, log=None)
         runs = {}
