@@ -21,8 +21,9 @@ noises of different layers act independently, the first-order model of HAWQ and 
 (:mod:`labkit.allocate`) minimises that sum. (2) Post-training sensitivity ranks layers the way they rank
 after QAT, which recovers part of each loss. Values can be slightly negative (noise that happens to help).
 
-Results are cached in ``sensitivity.json`` beside the checkpoint, keyed by method, bits, calibration size,
-the sha256 of the checkpoint file and of the network/quantize/data settings, so a stale entry is never used.
+Results are cached in ``sensitivity.json`` beside the checkpoint, keyed by method, the version of the quantizer
+rules, bits, calibration size, the sha256 of the checkpoint file and of the network/quantize/data settings, so a
+stale entry is never used.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ from labkit.runs import RunFolder
 from labkit.schema import ConfigError
 
 METHOD = "loss"  # calibration-loss increase, one layer quantized at a time
+#: bumped whenever a quantizer's bound rule changes results (2: SAWB above 16 levels checked against max |w|),
+#: so that entries measured under the old rule are not used
+RULES = 2
 CACHE = "sensitivity.json"
 DEFAULT_BITS = (2, 3, 4, 8)
 CLIP_GRID = 32  # candidate activation clips k/CLIP_GRID of the observed range
@@ -171,7 +175,7 @@ def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int) 
     data = {k: cfg["data"].get(k) for k in ("name", "root", "image_size")}
     data["train_limit"] = cfg["data"].get("train", {}).get("dataset", {}).get("limit")
     settings = hashlib.sha256(json.dumps([network, data], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{METHOD}|bits={','.join(map(str, bits))}|n={n_calib}|ckpt={digest}|net={settings}"
+    return f"{METHOD}|rules={RULES}|bits={','.join(map(str, bits))}|n={n_calib}|ckpt={digest}|net={settings}"
 
 
 def read_cache(path: Path) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from labkit.quant import init as qinit
+from labkit.quant import pact_quantize
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,11 +29,16 @@ def test_sawb_values_against_table(n, symm, asymm):
     w = torch.distributions.Laplace(0.0, 0.05).sample((64, 32, 3, 3)) * (1 + torch.rand(64, 1, 1, 1))
     for mode, (c1, c2) in (("sawb_symm", symm), ("sawb_asymm", asymm or symm)):
         expect = c1 * math.sqrt((w.double() ** 2).mean().item()) - c2 * w.double().abs().mean().item()
-        alpha = qinit.sawb_clip(w, n, mode).item()
+        alpha = qinit.sawb_alpha(w, n, mode).item()
         assert expect > 0
         assert alpha == pytest.approx(expect, rel=1e-4)
+        clip = qinit.sawb_clip(w, n, mode).item()
+        if n <= qinit.SAWB_GUARD_ABOVE:
+            assert clip == alpha
+        else:  # the fit, or max |w| where that quantizes with the lower grid MSE
+            assert clip in (alpha, w.abs().max().item())
         lo, hi = qinit.weight_clip(w, mode, n)
-        assert lo.item() == -hi.item() == -alpha
+        assert lo.item() == -hi.item() == -clip
 
 
 def test_sawb_per_channel_and_fallback():
@@ -49,6 +55,32 @@ def test_sawb_per_channel_and_fallback():
     assert a256[1].item() == 1.0
     # all-zero weights: alpha* = 0 -> max |w| = 0 (the quantizer floors eps)
     assert qinit.sawb_clip(torch.zeros(10), 256).item() == 0.0
+
+
+def test_sawb_above_16_levels_keeps_the_fit_only_where_it_quantizes_better_than_max():
+    """A light-tailed channel (uniform: sqrt(E w^2) / E|w| = 1.155, just above c2 / c1 = 1.154 at 256 levels) gets
+    a fit of a few percent of max |w|; the guard takes max |w|, with a far lower error on the quantizer's own grid.
+    A large Gaussian channel with one far outlier keeps the fit (clipping one value costs less than a 50x coarser
+    grid). At 16 levels the fit is kept as it is."""
+    torch.manual_seed(0)
+    uniform = torch.linspace(-1, 1, 10 ** 6)
+    heavy = torch.randn(10 ** 6)
+    heavy[0] = 50.0
+    w = torch.stack([uniform, heavy])
+    fit = qinit.sawb_alpha(w, 256, "sawb_asymm", per_channel=True)
+    assert 0 < fit[0] < 0.05 * uniform.abs().max()
+    clip = qinit.sawb_clip(w, 256, "sawb_asymm", per_channel=True)
+    assert clip[0] == 1.0 and clip[1] == fit[1] < heavy.abs().max()
+    # grid_mse is the MSE of the quantizer itself with bounds lo = -m, hi = -m + (n - 1) m / floor(n/2)
+    for m in (fit[0], clip[0], fit[1]):
+        lo, hi = -m, -m + 255 * m / 128
+        direct = (pact_quantize(uniform, lo.reshape(()), hi.reshape(()), 256) - uniform).pow(2).mean()
+        assert qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)) == pytest.approx(direct.item(), rel=1e-4)
+    mse = [qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)).item() for m in (fit[0], clip[0])]
+    assert mse[1] < mse[0] / 1000
+    assert torch.equal(qinit.sawb_clip(w, 16, "sawb_asymm", per_channel=True),
+                       torch.where(qinit.sawb_alpha(w, 16, "sawb_asymm", per_channel=True) > 0,
+                                   qinit.sawb_alpha(w, 16, "sawb_asymm", per_channel=True), w.abs().amax(1)))
 
 
 def test_sawb_unknown_n_levels_is_a_clear_error():

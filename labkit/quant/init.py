@@ -7,7 +7,11 @@ Weights (computed from the tensor at ``start``; per layer, or per output channel
                  its almost-symmetric grid, see :mod:`labkit.quant.base`)
   ``sawb_asymm`` the same with the almost-symmetric-range coefficients (odd n_levels: the only column)
   ``const``      [init_clip_lo, init_clip_hi]
-SAWB falls back to max |w| wherever alpha* <= 0.
+SAWB falls back to max |w| wherever alpha* <= 0. Above 16 levels it also falls back wherever max |w| quantizes
+the weights with a lower mean squared error on the quantizer's grid (:func:`grid_mse`): there c2 / c1 > 1.02, so
+the fit, a difference of two large terms, collapses to 0 as sqrt(E[w^2]) / E|w| (>= 1) falls to c2 / c1 (1.154
+at 256 levels; a uniform distribution has 1.155) and clips light-tailed channels to a fraction of their range.
+At 16 levels and below c2 / c1 <= 1.003 and the fit is kept, as the reference keeps it everywhere.
 
 Activations (from statistics gathered in training mode before ``start``):
   ``max`` EMA of the batch min / max (unsigned: hi only); ``std`` mean -/+ nb_std * std (EMAs of the batch
@@ -45,6 +49,9 @@ SAWB_COEFFS: dict[int, tuple[tuple[float, float], tuple[float, float] | None]] =
     256: ((34.97231, 40.26019), (36.15292, 41.73554)),
 }
 
+#: above this many levels SAWB's fit is checked against max |w| by the grid's mean squared error
+SAWB_GUARD_ABOVE = 16
+
 #: weight modes whose symmetric bound :func:`weight_magnitude` computes directly
 MAGNITUDE_MODES = ("max", "sawb_symm", "sawb_asymm")
 
@@ -72,12 +79,33 @@ def _reduce_dims(w: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
 
 
 def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
-    """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0."""
+    """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0 and, above
+    ``SAWB_GUARD_ABOVE`` levels, where max |w| gives the lower :func:`grid_mse`."""
+    dims = _reduce_dims(w, per_channel)
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=dims)
+    alpha = sawb_alpha(wf, n_levels, mode, per_channel)
+    alpha = torch.where(alpha > 0, alpha, amax)
+    if n_levels <= SAWB_GUARD_ABOVE:
+        return alpha
+    return torch.where(grid_mse(wf, alpha, n_levels, dims) <= grid_mse(wf, amax, n_levels, dims), alpha, amax)
+
+
+def sawb_alpha(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
+    """The fit alone: ``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked; may be <= 0)."""
     c1, c2 = sawb_coefficients(n_levels, mode)
     dims = _reduce_dims(w, per_channel)
     a = w.detach().float().abs()
-    alpha = c1 * torch.sqrt((a * a).mean(dim=dims)) - c2 * a.mean(dim=dims)
-    return torch.where(alpha > 0, alpha, a.amax(dim=dims))
+    return c1 * torch.sqrt((a * a).mean(dim=dims)) - c2 * a.mean(dim=dims)
+
+
+def grid_mse(w: torch.Tensor, m: torch.Tensor, n_levels: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """``E[(q(w) - w)^2]`` over ``dims`` on the almost-symmetric grid of bound ``m`` (shape of the reduction):
+    ``eps = m / floor(n/2)``, ``q(w) = eps clamp(floor(w / eps + 1/2), -floor(n/2), n - 1 - floor(n/2))``."""
+    half = n_levels // 2
+    eps = (m.clamp_min(torch.finfo(m.dtype).tiny) / half).reshape(m.shape + (1,) * (w.dim() - m.dim()))
+    q = torch.floor(w / eps + 0.5).clamp_(-half, n_levels - 1 - half) * eps
+    return (q - w).pow(2).mean(dim=dims)
 
 
 def weight_magnitude(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False) -> torch.Tensor:
