@@ -111,9 +111,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: config keys that hold file or folder paths (relative ones resolve by :func:`labkit.paths.resolve`)
+PATH_KEYS = ("network.pretrained", "network.quantize.kwargs.precision_spec_file",
+             "network.quantize.kwargs.finetuning_ckpt", "data.root")
+
+
 def config_diff(a: dict, b: dict, path: str = "") -> list[tuple[str, Any, Any]]:
-    """``(key_path, value in a, value in b)`` for every leaf that differs (missing: ``None``)."""
-    return list(_diff(a, b, path))
+    """``(key_path, value in a, value in b)`` for every leaf that differs (missing: ``None``); a path under
+    ``PATH_KEYS`` spelled two ways (relative from the project root, absolute) that names one file is no
+    difference."""
+    return [d for d in _diff(a, b, path) if not (d[0] in PATH_KEYS and _same_file(d[1], d[2]))]
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return resolve(a).resolve(strict=True) == resolve(b).resolve(strict=True)
+    except OSError:
+        return False
 
 
 def _diff(a: Any, b: Any, path: str) -> Iterator[tuple[str, Any, Any]]:

@@ -63,6 +63,24 @@ def test_a_finished_run_resumed_with_its_config_trains_nothing(tmp_path):
         {k: v for k, v in before.items() if k != ".lock"}
 
 
+def test_resume_accepts_the_same_file_spelled_another_way(tmp_path, monkeypatch):
+    """A run trained from the project root with a relative ``network.pretrained`` resumes from a notebook that
+    spells the same file absolute; another file is still a difference."""
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "fp32", progress=False, log=None)
+    (tmp_path / "other.ckpt").write_bytes((tmp_path / "fp32" / "best.ckpt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative = tiny(**{"training.n_epochs": 1, "network.pretrained": "fp32/best.ckpt"})
+    assert relative["network"]["pretrained"] == "fp32/best.ckpt"
+    train(relative, tmp_path / "run", progress=False, log=None)
+    monkeypatch.chdir(ROOT)
+    absolute = tiny(**{"training.n_epochs": 1, "network.pretrained": str(tmp_path / "fp32" / "best.ckpt")})
+    monkeypatch.chdir(tmp_path)
+    assert train(absolute, tmp_path / "run", resume=True, progress=False, log=None)["epoch"] == 0
+    other = tiny(**{"training.n_epochs": 1, "network.pretrained": str(tmp_path / "other.ckpt")})
+    with pytest.raises(RunError, match="differs from the run's in 'network.pretrained'"):
+        train(other, tmp_path / "run", resume=True, progress=False, log=None)
+
+
 def test_overwrite_replaces_the_run(tmp_path):
     train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", progress=False, log=None)
     train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", overwrite=True, progress=False, log=None)
