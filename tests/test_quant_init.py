@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from labkit.quant import init as qinit
-from labkit.quant import pact_quantize
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,11 +70,12 @@ def test_sawb_above_16_levels_keeps_the_fit_only_where_it_quantizes_better_than_
     assert 0 < fit[0] < 0.05 * uniform.abs().max()
     clip = qinit.sawb_clip(w, 256, "sawb_asymm", per_channel=True)
     assert clip[0] == 1.0 and clip[1] == fit[1] < heavy.abs().max()
-    # grid_mse is the MSE of the quantizer itself with bounds lo = -m, hi = -m + (n - 1) m / floor(n/2)
+    # grid_mse against the grid's formula in float64: eps = m / 128, codes -128 .. 127
+    u64 = uniform.double()
     for m in (fit[0], clip[0], fit[1]):
-        lo, hi = -m, -m + 255 * m / 128
-        direct = (pact_quantize(uniform, lo.reshape(()), hi.reshape(()), 256) - uniform).pow(2).mean()
-        assert qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)) == pytest.approx(direct.item(), rel=1e-4)
+        eps = float(m) / 128
+        direct = ((torch.floor(u64 / eps + 0.5).clamp(-128, 127) * eps - u64) ** 2).mean()
+        assert qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)) == pytest.approx(direct.item(), rel=1e-3)
     mse = [qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)).item() for m in (fit[0], clip[0])]
     assert mse[1] < mse[0] / 1000
     assert torch.equal(qinit.sawb_clip(w, 16, "sawb_asymm", per_channel=True),

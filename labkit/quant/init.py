@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from labkit.quant.functional import pact_quantize
 from labkit.spec import ACT_INIT_MODES, WEIGHT_INIT_MODES
 
 # n_levels -> ((c1, c2) symmetric range, (c1, c2) almost-symmetric range or None for odd n_levels)
@@ -100,12 +101,11 @@ def sawb_alpha(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_cha
 
 
 def grid_mse(w: torch.Tensor, m: torch.Tensor, n_levels: int, dims: tuple[int, ...]) -> torch.Tensor:
-    """``E[(q(w) - w)^2]`` over ``dims`` on the almost-symmetric grid of bound ``m`` (shape of the reduction):
-    ``eps = m / floor(n/2)``, ``q(w) = eps clamp(floor(w / eps + 1/2), -floor(n/2), n - 1 - floor(n/2))``."""
-    half = n_levels // 2
-    eps = (m.clamp_min(torch.finfo(m.dtype).tiny) / half).reshape(m.shape + (1,) * (w.dim() - m.dim()))
-    q = torch.floor(w / eps + 0.5).clamp_(-half, n_levels - 1 - half) * eps
-    return (q - w).pow(2).mean(dim=dims)
+    """``E[(q(w) - w)^2]`` over ``dims``, ``q`` the quantizer's own PACT grid for bound ``m`` (shape of the
+    reduction): almost symmetric, ``lo = -m``, ``eps = m / floor(n/2)``, ``hi = lo + (n - 1) eps``."""
+    lo = -m.clamp_min(torch.finfo(m.dtype).tiny).reshape(m.shape + (1,) * (w.dim() - m.dim()))
+    hi = lo + (n_levels - 1) * (-lo / (n_levels // 2))
+    return (pact_quantize(w, lo, hi, n_levels) - w).pow(2).mean(dim=dims)
 
 
 def weight_magnitude(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False) -> torch.Tensor:
