@@ -1,7 +1,6 @@
 """Test selection: ``python -m pytest`` is the quick check (unit and small end-to-end tests); ``--full``
 adds the slow set (training runs, the notebooks through nbval, the browser test), as CI runs it."""
 
-import pytest
 
 
 def pytest_addoption(parser):

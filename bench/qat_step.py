@@ -105,7 +105,7 @@ class Runner:
         self.tqt: list = []
         if kind in ("pact", "tqt"):
             from labkit.quant import PACTSGD, get_pact_controllers, tqt_modules
-            from labkit.recipe import default_quantize_config, pact_recipe
+            from labkit.quant.recipe import default_quantize_config, pact_recipe
 
             net, _ = pact_recipe(net, default_quantize_config(net, 8, 8, tqt=kind == "tqt"))
             net.to(device).train()
@@ -115,7 +115,7 @@ class Runner:
             for c in self.controllers:
                 c.step_pre_training_epoch(0)
             self.opt = PACTSGD(net, pact_decay=1e-3, lr=1e-3, momentum=0.9, weight_decay=4e-5)
-            self.tqt = tqt_modules(net)  # TQT's log2 t gradients are normalised before each step, as labkit.train
+            self.tqt = tqt_modules(net)  # TQT's log2 t gradients are normalised before each step, as labkit.train.loop
         else:
             if kind == "torchao":
                 from torch.ao.quantization import get_default_qat_qconfig

@@ -2,7 +2,7 @@
 
 Logic lives in the library; this module parses arguments, checks paths and configs before the heavy imports
 (torch takes seconds to import on a busy machine, a typo should not), and prints every
-:class:`labkit.errors.LabkitError` as one line with exit status 2 (``--debug`` shows the traceback).
+:class:`labkit.config.errors.LabkitError` as one line with exit status 2 (``--debug`` shows the traceback).
 Imports of heavy modules sit inside the command functions for that reason.
 """
 
@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from labkit.budget import bit_choices, parse_budget
-from labkit.config import load_config, parse_override, read_config_file, resolve_config
-from labkit.errors import LabkitError
-from labkit.paths import resolve
+from labkit.config.budget import bit_choices, parse_budget
+from labkit.config.errors import LabkitError
+from labkit.config.loading import load_config, parse_override, read_config_file, resolve_config
+from labkit.config.paths import resolve
 
 EPILOG = """examples:
   labkit train configs/embedded/config.fp32.json            # FP32 on the embedded digits (~2 min on a CPU)
@@ -215,7 +215,7 @@ def cmd_convert(args) -> None:
     if args.source:
         _existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from")
     _writable_folder(Path(args.output).parent, "output folder")
-    from labkit.convert import convert_file
+    from labkit.train.pretrained import convert_file
 
     path, net = convert_file(args.output, args.source, capacity=args.capacity, config=args.stride_config)
     n_params = sum(p.numel() for p in net.parameters())
@@ -225,7 +225,7 @@ def cmd_convert(args) -> None:
 def cmd_train(args) -> None:
     cfg = load_config(args.config, _overrides(args))  # torch-free: a bad config answers at once
     out = _writable_folder(Path(args.output_dir or Path("runs") / cfg["name"]), "run folder")
-    from labkit.train import train
+    from labkit.train.loop import train
 
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                    progress=not args.no_progress, verbose=args.verbose)
@@ -238,15 +238,15 @@ def _run_config(args, run: str) -> dict | None:
         return load_config(args.config, _overrides(args), check_files=False)
     if not args.data_root:
         return None
-    from labkit.runs import load_run
+    from labkit.train.runs import load_run
 
     return resolve_config(load_run(run).config, _overrides(args), check_files=False)
 
 
 def cmd_eval(args) -> None:
     _existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
-    from labkit.runs import RunFolder, describe_provenance
-    from labkit.train import evaluate_checkpoint
+    from labkit.train.loop import evaluate_checkpoint
+    from labkit.train.runs import RunFolder, describe_provenance
 
     m = evaluate_checkpoint(args.checkpoint, _run_config(args, args.checkpoint), device=args.device)
     print(f"{args.checkpoint}: valid loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
@@ -272,7 +272,7 @@ def cmd_sweep(args) -> None:
         grid["budget"] = args.budgets
     grid.setdefault("seed", args.seeds)
     out = _writable_folder(Path(args.output_dir).absolute(), "sweep folder")
-    from labkit.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
+    from labkit.lab.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
 
     table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device,
                       plan_bits=args.plan_bits, calib=args.calib)
@@ -296,7 +296,7 @@ def cmd_plan(args) -> None:
         raise UsageError("no trained network to measure: pass --run (a run folder or checkpoint)")
     _existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another --run")
     _writable_folder(Path(args.output).absolute().parent, "output folder")
-    from labkit.allocate import propose
+    from labkit.precision.allocate import propose
 
     allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits, n_calib=args.calib,
                          progress=True)
@@ -305,7 +305,7 @@ def cmd_plan(args) -> None:
     path = allocation.save(args.output)
     print(f"wrote {path}: labkit train {path}")
     if args.plot:
-        from labkit.plots import plot_sensitivity
+        from labkit.lab.plots import plot_sensitivity
 
         plot_sensitivity(allocation.sensitivity).savefig(args.plot, dpi=100)
         print(f"wrote {args.plot}")
@@ -313,7 +313,7 @@ def cmd_plan(args) -> None:
 
 def cmd_lab(args) -> None:
     out = _writable_folder(Path(args.output_dir).absolute(), "lab folder")
-    from labkit.lab import lab_results, run_notebooks
+    from labkit.lab.notebooks import lab_results, run_notebooks
 
     executed = run_notebooks(out, verbose=args.verbose)
     print(lab_results(executed))
@@ -322,8 +322,8 @@ def cmd_lab(args) -> None:
 
 def _integer_run(args):
     _existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a checkpoint")
-    from labkit.data import build_datasets
-    from labkit.deploy import integerize_run
+    from labkit.lab.twins import integerize_run
+    from labkit.train.data import build_datasets
 
     twin = integerize_run(args.run, input_bits=args.input_bits, d=args.d, config=_run_config(args, args.run))
     train, val = build_datasets(twin.run.config["data"])

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_bad_inputs as bad  # noqa: E402  (the cases live with their test)
+
 from labkit.cli import main  # noqa: E402
 
 

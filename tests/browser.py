@@ -144,7 +144,7 @@ class LabServer:
             body = resp.read()
         return json.loads(body) if body else None
 
-    def start(self) -> "LabServer":
+    def start(self) -> LabServer:
         env = self._env()
         cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",

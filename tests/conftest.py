@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from labkit.config.loading import load_config
+
 from helpers import EMBEDDED_FP32, tiny_overrides
-from labkit.config import load_config
 
 
 @pytest.fixture
@@ -30,8 +31,9 @@ def one_thread():
 def pact8():
     """``(qnet, inet)``: a started 8/8 PACT MobileNetV2 (test_integerize.started_net) and its integer twin, built
     once for the export and int32 tests."""
-    from test_integerize import SHAPE, eps_in_for, started_net  # noqa: PLC0415 - test module helpers
     from labkit.integer import integerize  # noqa: PLC0415
+
+    from test_integerize import SHAPE, eps_in_for, started_net  # noqa: PLC0415 - test module helpers
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from labkit.bitwidths import BitPlan
-from labkit.recipe import pact_recipe
-from labkit.sensitivity import Sensitivity
+from labkit.precision.bitplan import BitPlan
+from labkit.precision.sensitivity import Sensitivity
+from labkit.quant.recipe import pact_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"

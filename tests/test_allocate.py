@@ -1,4 +1,4 @@
-"""The bit allocation: optimal against brute force on a small network, budgets met as labkit.costs counts them,
+"""The bit allocation: optimal against brute force on a small network, budgets met as labkit.precision.costs counts them,
 ties respected, clear errors; and its torch-free budget parser."""
 
 import copy
@@ -9,26 +9,27 @@ import random
 import pytest
 import torch
 
-from helpers import ROOT, random_sensitivity, small_plan
-from labkit.allocate import allocate, predicted_increase, resolve_budget, uniform_totals
-from labkit.bitwidths import BitPlan
-from labkit.budget import BudgetError, bit_choices, budget_slug, describe_budget, parse_budget
-from labkit.build import build_float_network
-from labkit.checkpoint import make_checkpoint, save_atomic
 from labkit.cli import main
-from labkit.config import load_config
+from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe_budget, parse_budget
+from labkit.config.loading import load_config
+from labkit.lab.plots import pareto_front, plot_pareto
 from labkit.models import MobileNetV2
-from labkit.pareto import collect_points
-from labkit.plots import pareto_front, plot_pareto
-from labkit.recipe import pact_recipe
-from labkit.runs import RunFolder
-from labkit.sensitivity import CACHE, Sensitivity, cache_key
+from labkit.precision.allocate import allocate, predicted_increase, resolve_budget, uniform_totals
+from labkit.precision.bitplan import BitPlan
+from labkit.precision.pareto import collect_points
+from labkit.precision.sensitivity import CACHE, Sensitivity, cache_key
+from labkit.quant.recipe import pact_recipe
+from labkit.train.build import build_float_network
+from labkit.train.checkpoint import make_checkpoint, save_atomic
+from labkit.train.runs import RunFolder
+
+from helpers import ROOT, random_sensitivity, small_plan
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 
 
 def all_plans(plan: BitPlan, w_choices, a_choices):
-    """Every assignment of the layers' and groups' bits: ``(bits, totals)``, totals by labkit.costs."""
+    """Every assignment of the layers' and groups' bits: ``(bits, totals)``, totals by labkit.precision.costs."""
     plan = copy.deepcopy(plan)
     layers, groups = list(plan.w_bits), list(plan.activation_groups())
     for combo in itertools.product(*([w_choices] * len(layers) + [a_choices] * len(groups))):

@@ -8,19 +8,20 @@ import copy
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from helpers import ROOT, make_imagefolder, tiny_overrides
-from labkit.checkpoint import save_atomic
 from labkit.cli import main
-from labkit.config import set_key
-from labkit.errors import LabkitError
-from labkit.runs import RunFolder
+from labkit.config.errors import LabkitError
+from labkit.config.loading import set_key
+from labkit.train.checkpoint import save_atomic
+from labkit.train.runs import RunFolder
+
+from helpers import ROOT, make_imagefolder, tiny_overrides
 
 FP32 = json.loads((ROOT / "configs" / "embedded" / "config.fp32.json").read_text())
 PACT = json.loads((ROOT / "configs" / "embedded" / "config.pact.json").read_text())
@@ -94,14 +95,14 @@ def train_args(*args):
 
 
 def _run_config(w: Workspace, **kwargs):
-    from labkit.lab import run_config
+    from labkit.lab.steps import run_config
 
     return run_config(w.write("plain-pact.json", config(PACT, **{"network.pretrained": None})), **kwargs)
 
 
 def _train_locked(w: Workspace):
-    from labkit.config import load_config
-    from labkit.train import train
+    from labkit.config.loading import load_config
+    from labkit.train.loop import train
 
     with RunFolder(w.p("run-locked")).writing():
         train(load_config(w.write("plain.json", config(FP32))), w.p("run-locked"), progress=False, log=None)

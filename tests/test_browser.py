@@ -28,11 +28,11 @@ BUDGET = "weight_bytes=uniform:3,act_bytes=uniform:3"  # typed into the propose 
 
 def expected_editor():
     """The editor notebook 06 builds with PARAMETERS, built here without a browser."""
-    from labkit import lab
-    from labkit.widgets import BitWidthEditor
+    from labkit.lab import steps
+    from labkit.lab.widgets import BitWidthEditor
 
     p = PARAMETERS
-    return BitWidthEditor.start(lab.run_config(p["config"]), p["bits"], p["first_last_bits"], p["depthwise_bits"])
+    return BitWidthEditor.start(steps.run_config(p["config"]), p["bits"], p["first_last_bits"], p["depthwise_bits"])
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.config import ConfigError, config_name, load_config, parse_override
+from labkit.config.loading import ConfigError, config_name, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +33,9 @@ QUANTIZED_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/config.*.json")
 def test_shipped_quantized_configs_build_their_network(path):
     """Every key of ``network.quantize`` names real layers (the recipe refuses unknown ones), every quantizer
     starts on the config's grid, and the controllers and optimizer build (pretrained weights left out)."""
-    from labkit.optim import build_optimizer
     from labkit.quant import quantizers
-    from labkit.build import build_controllers, build_network
+    from labkit.train.build import build_controllers, build_network
+    from labkit.train.gd import build_optimizer
 
     cfg = load_config(path, {"network.pretrained": None}, check_files=False)
     net, report = build_network(cfg)

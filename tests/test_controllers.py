@@ -9,17 +9,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from labkit.quant import init as qinit
 from labkit.quant import (
+    PACTSGD,
     PACTConv2d,
     PACTIntegerAdd,
     PACTLinear,
-    PACTSGD,
     PACTUnsignedAct,
     get_pact_controllers,
     parse_schedule,
 )
-
+from labkit.quant import init as qinit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

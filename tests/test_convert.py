@@ -1,11 +1,12 @@
 import pytest
 import torch
-import torchvision
 
-from labkit.checkpoint import CheckpointError, read_state_dict
 from labkit.cli import main
+from labkit.models.torchvision import from_torchvision, key_table, torchvision_hub_file
+from labkit.train.pretrained import convert_file
+from labkit.train.checkpoint import CheckpointError, read_state_dict
+
 from fixtures import random_torchvision_model
-from labkit.convert import convert_file, from_torchvision, key_table, torchvision_hub_file
 
 
 @pytest.mark.parametrize("width,num_classes", [(1.0, 1000), (0.35, 10)])

@@ -3,9 +3,17 @@ import pytest
 import torch
 from PIL import Image
 
+from labkit.train.data import (
+    EMBEDDED_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    EmbeddedDigits,
+    build_datasets,
+    check_num_classes,
+)
+
 from helpers import make_imagefolder
-from labkit.data import (EMBEDDED_SIZE, DatasetError, EmbeddedDigits, IMAGENET_MEAN, IMAGENET_STD, build_datasets,
-                         check_num_classes)
 
 
 def test_embedded_split_is_fixed_stratified_and_normalised():
@@ -79,7 +87,7 @@ def test_limit_keeps_an_even_subset():
 
 
 def test_input_size_follows_the_data_section():
-    from labkit.data import input_size
+    from labkit.train.data import input_size
 
     assert input_size({"name": "embedded", "image_size": 224}) == 32  # the digits are 32 px whatever is asked
     assert input_size({"name": "imagenet", "image_size": 160}) == 160

@@ -8,9 +8,10 @@ import json
 import onnx
 import pytest
 
-from deeploy_env import run_codegen
 from labkit.export import export
 from labkit.integer import int32_twin, integerize, requant_layers
+
+from deeploy_env import run_codegen
 from test_integerize import SHAPE, digits, eps_in_for, started_net
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from labkit.distributed import SyncBatchNorm2d, convert_sync_batchnorm, shutdown
+from labkit.train.distributed import SyncBatchNorm2d, convert_sync_batchnorm, shutdown
 
 
 def _free_port() -> int:
@@ -62,7 +62,7 @@ def test_convert_keeps_state_and_is_plain_batchnorm_outside_ddp():
 def test_sync_batchnorm_normalises_half_inputs_in_float32(monkeypatch, dtype):
     """Under AMP the conv output is half precision; 2 x 256 x 256 = 131072 values per channel overflow a
     float16 count or sum (max 65504). One process stands in for the group (the all-reduce of one is itself)."""
-    import labkit.distributed as ld
+    import labkit.train.distributed as ld
 
     monkeypatch.setattr(ld, "is_distributed", lambda: True)
     monkeypatch.setattr(ld._AllReduceSum, "apply", staticmethod(lambda t: t))

@@ -10,6 +10,7 @@ import pytest
 
 from labkit.export import CUSTOM_DOMAIN, ExportError, check_export, export, finn_type, to_onnx
 from labkit.integer import int32_twin, integerize, requant_layers
+
 from test_integerize import SHAPE, digits, eps_in_for, started_net
 
 

@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from labkit.integer import (INT32_MAX, Int32Requant, IntegerizeError, Requant, compare, input_intervals, int32_twin,
-                            requant_layers)
+from labkit.integer import (
+    INT32_MAX,
+    Int32Requant,
+    IntegerizeError,
+    Requant,
+    compare,
+    input_intervals,
+    int32_twin,
+    requant_layers,
+)
+
 from test_integerize import digits
 
 

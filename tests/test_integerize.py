@@ -10,17 +10,27 @@ import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
 
-from helpers import EMBEDDED_FP32, ROOT
-from labkit.config import load_config
-from labkit.data import EmbeddedDigits
-from labkit.deploy import integerize_run
+from labkit.config.loading import load_config
+from labkit.integer import (
+    IntAdd,
+    IntegerizeError,
+    Requant,
+    compare,
+    input_eps,
+    input_range,
+    integerize,
+    requant_layers,
+)
 from labkit.integer.modules import _channel_view
-from labkit.integer import IntAdd, IntegerizeError, Requant, compare, input_eps, input_range, integerize, requant_layers
 from labkit.integer.size import size_report
+from labkit.lab.twins import integerize_run
 from labkit.models import MobileNetV2
 from labkit.quant import PACTIntegerAdd, quantizers
-from labkit.recipe import default_quantize_config, pact_recipe
-from labkit.train import train
+from labkit.quant.recipe import default_quantize_config, pact_recipe
+from labkit.train.data import EmbeddedDigits
+from labkit.train.loop import train
+
+from helpers import EMBEDDED_FP32, ROOT
 
 SHAPE = (1, 3, 32, 32)
 
@@ -370,7 +380,7 @@ def float64_mismatches(q64, inet, loader) -> tuple[int, list[dict]]:
                   req.register_forward_hook(i_hook(name, req))]
     try:
         for x, _ in loader:
-            q64((inet.input_quant(x).double() * inet.eps_in))
+            q64(inet.input_quant(x).double() * inet.eps_in)
             inet(x)
     finally:
         for h in hooks:

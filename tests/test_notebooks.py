@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.lab import CONSOLE_LINE
+from labkit.lab.notebooks import CONSOLE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -26,7 +26,7 @@ def test_committed_clean_with_parameters_cell(path):
 
 def run_notebook(name, tmp_path, **parameters):
     """Execute a notebook through labkit's papermill wrapper; check it is quiet; return its text."""
-    from labkit.lab import execute_notebook
+    from labkit.lab.notebooks import execute_notebook
 
     nb = json.loads(execute_notebook(name.removesuffix(".ipynb"), tmp_path / name, parameters).read_text())
     assert_quiet(nb)
@@ -45,7 +45,7 @@ def assert_quiet(nb) -> None:
 
 def test_console_lines_of_labkit_lab():
     """labkit lab's console gets the trainer's epoch, resume and controller lines of a notebook, nothing else."""
-    from labkit.lab import _Lines
+    from labkit.lab.notebooks import _Lines
 
     seen = []
     sink = _Lines(seen.append, "  03  ", lambda line: bool(CONSOLE_LINE.match(line.strip())))
@@ -106,7 +106,7 @@ def _history(top1s):
 def test_what_we_saw_computes_the_numbers_and_warns_on_a_weak_baseline(tmp_path, top1s, warned):
     """Notebook 02's conclusion: first/last/best top-1 and time from the run folder; a warning below
     ``expect_top1`` (90 here) or within twice of chance (10 classes: 20%)."""
-    from labkit.lab import what_we_saw
+    from labkit.lab.steps import what_we_saw
 
     (tmp_path / "config.json").write_text(json.dumps({"network": {"kwargs": {"num_classes": 10}}}))
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _history(top1s)))

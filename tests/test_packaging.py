@@ -1,8 +1,9 @@
 """environment.yml (conda) must install what pyproject.toml declares: same names, same pins."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ import torch
 
 from labkit.quant import init as qinit
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (n_levels, symmetric (c1, c2), almost-symmetric (c1, c2)) transcribed from facts §3

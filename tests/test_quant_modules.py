@@ -12,12 +12,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from labkit.quant import (
+    PACTSGD,
+    PACTAdam,
     PACTAsymmetricAct,
     PACTConv2d,
     PACTIntegerAdd,
     PACTLinear,
-    PACTSGD,
-    PACTAdam,
     PACTUnsignedAct,
     QuantizerBase,
     normalize_tqt_grads,

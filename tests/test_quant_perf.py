@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT
-from labkit.quant import PACTConv2d, PACTUnsignedAct
+from labkit.quant import PACTConv2d, PACTUnsignedAct, normalize_tqt_grads
 from labkit.quant import functional as qf
-from labkit.quant import normalize_tqt_grads
-from labkit.quant.optim import _normalize_many
+from labkit.quant.optimizers import _normalize_many
+
+from helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

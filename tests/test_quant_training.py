@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from labkit.config.loading import load_config
+from labkit.train.checkpoint import load_file
+from labkit.train.loop import evaluate_checkpoint, train
+from labkit.train.runs import read_history
+
 from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
-from labkit.checkpoint import load_file
-from labkit.config import load_config
-from labkit.runs import read_history
-from labkit.train import evaluate_checkpoint, train
 
 pytestmark = pytest.mark.slow
 

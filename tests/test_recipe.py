@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import fx, nn
 
+from labkit.config.schema import ConfigError
 from labkit.models import MobileNetV2
-from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
-from labkit.schema import ConfigError
-from labkit.recipe import REPORT_FIELDS, default_quantize_config, normalize_quantize_config, pact_recipe
+from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTUnsignedAct
+from labkit.quant.recipe import REPORT_FIELDS, default_quantize_config, normalize_quantize_config, pact_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (ROOT / "configs").glob("*/config.*.json") if "fp32" not in p.name)
@@ -261,9 +261,9 @@ def test_precision_spec_file_overrides_n_levels_of_recipe_and_inserted_layers(tm
 
 
 def test_finetuning_ckpt_is_loaded_after_the_recipe(tmp_path, monkeypatch):
-    from labkit.build import build_network
-    from labkit.checkpoint import CheckpointError
-    from labkit.config import resolve_config
+    from labkit.config.loading import resolve_config
+    from labkit.train.build import build_network
+    from labkit.train.checkpoint import CheckpointError
 
     raw = json.loads((ROOT / "configs" / "embedded" / "config.pact.json").read_text())
     raw["network"]["pretrained"] = None
@@ -309,7 +309,7 @@ def expected_levels(path: Path, name: str, kind: str) -> int:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config(path):
-    from labkit.config import resolve_config
+    from labkit.config.loading import resolve_config
 
     raw = json.loads(path.read_text())
     cfg = resolve_config(raw, {"network.pretrained": None})  # the checkpoint need not exist for this test

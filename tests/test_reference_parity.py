@@ -20,10 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT
-from labkit.quant import (PACTAsymmetricAct, PACTConv2d, PACTUnsignedAct, get_pact_controllers,
-                          normalize_tqt_grads, pact_quantize, sawb_coefficients)
+from labkit.quant import (
+    PACTAsymmetricAct,
+    PACTConv2d,
+    PACTUnsignedAct,
+    get_pact_controllers,
+    normalize_tqt_grads,
+    pact_quantize,
+    sawb_coefficients,
+)
 from labkit.quant.init import SAWB_GUARD_ABOVE
+
+from helpers import ROOT
 
 
 def _data_folder() -> Path | None:

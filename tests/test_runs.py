@@ -10,12 +10,13 @@ import time
 import pytest
 import torch
 
+from labkit.config.loading import load_config
+from labkit.lab.steps import run_config
+from labkit.train.checkpoint import load_file, save_atomic
+from labkit.train.loop import train
+from labkit.train.runs import RunError, RunFolder, load_run, read_history
+
 from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
-from labkit.checkpoint import load_file, save_atomic
-from labkit.config import load_config
-from labkit.lab import run_config
-from labkit.runs import RunError, RunFolder, load_run, read_history
-from labkit.train import train
 
 PACT = ROOT / "configs" / "embedded" / "config.pact.json"
 
@@ -93,20 +94,20 @@ KILLER = """
 import os, shutil, signal, sys
 import torch
 torch.set_num_threads({threads})  # the parent's: the resumed run must be the uninterrupted one bit for bit
-import labkit.runs
-from labkit.config import load_config
-from labkit.train import train
+import labkit.train.runs
+from labkit.config.loading import load_config
+from labkit.train.loop import train
 sys.path.insert(0, {tests!r})
 from helpers import tiny_overrides
 
 real = shutil.copyfile
 def copy_then_die(src, dst, *a, **k):  # SIGKILL halfway through the best.ckpt copy of epoch 2
-    if str(dst).endswith(".best.ckpt.copy.tmp") and labkit.runs.load_file(src)["epoch"] == 1:
+    if str(dst).endswith(".best.ckpt.copy.tmp") and labkit.train.runs.load_file(src)["epoch"] == 1:
         with open(dst, "wb") as f:
             f.write(open(src, "rb").read()[:1000])
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst, *a, **k)
-labkit.runs.shutil.copyfile = copy_then_die
+labkit.train.runs.shutil.copyfile = copy_then_die
 overrides = {{**tiny_overrides(), "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
              "training.n_epochs": 3}}
 train(load_config({config!r}, overrides), {out!r}, progress=False, log=None)
@@ -179,7 +180,7 @@ def test_bit_overrides_edit_the_config_and_keep_every_other_key(tmp_path):
 
 
 def load_run_net(cfg):
-    from labkit.build import build_network
+    from labkit.train.build import build_network
 
     return build_network(cfg, pretrained=False)[0]
 

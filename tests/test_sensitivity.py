@@ -7,15 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ROOT, SMALL_INPUT, SmallNet, small_plan, small_qnet
-from labkit.build import build_float_network, build_network
-from labkit.checkpoint import CheckpointError, make_checkpoint, save_atomic
-from labkit.config import load_config
-from labkit.plots import plot_sensitivity
+from labkit.config.loading import load_config
+from labkit.config.schema import ConfigError
+from labkit.lab.plots import plot_sensitivity
+from labkit.precision.sensitivity import (
+    CACHE,
+    CLIP_GRID,
+    RULES,
+    cache_key,
+    calibration_batch,
+    float_weights_network,
+    measure,
+    measure_sensitivity,
+)
 from labkit.quant import PACTIntegerAdd, pact_quantize
-from labkit.schema import ConfigError
-from labkit.sensitivity import (CACHE, CLIP_GRID, RULES, cache_key, calibration_batch, float_weights_network, measure,
-                                measure_sensitivity)
+from labkit.train.build import build_float_network, build_network
+from labkit.train.checkpoint import CheckpointError, make_checkpoint, save_atomic
+
+from helpers import ROOT, SMALL_INPUT, SmallNet, small_plan, small_qnet
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT
-from labkit.bitwidths import BitPlan
-from labkit.build import build_float_network
-from labkit.checkpoint import make_checkpoint, save_atomic
 from labkit.cli import main
-from labkit.config import load_config
-from labkit.sweep import SweepError, expand_grid, results_figure, run_name, run_sweep
+from labkit.config.loading import load_config
+from labkit.lab.sweep import SweepError, expand_grid, results_figure, run_name, run_sweep
+from labkit.precision.bitplan import BitPlan
+from labkit.train.build import build_float_network
+from labkit.train.checkpoint import make_checkpoint, save_atomic
+
+from helpers import ROOT
 
 
 def test_expand_grid_and_validation():

@@ -6,13 +6,14 @@ import sys
 import pytest
 import torch
 
-from helpers import EMBEDDED_FP32, tiny_overrides
-from labkit.checkpoint import CheckpointError, load_file, save_atomic
 from labkit.cli import main
 from labkit.models import MobileNetV2
-from labkit.optim import HandScheduler
-from labkit.runs import read_history
-from labkit.train import evaluate_checkpoint, topk_correct, train
+from labkit.train.checkpoint import CheckpointError, load_file, save_atomic
+from labkit.train.gd import HandScheduler
+from labkit.train.loop import evaluate_checkpoint, topk_correct, train
+from labkit.train.runs import read_history
+
+from helpers import EMBEDDED_FP32, tiny_overrides
 
 
 def test_topk_correct_counts():
@@ -168,7 +169,7 @@ def test_help_documents_every_option(command, capsys):
 
 
 def test_pretrained_of_another_shape_names_the_tensor_and_the_fix(tmp_path):
-    from labkit.build import load_pretrained
+    from labkit.train.pretrained import load_pretrained
 
     path = tmp_path / "ten_classes.pt"
     torch.save(MobileNetV2(capacity=0.35, num_classes=10, config="small").state_dict(), path)

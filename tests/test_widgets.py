@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 
-from helpers import ROOT
-from labkit.bitwidths import INPUT, BitPlan
-from labkit.config import load_config
-from labkit.costs import act_bytes, bops, weight_bytes
+from labkit.config.loading import load_config
+from labkit.config.schema import ConfigError
 from labkit.integer import input_eps, integerize
 from labkit.integer.size import size_report
+from labkit.lab.widgets import BitWidthEditor
 from labkit.models import MobileNetV2
+from labkit.precision.bitplan import INPUT, BitPlan
+from labkit.precision.costs import act_bytes, bops, weight_bytes
 from labkit.quant import quantizers
-from labkit.recipe import pact_recipe
-from labkit.schema import ConfigError
-from labkit.widgets import BitWidthEditor
+from labkit.quant.recipe import pact_recipe
+
+from helpers import ROOT
 
 PACT = ROOT / "configs" / "embedded" / "config.pact.json"
 TQT = ROOT / "configs" / "embedded" / "config.tqt.json"
@@ -213,9 +214,10 @@ def test_propose_fills_the_rows_within_the_budget_and_a_bad_budget_is_a_message(
     """The editor's propose step with a synthetic sensitivity (the measured one is test_sensitivity's): the rows,
     the plan and the saved config take the allocation's bits, the totals stay within the budget, and a budget
     that cannot be met is a message under the budget box, the plan unchanged."""
-    import labkit.widgets as widgets
+    import labkit.lab.widgets as widgets
+    from labkit.precision.allocate import allocate
+
     from helpers import random_sensitivity
-    from labkit.allocate import allocate
 
     def fake_propose(cfg, budget, bits, n_calib):
         plan = BitPlan.from_config(cfg)

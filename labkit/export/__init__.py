@@ -1,10 +1,4 @@
-"""Export of an integer network (:func:`labkit.integer.integerize`) as ONNX plus golden data, for three targets.
-
-``graph`` (the walk every export shares), ``standard`` (standard operators, exact in onnxruntime; also the qonnx
-target), ``deeploy`` (RequantShift nodes of the int32 twin for Deeploy's Generic platform), ``folder``
-(:func:`export` writes a folder, :func:`check_export` runs it with onnxruntime). docs/export.md says which
-tools were run on each target and how.
-"""
+"""Stage 7, export: an integer network as ONNX (onnxruntime, qonnx, Deeploy) with golden data."""
 
 from labkit.export.deeploy import as_standard
 from labkit.export.folder import TARGETS, check_export, export, to_onnx

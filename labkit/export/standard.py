@@ -17,7 +17,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from labkit.export.graph import OPSET, ExportError, GraphWriter, Value, accumulator_type, finn_type, weight_codes
+from labkit.export.graph import (
+    OPSET,
+    ExportError,
+    GraphWriter,
+    Value,
+    accumulator_type,
+    finn_type,
+    weight_codes,
+)
 from labkit.integer import IntConv2d, IntLinear, Requant
 
 _ONNX_TYPES = {"f": TensorProto.FLOAT, "d": TensorProto.DOUBLE, "i": TensorProto.INT64}

@@ -1,16 +1,21 @@
-"""Integerization: a harmonized fake-quant network -> an integer-only twin, and the check between the two.
-
-``modules`` (the integer layers), ``grid`` (the input grid), ``convert`` (:func:`integerize`, the graph walk),
-``compare`` (:func:`compare`, element by element), ``int32`` (:func:`int32_twin`: requantization inside int32).
-"""
+"""Stage 6, integer: a harmonized fake-quant network -> its integer-only twin (int64 exact, int32), and the check."""
 
 from labkit.integer.compare import Comparison, compare
-from labkit.integer.convert import integerize
 from labkit.integer.grid import input_eps, input_range, input_shape_of
 from labkit.integer.int32 import INT32_MAX, Int32Plan, Int32Requant, input_intervals, int32_twin
+from labkit.integer.integerize import integerize
+from labkit.integer.modules import (
+                                    IntAdd,
+                                    IntConv2d,
+                                    IntegerizeError,
+                                    IntLinear,
+                                    IntSumPool,
+                                    QuantizeInput,
+                                    Requant,
+                                    integer_layers,
+                                    requant_layers,
+)
 from labkit.integer.requant import D_MAX, EXACT_BITS, requant_params
-from labkit.integer.modules import (IntAdd, IntConv2d, IntegerizeError, IntLinear, IntSumPool, QuantizeInput,
-                                    Requant, integer_layers, requant_layers)
 
 __all__ = ["Comparison", "D_MAX", "EXACT_BITS", "INT32_MAX", "Int32Plan", "Int32Requant", "IntAdd", "IntConv2d",
            "IntLinear", "IntSumPool", "IntegerizeError", "QuantizeInput", "Requant", "compare", "input_eps",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import fx, nn
 
+from labkit.config.tables import Table
 from labkit.integer.modules import IntegerizeError, QuantizeInput, _channel_view, requant_layers
-from labkit.report import Table
 
 
 @dataclass

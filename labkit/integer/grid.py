@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from labkit.data import input_normalisation, input_size
+from labkit.train.data import input_normalisation, input_size
 
 
 def input_range(cfg_or_data: dict | str) -> tuple[float, float]:

@@ -27,9 +27,18 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from labkit.integer.modules import (IntAdd, IntConv2d, IntegerizeError, IntLinear, IntSumPool, QuantizeInput,
-                                    Requant, _channel_view, requant_layers)
-from labkit.report import Table
+from labkit.config.tables import Table
+from labkit.integer.modules import (
+    IntAdd,
+    IntConv2d,
+    IntegerizeError,
+    IntLinear,
+    IntSumPool,
+    QuantizeInput,
+    Requant,
+    _channel_view,
+    requant_layers,
+)
 
 __all__ = ["INT32_MAX", "Int32Requant", "Int32Plan", "int32_twin", "input_intervals", "calibrated_intervals"]
 

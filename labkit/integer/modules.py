@@ -3,7 +3,7 @@
 ``QuantizeInput`` (image -> codes), ``IntConv2d`` / ``IntLinear`` (integer weights, exact accumulators),
 ``Requant`` (``y = clip(floor((acc * mul + add) / 2^d), lo, hi)``, a pure shift when ``mul`` is a power of
 two), ``IntAdd`` (requantized inputs added, sum requantized) and ``IntSumPool`` (integer window sums).
-:func:`labkit.integer.convert.integerize` builds a network of them from a harmonized fake-quant network.
+:func:`labkit.integer.integerize.integerize` builds a network of them from a harmonized fake-quant network.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from labkit.errors import LabkitError
+from labkit.config.errors import LabkitError
 
 
 class IntegerizeError(LabkitError, ValueError):

@@ -1,12 +1,12 @@
-"""Size report of an integer network: the cost model of :mod:`labkit.costs` read off its layers."""
+"""Size report of an integer network: the cost model of :mod:`labkit.precision.costs` read off its layers."""
 
 from __future__ import annotations
 
 from torch import fx
 
-from labkit.costs import LayerGeometry, QuantizerGeometry, cost_table
+from labkit.config.tables import Table
 from labkit.integer.modules import IntAdd, IntConv2d, IntLinear, QuantizeInput, Requant
-from labkit.report import Table
+from labkit.precision.costs import LayerGeometry, QuantizerGeometry, cost_table
 
 __all__ = ["size_report", "geometry"]
 

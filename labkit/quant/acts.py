@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from labkit.config.spec import QuantSpec
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
-from labkit.spec import QuantSpec
 
 _STAT_NAMES = ("running_min", "running_max", "running_mean", "running_var", "running_pct_lo", "running_pct_hi")
 

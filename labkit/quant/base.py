@@ -19,7 +19,7 @@ m = max(|lo|, |hi|) of the rule's range, except ``const`` where m = ``init_clip_
 reference puts ``sawb_symm`` on the exactly symmetric [-m, m], eps = 2m / (n - 1), where an even n has no zero).
 Weight bounds that are not learned follow the weights (:meth:`labkit.quant.layers.PACTConv2d.refresh_bounds`).
 With ``learn_clip`` the bound parameters receive the PACT gradients (or the TQT log2 t gradient) once started;
-the raw TQT gradient is normalised by :func:`labkit.quant.optim.normalize_tqt_grads`, which the training loop
+the raw TQT gradient is normalised by :func:`labkit.quant.optimizers.normalize_tqt_grads`, which the training loop
 calls right before each optimizer step. ``requires_grad`` of bound parameters is ``learn_clip`` and never
 changes (DDP registers parameters once); frozen or not-yet-started bounds are simply not used with autograd.
 """
@@ -31,8 +31,15 @@ import math
 import torch
 from torch import nn
 
-from labkit.quant.functional import EPS_MIN, normalize_tqt_grad, pact_quantize, tqt_code_range, tqt_quantize, tqt_scale
-from labkit.spec import QuantSpec
+from labkit.config.spec import QuantSpec
+from labkit.quant.functional import (
+    EPS_MIN,
+    normalize_tqt_grad,
+    pact_quantize,
+    tqt_code_range,
+    tqt_quantize,
+    tqt_scale,
+)
 
 
 class QuantizerBase(nn.Module):
@@ -67,7 +74,7 @@ class QuantizerBase(nn.Module):
     @torch.no_grad()
     def normalize_log2_t_grad(self) -> None:
         """Replace ``log2_t.grad`` (the paper's raw gradient) by its Adam-like normalisation (``tqt_beta``,
-        optional tanh), updating the running variance; :func:`labkit.quant.optim.normalize_tqt_grads` does it
+        optional tanh), updating the running variance; :func:`labkit.quant.optimizers.normalize_tqt_grads` does it
         for a whole network at once."""
         if self.tqt and self.log2_t.grad is not None:
             g = self.log2_t.grad

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from labkit.config.schema import COMMANDS
 from labkit.quant.acts import PACTIntegerAdd, _ActQuantizer
 from labkit.quant.base import QuantizerBase
 from labkit.quant.layers import _WeightQuantizer
-from labkit.schema import COMMANDS
 
 START_KWARGS = ("init_clip_hi", "init_clip_lo")
 

@@ -30,7 +30,7 @@ The log2_t gradient is normalised (Adam-like, without momentum) by :func:`normal
 1e-12 only guards against 0 / 0 (the reference adds 1e-5, which shrinks the step of a threshold whose raw
 gradient is not much larger than 1e-5: the normalisation is meant to make steps independent of the gradient's
 scale). The training loop applies it right before the optimizer step
-(:func:`labkit.quant.optim.normalize_tqt_grads`), not inside backward as the reference does; ``tqt_quantize``
+(:func:`labkit.quant.optimizers.normalize_tqt_grads`), not inside backward as the reference does; ``tqt_quantize``
 can also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.

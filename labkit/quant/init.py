@@ -29,8 +29,8 @@ import math
 
 import torch
 
+from labkit.config.spec import ACT_INIT_MODES, WEIGHT_INIT_MODES
 from labkit.quant.functional import pact_quantize
-from labkit.spec import ACT_INIT_MODES, WEIGHT_INIT_MODES
 
 # n_levels -> ((c1, c2) symmetric range, (c1, c2) almost-symmetric range or None for odd n_levels)
 SAWB_COEFFS: dict[int, tuple[tuple[float, float], tuple[float, float] | None]] = {

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from labkit.config.spec import QuantSpec
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
 from labkit.quant.functional import EPS_MIN
-from labkit.spec import QuantSpec
 
 
 class _WeightQuantizer(QuantizerBase):
@@ -101,7 +101,7 @@ class PACTConv2d(nn.Conv2d, _WeightQuantizer):
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, spec: QuantSpec | None = None, **settings) -> "PACTConv2d":
+    def from_float(cls, module: nn.Conv2d, spec: QuantSpec | None = None, **settings) -> PACTConv2d:
         """A PACTConv2d with ``module``'s geometry, weights and bias (copied)."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"PACTConv2d.from_float needs an nn.Conv2d, got {type(module).__name__}")
@@ -123,7 +123,7 @@ class PACTLinear(nn.Linear, _WeightQuantizer):
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, spec: QuantSpec | None = None, **settings) -> "PACTLinear":
+    def from_float(cls, module: nn.Linear, spec: QuantSpec | None = None, **settings) -> PACTLinear:
         """A PACTLinear with ``module``'s shape, weights and bias (copied)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"PACTLinear.from_float needs an nn.Linear, got {type(module).__name__}")

@@ -1,0 +1,16 @@
+"""The root of labkit's user-facing errors.
+
+Every error that a user can fix (a config key, a file, a dataset folder, a run folder, a network that cannot
+be integerized, a training run that diverged) derives from :class:`LabkitError`; its message names the
+offending key, file or layer and the fix, and the CLI prints it as one line with exit status 2 (``--debug``
+shows the traceback). Each family is its own subclass, defined where the problem is found
+(``ConfigError`` in :mod:`labkit.config.schema`, ``CheckpointError`` in :mod:`labkit.train.checkpoint`, ...).
+"""
+
+
+class LabkitError(Exception):
+    """A problem the user can fix; the message says what and how (one line)."""
+
+
+class CheckpointError(LabkitError, ValueError):
+    """A checkpoint that cannot be read or used; the message names the file and the fix."""
