@@ -245,7 +245,7 @@ def _run_config(args, run: str) -> dict | None:
 
 def cmd_eval(args) -> None:
     _existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
-    from labkit.train.loop import evaluate_checkpoint
+    from labkit.train.evaluate import evaluate_checkpoint
     from labkit.train.runs import RunFolder, describe_provenance
 
     m = evaluate_checkpoint(args.checkpoint, _run_config(args, args.checkpoint), device=args.device)

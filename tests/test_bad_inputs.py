@@ -181,7 +181,7 @@ CASES = [
     Case("bits-33", "a 33-bit layer", r"n_levels=8589934592 \(33 bits\) is outside",
          cli=train_with("bits33", PACT, **{"network.quantize.PACTLinear": {
              **PACT["network"]["quantize"]["PACTLinear"], "classifier.1$": {"n_levels": 2 ** 33}}})),
-    Case("init-clip-unknown", "unknown init_clip", r"init_clip='maximum' is not valid; allowed: max, std",
+    Case("init-clip-unknown", "unknown init_clip", r"init_clip='maximum' is not valid \(did you mean 'max'\?\); allowed: max, std",
          cli=train_with("initclip", PACT, **{"network.quantize.PACTUnsignedAct.kwargs.init_clip": "maximum"})),
     Case("quantizer-setting-unknown", "a misspelt quantizer setting",
          r"'network.quantize.PACTConv2d\['pilot.0\$'\].n_level': unknown quantizer setting \(did you mean 'n_levels'\?\)",

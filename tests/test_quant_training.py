@@ -5,7 +5,8 @@ import torch
 
 from labkit.config.loading import load_config
 from labkit.train.checkpoint import load_file
-from labkit.train.loop import evaluate_checkpoint, train
+from labkit.train.evaluate import evaluate_checkpoint
+from labkit.train.loop import train
 from labkit.train.runs import read_history
 
 from helpers import EMBEDDED_FP32, ROOT, tiny_overrides

@@ -10,7 +10,8 @@ from labkit.cli import main
 from labkit.models import MobileNetV2
 from labkit.train.checkpoint import CheckpointError, load_file, save_atomic
 from labkit.train.gd import HandScheduler
-from labkit.train.loop import evaluate_checkpoint, topk_correct, train
+from labkit.train.evaluate import evaluate_checkpoint, topk_correct
+from labkit.train.loop import train
 from labkit.train.runs import read_history
 
 from helpers import EMBEDDED_FP32, tiny_overrides

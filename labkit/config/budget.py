@@ -14,7 +14,7 @@ import difflib
 import math
 
 from labkit.config.errors import LabkitError
-from labkit.config.schema import MAX_BITS, MIN_BITS
+from labkit.config.spec import MAX_BITS, MIN_BITS
 
 #: the totals a budget can limit (names as in :data:`labkit.precision.costs.TOTALS`)
 METRICS = ("weight_bytes", "act_bytes", "BOPs")

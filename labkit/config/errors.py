@@ -14,3 +14,12 @@ class LabkitError(Exception):
 
 class CheckpointError(LabkitError, ValueError):
     """A checkpoint that cannot be read or used; the message names the file and the fix."""
+
+
+class ConfigError(LabkitError, ValueError):
+    """A configuration problem; ``key_path`` names where it is (``training.gd.opt.class``)."""
+
+    def __init__(self, key_path: str, problem: str, fix: str = ""):
+        self.key_path = key_path
+        message = f"config key '{key_path}': {problem}" if key_path else problem
+        super().__init__(f"{message}. {fix}".rstrip(". ") + ("." if fix else ""))

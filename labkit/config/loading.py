@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.config.paths import resolve
-from labkit.config.schema import ConfigError, validate
+from labkit.config.schema import ConfigError, Data, validate
 
 __all__ = ["ConfigError", "load_config", "read_config_file", "resolve_config", "config_name", "set_key", "get_key",
            "parse_override", "config_diff"]
@@ -157,6 +157,6 @@ def _normalise(cfg: dict) -> None:
                 recipe[key] = str(resolve(recipe[key], must_exist=True))
     data = cfg.get("data")
     if isinstance(data, dict):
-        data.setdefault("name", "imagenet")
+        data.setdefault("name", Data.model_fields["name"].default)
         if isinstance(data.get("root"), str):
             data["root"] = str(resolve(data["root"], must_exist=True))

@@ -1,369 +1,504 @@
-"""The config schema: every section, key, type and value range, checked before anything is built.
+"""The run config as pydantic models: every section, key, type, range and default, stated once, torch-free.
 
-:func:`validate` walks a config against :data:`SCHEMA` and raises :class:`ConfigError` at the first problem,
-naming the key path (``training.gd.opt.kwargs.lr``), what is wrong and the fix; an unknown key gets the
-nearest valid one (``trainig`` -> did you mean 'training'?). ``network.quantize`` is checked setting by
-setting through :class:`labkit.config.spec.QuantSpec` (the same rules the layers apply), regexes are compiled;
-whether a regex names a module of the network is checked when the network is built
-(:func:`labkit.train.build.build_network`), before anything is written. Torch-free: the CLI checks a config
-before it imports torch.
+:func:`validate` checks a config dict (as JSON gives it; the dict stays the stored form) and returns the typed
+:class:`RunConfig`; the first problem becomes a :class:`ConfigError` naming the key path
+(``training.gd.opt.kwargs.lr``), what is wrong and the fix; an unknown key gets the nearest valid one. Per-layer
+quantizer settings are :mod:`labkit.config.spec` models. Whether a layer regex names a module of the network is
+checked when the network is built (:func:`labkit.train.build.build_network`), before anything is written.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from labkit.config.errors import LabkitError
-from labkit.config.spec import QuantSpec, SpecError, settings_of
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
-DATASETS = ("embedded", "imagenet")
-NETWORKS = ("MobileNetV2",)
-STRIDE_CONFIGS = ("standard", "small")  # labkit.models.STRIDE_TABLES (a test keeps them equal)
-LOSSES = ("CrossEntropyLoss",)
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "PACTSGD", "PACTAdam")
-SCHEDULERS = ("HandScheduler", "StepLR", "MultiStepLR", "CosineAnnealingLR", "OneCycleLR")
+from labkit.config.errors import ConfigError
+from labkit.config.spec import SPECS, QuantSpec, describe_error
+
+__all__ = ["ConfigError", "RunConfig", "validate", "check_quantize", "COMMANDS", "RECIPE_KWARGS"]
+
 COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
 #: ``network.quantize`` class keys and the quantizer role of what they build
 QUANTIZE_CLASSES = {"PACTConv2d": "weights", "PACTLinear": "weights", "PACTUnsignedAct": "unsigned_act"}
-HARMONIZE_OPTIONS = ("requant_pool", "force_out_eps", "layers")
 #: keyword arguments of the reference's ``pact_recipe`` (beside ``config``), as in its MobileNet recipes
 RECIPE_KWARGS = ("quantize_pool", "precision_spec_file", "finetuning_ckpt")
-MIN_BITS, MAX_BITS = 2, 16
+Probability = Annotated[float, Field(ge=0, lt=1)]
+Positive = Annotated[float, Field(gt=0)]
+Count = Annotated[int, Field(ge=1)]
 
 
-class ConfigError(LabkitError, ValueError):
-    """A configuration problem; ``key_path`` names where it is (``training.gd.opt.class``)."""
-
-    def __init__(self, key_path: str, problem: str, fix: str = ""):
-        self.key_path = key_path
-        message = f"config key '{key_path}': {problem}" if key_path else problem
-        super().__init__(f"{message}. {fix}".rstrip(". ") + ("." if fix else ""))
+def tagged(pick, **members: Any) -> Any:
+    """A union whose member ``pick(value)`` names (errors then come from that member alone)."""
+    return Annotated[Union[tuple(Annotated[m, Tag(name)] for name, m in members.items())], Discriminator(pick)]
 
 
-# ----------------------------------------------------------------------------------------------- schema
-@dataclass
-class Value:
-    """A leaf: allowed types (``bool`` only when listed), choices, and a range check returning a problem."""
-
-    types: tuple
-    required: bool = False
-    choices: tuple | None = None
-    check: Callable[[Any], str | None] | None = None
+def problem(message: str, path: str = "", fix: str = "") -> PydanticCustomError:
+    """A validator's error: ``path`` (relative to where the validator runs) and ``fix`` land in the message."""
+    return PydanticCustomError("labkit", message, {"path": path, "fix": fix})
 
 
-@dataclass
-class Section:
-    """An object with known keys; ``each`` validates the values of any other key (maps such as schedules),
-    ``check`` the whole object after its keys."""
+class Section(BaseModel):
+    """A config object: known keys only (the nearest one suggested), strict JSON types, finite numbers."""
 
-    keys: dict = field(default_factory=dict)
-    required: bool = False
-    nullable: bool = False
-    each: Any = None
-    each_key: Callable[[str], str | None] | None = None
-    check: Callable[[dict, str], None] | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
-
-ANY = object()  # any JSON value (meters, free-form kwargs)
-
-NUM = (int, float)
-
-
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-           integer: bool = False) -> Callable[[Any], str | None]:
-    def check(v) -> str | None:
-        if not math.isfinite(v):
-            return f"must be a finite number, got {v}"
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
-        return None
-    return check
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = [f.alias or name for name, f in cls.model_fields.items()]
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise problem(f"unknown key{hint}", str(key), f"Known here: {', '.join(known)}")
+        return data
 
 
-def _epoch_key(key: str) -> str | None:
-    return None if str(key).isdigit() else "epoch keys are non-negative integers in quotes, e.g. \"3\""
+# ----------------------------------------------------------------------------------------------- data
+class TransformKwargs(Section):
+    augment: bool = False
 
 
-def _commands(value: Any, path: str) -> None:
-    cmds = [value] if isinstance(value, str) else value
-    if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
-        raise ConfigError(path, f"expected a command or a list of commands, got {value!r}", f"Commands: {', '.join(COMMANDS)}")
-    for c in cmds:
-        if c not in COMMANDS:
-            raise ConfigError(path, f"unknown command {c!r}{_suggest(c, COMMANDS)}", f"Commands: {', '.join(COMMANDS)}")
+class Transform(Section):
+    class_: str = Field("TransformA", alias="class")
+    kwargs: TransformKwargs = Field(default_factory=TransformKwargs)
 
 
-_SPLIT = Section({
-    "dataset": Section({
-        "transform": Section({"class": Value((str,)), "kwargs": Section({"augment": Value((bool,))})}),
-        "limit": Value((int, type(None)), check=_range(1)),
-    }),
-    "dataloader": Section({"bs": Value((int,), check=_range(1)), "num_workers": Value((int,), check=_range(0))}),
-})
+class DatasetOptions(Section):
+    transform: Transform = Field(default_factory=Transform)
+    limit: Count | None = None
 
-_START_KWARGS = Section({"init_clip_hi": Value(NUM, check=_range()), "init_clip_lo": Value(NUM, check=_range())})
-_CONTROLLERS = Section({
-    "schedules": Section({"linear": Section(each=ANY, each_key=_epoch_key),
-                          "activation": Section(each=ANY, each_key=_epoch_key)}, required=True),
-    "kwargs_linear": _START_KWARGS, "kwargs_activation": _START_KWARGS,
-})
 
-_SCHEDULER_KWARGS = {
-    "HandScheduler": Section({"schedule": Section(each=Value(NUM, check=_range(0)), each_key=_epoch_key,
-                                                  required=True)}),
-    "StepLR": Section({"step_size": Value((int,), True, check=_range(1)), "gamma": Value(NUM, check=_range(0, lo_open=True))}),
-    "MultiStepLR": Section({"milestones": Value((list,), True), "gamma": Value(NUM, check=_range(0, lo_open=True))}),
-    "CosineAnnealingLR": Section({"T_max": Value((int,), check=_range(1)), "eta_min": Value(NUM, check=_range(0))}),
-    "OneCycleLR": Section({"max_lr": Value(NUM, True, check=_range(0, lo_open=True)),
-                           "pct_start": Value(NUM, check=_range(0, 1, True, True)),
-                           "anneal_strategy": Value((str,), choices=("cos", "linear")),
-                           "div_factor": Value(NUM, check=_range(0, lo_open=True)),
-                           "final_div_factor": Value(NUM, check=_range(0, lo_open=True)),
-                           "three_phase": Value((bool,)), "cycle_momentum": Value((bool,)),
-                           "base_momentum": Value(NUM, check=_range(0, 1)), "max_momentum": Value(NUM, check=_range(0, 1))}),
-}
+class Dataloader(Section):
+    bs: Count | None = None
+    num_workers: int = Field(0, ge=0)
 
-SCHEMA = Section({
-    "description": Value((str,)), "name": Value((str,)), "meters": ANY,
-    "data": Section({
-        "name": Value((str,), True, choices=DATASETS),
-        "root": Value((str, type(None))),
-        "image_size": Value((int,), check=_range(16, 4096)),
-        "train": _SPLIT, "valid": _SPLIT,
-    }, required=True),
-    "network": Section({
-        "class": Value((str,), True, choices=NETWORKS),
-        "kwargs": Section({
-            "capacity": Value(NUM, check=_range(0, 4, lo_open=True)),
-            "num_classes": Value((int,), check=_range(2)),
-            "config": Value((str,), choices=STRIDE_CONFIGS),
-            "dropout": Value(NUM, check=_range(0, 1, hi_open=True)),
-            "seed": Value((int,)),
-        }, required=True),
-        "pretrained": Value((str, type(None))),
-        "quantize": ANY,  # checked by check_quantize
-    }, required=True),
-    "training": Section({
-        "n_epochs": Value((int,), True, check=_range(1)),
-        "seed": Value((int,)),
-        "loss_fn": Section({"class": Value((str,), choices=LOSSES),
-                            "kwargs": Section({"label_smoothing": Value(NUM, check=_range(0, 1, hi_open=True))})}),
-        "gd": Section({
-            "opt": Section({
-                "class": Value((str,), True, choices=OPTIMIZERS),
-                "takes_net": Value((bool,)),
-                "kwargs": Section({
-                    "lr": Value(NUM, True, check=_range(0, lo_open=True)),
-                    "momentum": Value(NUM, check=_range(0, 1, hi_open=True)),
-                    "weight_decay": Value(NUM, check=_range(0)),
-                    "pact_decay": Value(NUM, check=_range(0)),
-                    "nesterov": Value((bool,)), "dampening": Value(NUM, check=_range(0, 1)),
-                    "betas": Value((list,)), "eps": Value(NUM, check=_range(0, lo_open=True)),
-                }, required=True),
-            }, required=True),
-            "lr_sched": Section({"class": Value((str,), True, choices=SCHEDULERS), "kwargs": ANY}, nullable=True),
-        }, required=True),
-        "quantize": ANY,  # checked by check_controllers
-        "amp": Value((bool,)), "channels_last": Value((bool,)), "sync_bn": Value((bool,)),
-    }, required=True),
-})
+
+class Split(Section):
+    dataset: DatasetOptions = Field(default_factory=DatasetOptions)
+    dataloader: Dataloader = Field(default_factory=Dataloader)
+
+
+class Data(Section):
+    name: Literal["embedded", "imagenet"] = "imagenet"
+    root: str | None = None
+    image_size: int = Field(224, ge=16, le=4096)
+    train: Split = Field(default_factory=Split)
+    valid: Split = Field(default_factory=Split)
+    DEFAULT_BS: ClassVar[int] = 64
+
+    @property
+    def train_bs(self) -> int:
+        return self.train.dataloader.bs or self.DEFAULT_BS
+
+    @property
+    def valid_bs(self) -> int:
+        """The validation batch, by default the training one."""
+        return self.valid.dataloader.bs or self.train_bs
+
+    @property
+    def size(self) -> int:
+        """Image side in pixels: the embedded digits are 32x32, ImageNet ``image_size``."""
+        return 32 if self.name == "embedded" else self.image_size
+
+
+# ----------------------------------------------------------------------------------------------- network
+class NetworkKwargs(Section):
+    capacity: float = Field(1.0, gt=0, le=4)
+    num_classes: int = Field(1000, ge=2)
+    config: Literal["standard", "small"] = "standard"
+    dropout: Probability = 0.2
+    seed: int | None = None
+
+
+class LayerSection(BaseModel):
+    """One class key of ``network.quantize``: ``kwargs`` (the class defaults) and ``{regex: settings}``."""
+
+    model_config = ConfigDict(extra="allow")
+    ROLE: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entries(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise problem(f"expected an object mapping module-name regexes to settings, got {_type(data)}")
+        defaults = _settings(data.get("kwargs") or {}, cls.ROLE, "kwargs")
+        for regex, layer in data.items():
+            if regex != "kwargs":
+                _regex(regex, f"[{regex!r}]")
+                _settings({**defaults, **_settings(layer or {}, cls.ROLE, f"[{regex!r}]")}, cls.ROLE, f"[{regex!r}]")
+        return data
+
+
+class ConvSection(LayerSection):
+    ROLE: ClassVar[str] = "weights"
+
+
+class ActSection(LayerSection):
+    ROLE: ClassVar[str] = "unsigned_act"
+
+
+class Harmonize(BaseModel):
+    """``network.quantize.harmonize``: options, the inserted quantizers' settings and per-name overrides."""
+
+    model_config = ConfigDict(extra="allow")
+    OPTIONS: ClassVar[tuple[str, ...]] = ("requant_pool", "force_out_eps", "layers")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise problem(f"expected an object of settings, true or false; got {data!r}")
+        for key in ("requant_pool", "force_out_eps"):
+            if key in data and not isinstance(data[key], bool):
+                raise problem(f"expected true or false, got {data[key]!r}", key)
+        settings = {k: v for k, v in data.items() if k not in cls.OPTIONS}
+        _settings(settings, "signed_act", "", extra=cls.OPTIONS)
+        layers = data.get("layers") or {}
+        if not isinstance(layers, dict):
+            raise problem(f"expected an object mapping regexes on inserted names to settings, got {_type(layers)}",
+                          "layers")
+        for regex, layer in layers.items():
+            _regex(regex, f"layers[{regex!r}]")
+            _settings({**settings, **(layer or {})}, "signed_act", f"layers[{regex!r}]")
+        return data
+
+
+class LayerConfig(Section):
+    """The seed's layout of ``network.quantize``."""
+
+    PACTConv2d: ConvSection | None = None
+    PACTLinear: ConvSection | None = None
+    PACTUnsignedAct: ActSection | None = None
+    harmonize: tagged(lambda v: "<bool>" if isinstance(v, bool) else "<object>", **{"<bool>": bool,
+                      "<object>": Harmonize}) | None = None
+
+
+class RecipeKwargs(Section):
+    config: LayerConfig
+    quantize_pool: bool | None = None
+    precision_spec_file: str | None = Field(None, min_length=1)
+    finetuning_ckpt: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _pool_agrees(self) -> RecipeKwargs:
+        pool, harmonize = self.quantize_pool, self.config.harmonize
+        if pool is None:
+            return self
+        if harmonize is False and pool:
+            raise problem("is true, but config.harmonize is false (no harmonization, so nothing re-quantizes the "
+                          "pool)", "quantize_pool", "Drop one of them")
+        stated = harmonize.model_extra.get("requant_pool", pool) if isinstance(harmonize, Harmonize) else pool
+        if stated != pool:
+            raise problem(f"is {str(pool).lower()} but config.harmonize.requant_pool is {str(stated).lower()} (both "
+                          "say whether the pool's output is re-quantized)", "quantize_pool", "Keep one of them")
+        return self
+
+
+class RecipeCall(Section):
+    """The reference framework's layout: ``{"function": "pact_recipe", "kwargs": {"config": ..., ...}}``."""
+
+    function: Literal["pact_recipe"]
+    kwargs: RecipeKwargs
+
+
+def _call_or_kwargs(value: Any) -> str:
+    return "<call>" if isinstance(value, dict) and "function" in value else "<kwargs>"
+
+
+Quantize = tagged(_call_or_kwargs, **{"<call>": RecipeCall, "<kwargs>": LayerConfig})
+
+
+class Network(Section):
+    class_: Literal["MobileNetV2"] = Field(alias="class")
+    kwargs: NetworkKwargs
+    pretrained: str | None = None
+    quantize: Quantize | None = None
+
+
+# ----------------------------------------------------------------------------------------------- training
+class LossKwargs(Section):
+    label_smoothing: Probability = 0.0
+
+
+class Loss(Section):
+    class_: Literal["CrossEntropyLoss"] = Field("CrossEntropyLoss", alias="class")
+    kwargs: LossKwargs = Field(default_factory=LossKwargs)
+
+
+class SGDKwargs(Section):
+    lr: Positive
+    momentum: Probability = 0.0
+    dampening: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+
+class AdamKwargs(Section):
+    lr: Positive
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    eps: Positive = 1e-8
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PACTSGDKwargs(SGDKwargs):
+    pact_decay: float = Field(0.0, ge=0)
+
+
+class PACTAdamKwargs(AdamKwargs):
+    pact_decay: float = Field(0.0, ge=0)
+
+
+OPTIMIZER_KWARGS = {"SGD": SGDKwargs, "Adam": AdamKwargs, "AdamW": AdamKwargs, "PACTSGD": PACTSGDKwargs,
+                    "PACTAdam": PACTAdamKwargs}
+
+
+class EpochSchedule(BaseModel):
+    """HandScheduler's ``{"epoch": factor}``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise problem(f"expected an object {{epoch: factor}}, got {_type(data)}")
+        for key, factor in data.items():
+            _epoch_key(key)
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0 \
+                    or factor == float("inf"):
+                raise problem(f"must be a finite number >= 0, got {factor!r}", str(key))
+        return data
+
+
+class HandKwargs(Section):
+    schedule: EpochSchedule
+
+
+class StepKwargs(Section):
+    step_size: Count
+    gamma: Positive = 0.1
+
+
+class MultiStepKwargs(Section):
+    milestones: list[Annotated[int, Field(ge=0)]]
+    gamma: Positive = 0.1
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, ms: list[int]) -> list[int]:
+        if ms != sorted(ms):
+            raise ValueError(f"expected increasing epochs, got {ms!r}")
+        return ms
+
+
+class CosineKwargs(Section):
+    T_max: Count | None = None
+    eta_min: float = Field(0.0, ge=0)
+
+
+class OneCycleKwargs(Section):
+    max_lr: Positive
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: Positive = 25.0
+    final_div_factor: Positive = 1e4
+    three_phase: bool = False
+    cycle_momentum: bool = True
+    base_momentum: float = Field(0.85, ge=0, le=1)
+    max_momentum: float = Field(0.95, ge=0, le=1)
+
+
+SCHEDULER_KWARGS = {"HandScheduler": HandKwargs, "StepLR": StepKwargs, "MultiStepLR": MultiStepKwargs,
+                    "CosineAnnealingLR": CosineKwargs, "OneCycleLR": OneCycleKwargs}
+
+
+def by_class(kind: str, kwargs_models: dict[str, type[Section]], **fields: Any) -> Any:
+    """``{"class": NAME, "kwargs": {...}}`` with the kwargs model of NAME (the union is tagged by "class")."""
+    members = {}
+    for name, kwargs in kwargs_models.items():
+        required = any(f.is_required() for f in kwargs.model_fields.values())
+        members[name] = create_model(f"{name}{kind}", __base__=Section, **fields,
+                                     class_=(Literal[name], Field(alias="class")),
+                                     kwargs=(kwargs, ... if required else Field(default_factory=kwargs)))
+    return tagged(lambda v: v.get("class") if isinstance(v, dict) else None, **members)
+
+
+Optimizer = by_class("Optimizer", OPTIMIZER_KWARGS, takes_net=(bool, False))
+Scheduler = by_class("Scheduler", SCHEDULER_KWARGS)
+
+
+class GD(Section):
+    opt: Optimizer
+    lr_sched: Scheduler | None = None
+
+
+class StartKwargs(Section):
+    init_clip_hi: float | None = None
+    init_clip_lo: float | None = None
+
+
+class Schedules(Section):
+    linear: dict[str, Any] = Field(default_factory=dict)
+    activation: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("linear", "activation")
+    @classmethod
+    def _commands(cls, schedule: dict[str, Any]) -> dict[str, Any]:
+        for epoch, cmds in schedule.items():
+            _epoch_key(epoch)
+            listed = [cmds] if isinstance(cmds, str) else cmds
+            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+                raise problem(f"expected a command or a list of commands, got {cmds!r}", epoch,
+                              f"Commands: {', '.join(COMMANDS)}")
+            for c in listed:
+                if c not in COMMANDS:
+                    close = difflib.get_close_matches(c, COMMANDS, n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise problem(f"unknown command {c!r}{hint}", epoch, f"Commands: {', '.join(COMMANDS)}")
+        return schedule
+
+
+class Controllers(Section):
+    schedules: Schedules
+    kwargs_linear: StartKwargs = Field(default_factory=StartKwargs)
+    kwargs_activation: StartKwargs = Field(default_factory=StartKwargs)
+
+
+class ControllersCall(Section):
+    function: Literal["get_pact_controllers"]
+    kwargs: Controllers
+
+
+ControllerConfig = tagged(_call_or_kwargs, **{"<call>": ControllersCall, "<kwargs>": Controllers})
+
+
+class Training(Section):
+    n_epochs: Count
+    seed: int = Field(0, ge=0, lt=2 ** 63)
+    loss_fn: Loss = Field(default_factory=Loss)
+    gd: GD
+    quantize: ControllerConfig | None = None
+    amp: bool = True
+    channels_last: bool = True
+    sync_bn: bool = True
+
+    @property
+    def controllers(self) -> Controllers | None:
+        """``training.quantize`` in either layout (the reference's call, or its kwargs alone)."""
+        return self.quantize.kwargs if isinstance(self.quantize, ControllersCall) else self.quantize
+
+
+class RunConfig(Section):
+    """A whole run: ``data``, ``network``, ``training`` (plus ``name``, ``description``, ``meters``)."""
+
+    description: str | None = None
+    name: str | None = None
+    meters: Any = None
+    data: Data
+    network: Network
+    training: Training
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> RunConfig:
+        if self.data.name == "imagenet" and not self.data.root:
+            raise problem("is missing: the ImageNet dataset needs its folder (train/ and val/)", "data.root",
+                          "Set it in the config or pass --data-root DIR")
+        if self.network.quantize and not self.training.quantize:
+            raise problem("is missing: network.quantize replaces layers, but no schedule starts their quantizers, "
+                          "so the run would train in float", "training.quantize",
+                          'Add e.g. {"schedules": {"linear": {"0": "start"}, "activation": {"1": "start"}}}')
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def validate(cfg: dict) -> None:
-    """Raise :class:`ConfigError` at the first problem of ``cfg`` (a config after overrides)."""
+def validate(cfg: Any) -> RunConfig:
+    """The typed config of ``cfg`` (a config dict after overrides), else :class:`ConfigError` at its first problem."""
     if not isinstance(cfg, dict):
         raise ConfigError("", "a config must be a JSON object")
-    _walk(cfg, SCHEMA, "")
-    if cfg["data"]["name"] == "imagenet" and not cfg["data"].get("root"):
-        raise ConfigError("data.root", "is missing: the ImageNet dataset needs its folder (train/ and val/)",
-                          "Set it in the config or pass --data-root DIR")
-    sched = cfg["training"]["gd"].get("lr_sched")
-    if sched:
-        _walk(sched.get("kwargs") or {}, _SCHEDULER_KWARGS[sched["class"]], "training.gd.lr_sched.kwargs")
-        if sched["class"] == "MultiStepLR":
-            ms = sched["kwargs"]["milestones"]
-            if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in ms) or ms != sorted(ms):
-                raise ConfigError("training.gd.lr_sched.kwargs.milestones", f"expected increasing epochs, got {ms!r}")
-    betas = cfg["training"]["gd"]["opt"]["kwargs"].get("betas")
-    if betas is not None and not (len(betas) == 2 and all(isinstance(b, NUM) and 0 <= b < 1 for b in betas)):
-        raise ConfigError("training.gd.opt.kwargs.betas", f"expected two numbers in [0, 1), got {betas!r}")
-    quantize = cfg["network"].get("quantize")
-    if quantize is not None:
-        check_quantize(quantize)
-    controllers = cfg["training"].get("quantize")
-    if controllers is not None:
-        check_controllers(controllers)
-    if quantize and not controllers:
-        raise ConfigError("training.quantize", "is missing: network.quantize replaces layers, but no schedule "
-                          "starts their quantizers, so the run would train in float",
-                          'Add e.g. {"schedules": {"linear": {"0": "start"}, "activation": {"1": "start"}}}')
+    return _checked(RunConfig, cfg, ())
 
 
 def check_quantize(quantize: Any, where: str = "network.quantize") -> None:
-    """The per-layer section, in either layout (the seed's, or ``{"function": "pact_recipe", "kwargs":
-    {"config": ..., "quantize_pool": ..., "precision_spec_file": ..., "finetuning_ckpt": ...}}``): class keys,
-    regexes, every layer's settings, the harmonize options, the reference recipe's keyword arguments (whether
-    the files exist is checked when the network is built)."""
+    """The per-layer section alone, in either layout (every class key, regex, setting, harmonize option and
+    recipe argument; whether regexes name modules and files exist is checked when the network is built)."""
     if not isinstance(quantize, dict):
         raise ConfigError(where, f"expected an object, got {_type(quantize)}")
-    if "function" in quantize:
-        if quantize["function"] != "pact_recipe":
-            raise ConfigError(f"{where}.function", f"unknown recipe {quantize['function']!r}", "The only one is 'pact_recipe'")
-        _known(quantize, ("function", "kwargs"), where)
-        kwargs = quantize.get("kwargs")
-        if isinstance(kwargs, dict):
-            _known(kwargs, ("config",) + RECIPE_KWARGS, f"{where}.kwargs")
-        if not isinstance(kwargs, dict) or not isinstance(kwargs.get("config"), dict):
-            raise ConfigError(f"{where}.kwargs.config", "must be an object with the PACTConv2d / PACTLinear / "
-                              "PACTUnsignedAct / harmonize sections")
-        _recipe_kwargs(kwargs, f"{where}.kwargs")
-        quantize, where = kwargs["config"], f"{where}.kwargs.config"
-    _known(quantize, tuple(QUANTIZE_CLASSES) + ("harmonize",), where)
-    for class_key, role in QUANTIZE_CLASSES.items():
-        section = quantize.get(class_key)
-        if section is None:
-            continue
-        path = f"{where}.{class_key}"
-        if not isinstance(section, dict):
-            raise ConfigError(path, f"expected an object mapping module-name regexes to settings, got {_type(section)}")
-        defaults = _settings(section.get("kwargs") or {}, role, f"{path}.kwargs")
-        for regex, layer in section.items():
-            if regex == "kwargs":
-                continue
-            _regex(regex, f"{path}[{regex!r}]")
-            _settings({**defaults, **_settings(layer or {}, role, f"{path}[{regex!r}]")}, role, f"{path}[{regex!r}]")
-    harmonize = quantize.get("harmonize")
-    if harmonize is None or isinstance(harmonize, bool):
-        return
-    path = f"{where}.harmonize"
-    if not isinstance(harmonize, dict):
-        raise ConfigError(path, f"expected an object of settings, true or false; got {harmonize!r}")
-    for key in ("requant_pool", "force_out_eps"):
-        if key in harmonize and not isinstance(harmonize[key], bool):
-            raise ConfigError(f"{path}.{key}", f"expected true or false, got {harmonize[key]!r}")
-    settings = {k: v for k, v in harmonize.items() if k not in HARMONIZE_OPTIONS}
-    _settings(settings, "signed_act", path, extra=HARMONIZE_OPTIONS)
-    layers = harmonize.get("layers") or {}
-    if not isinstance(layers, dict):
-        raise ConfigError(f"{path}.layers", f"expected an object mapping regexes on inserted names to settings, "
-                          f"got {_type(layers)}")
-    for regex, layer in layers.items():
-        _regex(regex, f"{path}.layers[{regex!r}]")
-        _settings({**settings, **(layer or {})}, "signed_act", f"{path}.layers[{regex!r}]")
+    model = RecipeCall if "function" in quantize else LayerConfig
+    _checked(model, quantize, tuple(where.split(".")))
 
 
-def _recipe_kwargs(kwargs: dict, where: str) -> None:
-    """``quantize_pool`` (true/false: ``harmonize.requant_pool``), ``precision_spec_file`` and
-    ``finetuning_ckpt`` (paths or null)."""
-    for key in ("precision_spec_file", "finetuning_ckpt"):
-        if kwargs.get(key) is not None and not (isinstance(kwargs[key], str) and kwargs[key]):
-            raise ConfigError(f"{where}.{key}", f"expected a file path or null, got {_type(kwargs[key])} "
-                              f"({kwargs[key]!r})")
-    pool = kwargs.get("quantize_pool")
-    if pool is None:
-        return
-    if not isinstance(pool, bool):
-        raise ConfigError(f"{where}.quantize_pool", f"expected true or false, got {pool!r}")
-    harmonize = kwargs["config"].get("harmonize")
-    if harmonize is False and pool:
-        raise ConfigError(f"{where}.quantize_pool", "is true, but config.harmonize is false (no harmonization, "
-                          "so nothing re-quantizes the pool)", "Drop one of them")
-    if isinstance(harmonize, dict) and harmonize.get("requant_pool", pool) != pool:
-        raise ConfigError(f"{where}.quantize_pool", f"is {str(pool).lower()} but config.harmonize.requant_pool "
-                          f"is {str(harmonize['requant_pool']).lower()} (both say whether the pool's output is "
-                          "re-quantized)", "Keep one of them")
+def _checked(model: type[BaseModel], data: Any, prefix: tuple) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise config_error(err.errors()[0], prefix) from None
 
 
-def check_controllers(quantize: Any, where: str = "training.quantize") -> None:
-    """``training.quantize``: ``{"function": "get_pact_controllers", "kwargs": {...}}`` or the kwargs alone."""
-    if not isinstance(quantize, dict):
-        raise ConfigError(where, f"expected an object, got {_type(quantize)}")
-    if "function" in quantize:
-        if quantize["function"] != "get_pact_controllers":
-            raise ConfigError(f"{where}.function", f"unknown controller factory {quantize['function']!r}",
-                              "The only one is 'get_pact_controllers'")
-        _known(quantize, ("function", "kwargs"), where)
-        quantize, where = quantize.get("kwargs") or {}, f"{where}.kwargs"
-    _walk(quantize, _CONTROLLERS, where)
-    for group, schedule in quantize["schedules"].items():
-        for epoch, cmds in schedule.items():
-            _commands(cmds, f"{where}.schedules.{group}.{epoch}")
+def config_error(error: dict, prefix: tuple = ()) -> ConfigError:
+    """A pydantic error as a :class:`ConfigError` at its key path (union tags dropped, regex keys bracketed)."""
+    ctx = error.get("ctx") or {}
+    parts = [str(p) for p in (*prefix, *error["loc"]) if not str(p).startswith("<") and p != "[key]"
+             and str(p) not in OPTIMIZER_KWARGS and str(p) not in SCHEDULER_KWARGS]
+    path = ".".join(parts)
+    if ctx.get("path"):
+        sub = ctx["path"]
+        path = f"{path}{sub}" if sub.startswith("[") else f"{path}.{sub}" if path else sub
+    value, kind = error.get("input"), error["type"]
+    if kind == "labkit":
+        return ConfigError(path, error["msg"], ctx.get("fix", ""))
+    if kind == "missing":
+        return ConfigError(path, "is missing")
+    if kind == "union_tag_invalid":
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1, cutoff=0.6)
+        return ConfigError(f"{path}.class", f"unknown value {ctx.get('tag')!r}"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""), f"Choose one of: {', '.join(tags)}")
+    if kind == "union_tag_not_found":
+        return ConfigError(f"{path}.class", "is missing")
+    if kind == "literal_error":
+        allowed = [a.strip("'") for a in ctx.get("expected", "").replace(" or ", ", ").split(", ")]
+        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+        return ConfigError(path, f"unknown value {value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                           f"Choose one of: {', '.join(allowed)}")
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return ConfigError(path, f"expected an object, got {_type(value)}")
+    if kind.endswith("_type") or kind == "finite_number":
+        expected = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                    "string_type": "a string", "list_type": "a list", "tuple_type": "a list"}.get(kind)
+        if kind == "finite_number" or (isinstance(value, float) and kind == "int_type" and value != value):
+            return ConfigError(path, f"must be a finite number, got {value}")
+        if expected:
+            shown = f"a boolean ({str(value).lower()})" if isinstance(value, bool) else f"{_type(value)} ({value!r})"
+            return ConfigError(path, f"expected {expected}, got {shown}")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return ConfigError(path, f"must be {bounds[kind]} {next(iter(ctx.values())):g}, got {value}")
+    return ConfigError(path, describe_error({**error, "loc": ()}).removeprefix(": "))
 
 
-def bits_of(n_levels: int) -> int:
-    """``ceil(log2 n_levels)``."""
-    return math.ceil(math.log2(n_levels))
-
-
-# ----------------------------------------------------------------------------------------------- walking
-def _walk(node: Any, schema: Any, path: str) -> None:
-    if schema is ANY:
-        return
-    if isinstance(schema, Value):
-        _value(node, schema, path)
-        return
-    if node is None and schema.nullable:
-        return
-    if not isinstance(node, dict):
-        raise ConfigError(path, f"expected an object, got {_type(node)}")
-    if schema.keys:
-        unknown = [k for k in node if k not in schema.keys]
-        if unknown and schema.each is None:
-            _known(node, tuple(schema.keys), path)
-    for key, sub in schema.keys.items():
-        child = _join(path, key)
-        if key not in node:
-            if getattr(sub, "required", False):
-                raise ConfigError(child, "is missing")
-            continue
-        _walk(node[key], sub, child)
-    if schema.each is not None:
-        for key, value in node.items():
-            if key in schema.keys:
-                continue
-            if schema.each_key and (problem := schema.each_key(key)):
-                raise ConfigError(_join(path, key), problem)
-            _walk(value, schema.each, _join(path, key))
-    if schema.check:
-        schema.check(node, path)
-
-
-def _value(value: Any, schema: Value, path: str) -> None:
-    types = schema.types
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(path, f"expected {_names(types)}, got a boolean ({str(value).lower()})")
-    if not isinstance(value, types):
-        raise ConfigError(path, f"expected {_names(types)}, got {_type(value)} ({value!r})")
-    if schema.choices is not None and value not in schema.choices:
-        raise ConfigError(path, f"unknown value {value!r}{_suggest(str(value), schema.choices)}",
-                          f"Choose one of: {', '.join(map(str, schema.choices))}")
-    if schema.check and value is not None and not isinstance(value, (str, list)):
-        problem = schema.check(value)
-        if problem:
-            raise ConfigError(path, problem)
-
-
+# ----------------------------------------------------------------------------------------------- helpers
 def _settings(settings: Any, role: str, path: str, extra: tuple = ()) -> dict:
-    """Check one layer's quantizer settings through :class:`QuantSpec`; returns them."""
+    """One layer's quantizer settings, checked by the role's :class:`QuantSpec` model; returns them."""
     if not isinstance(settings, dict):
-        raise ConfigError(path, f"expected an object of quantizer settings, got {_type(settings)} ({settings!r})")
-    allowed = set(settings_of(role)) | ({"symm_wts"} if role == "weights" else set())
+        raise problem(f"expected an object of quantizer settings, got {_type(settings)} ({settings!r})", path)
+    allowed = SPECS[role].setting_names()
     for key in settings:
         if key not in allowed:
-            raise ConfigError(f"{path}.{key}", f"unknown quantizer setting{_suggest(key, sorted(allowed | set(extra)))}",
-                              f"Settings of {role}: {', '.join(sorted(allowed))}")
+            close = difflib.get_close_matches(key, sorted(allowed | set(extra)), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise problem(f"unknown quantizer setting{hint}", f"{path}.{key}" if path else key,
+                          f"Settings of {role}: {', '.join(sorted(allowed))}")
     try:
         QuantSpec.for_role(role, **settings)
-    except (SpecError, TypeError) as err:
-        raise ConfigError(path, str(err)) from None
+    except (ValueError, TypeError) as err:
+        raise problem(str(err), path) from None
     return settings
 
 
@@ -371,23 +506,13 @@ def _regex(regex: str, path: str) -> None:
     try:
         re.compile(regex)
     except re.error as err:
-        raise ConfigError(path, f"not a valid regular expression ({err})",
-                          "Escape dots as '\\\\.' or anchor with '$'") from None
+        raise problem(f"not a valid regular expression ({err})", path,
+                      "Escape dots as '\\\\.' or anchor with '$'") from None
 
 
-def _known(node: dict, keys: tuple, path: str) -> None:
-    for key in node:
-        if key not in keys:
-            raise ConfigError(_join(path, key), f"unknown key{_suggest(key, keys)}", f"Known here: {', '.join(keys)}")
-
-
-def _suggest(name: str, candidates) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _epoch_key(key: Any) -> None:
+    if not str(key).isdigit():
+        raise problem('epoch keys are non-negative integers in quotes, e.g. "3"', str(key))
 
 
 def _type(value: Any) -> str:
@@ -395,7 +520,3 @@ def _type(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _names(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
-             bool: "true/false", type(None): "null"}
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))

@@ -1,6 +1,4 @@
-"""The one quantizer-settings object: :class:`QuantSpec` holds every setting with its default, validated once.
-
-A quantizer has a *role* that fixes its sign and which settings apply:
+"""Quantizer settings: one pydantic model per role, every setting with its default stated once, torch-free.
 
 =================== ================================ =====================================================
 role                module                           role-specific defaults
@@ -11,126 +9,106 @@ role                module                           role-specific defaults
                                                      ``init_clip_lo=-1``, ``init_clip_hi=1``
 =================== ================================ =====================================================
 
-The configs' spelling ``symm_wts`` (weights) is the field ``symm``. Activation settings (``act_kind``,
-``leaky``, ``percentile``, ``stat_momentum``, ``noisy``) are rejected for weights, ``quantize`` for
-activations. ``n_levels`` lies in ``[MIN_LEVELS, MAX_LEVELS]`` (2 to 16 bits: a 1-bit grid has no zero
-on the symmetric side and trains into NaN; beyond 16 bits float32 fake quantization is no longer exact).
-Torch-free, so that configs are checked before torch is imported (:mod:`labkit.config.schema`).
+Grid: ``eps = (hi - lo) / (n_levels - 1)``; ``symm`` (signed only; the configs spell it ``symm_wts`` for
+weights): almost-symmetric, zero exact; ``tqt``: trained ``log2 t``, ``pow2``: power-of-two scales.
+``n_levels`` lies in ``[MIN_LEVELS, MAX_LEVELS]``: 2 to 16 bits (a 1-bit grid has no zero on the symmetric
+side and trains into NaN; beyond 16 bits float32 fake quantization is no longer exact).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLES = ("unsigned_act", "signed_act", "weights")
 WEIGHT_INIT_MODES = ("max", "std", "sawb_symm", "sawb_asymm", "const")
 ACT_INIT_MODES = ("max", "std", "percentile", "const")
-ROLES = ("unsigned_act", "signed_act", "weights")
 ACT_KINDS = ("relu", "relu6", "leaky_relu", "identity")
 QUANTIZE_MODES = ("per_layer", "per_channel")
 MIN_LEVELS, MAX_LEVELS = 3, 2 ** 16
-
-_ACT_ONLY = ("act_kind", "leaky", "percentile", "stat_momentum", "noisy")
-_WEIGHT_ONLY = ("quantize",)
-_ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "unsigned_act": {"act_kind": "relu6", "init_clip_lo": 0.0, "init_clip_hi": 6.0, "symm": False},
-    "signed_act": {"act_kind": "identity", "init_clip_lo": -6.0, "init_clip_hi": 6.0},
-    "weights": {"init_clip": "sawb_asymm", "learn_clip": False, "init_clip_lo": -1.0, "init_clip_hi": 1.0},
-}
-_ALIASES = {"symm_wts": "symm"}
+MIN_BITS, MAX_BITS = 2, 16
 
 
 class SpecError(ValueError):
     """An invalid quantizer setting; the message names the setting, the value and what is allowed."""
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """Settings of one quantizer (see the module docstring for roles).
+class QuantSpec(BaseModel):
+    """Settings of one quantizer; build one with :meth:`for_role` (the role's class checks its settings).
 
-    Grid: ``eps = (hi - lo) / (n_levels - 1)``; ``symm`` (signed only): almost-symmetric, zero exact;
-    ``tqt``: trained ``log2 t``, ``pow2``: power-of-two scales. ``init_clip``: the bound rule at ``start``
-    (:mod:`labkit.quant.init`); ``learn_clip``: bounds receive PACT (or TQT) gradients once started.
+    ``init_clip``: the bound rule at ``start`` (:mod:`labkit.quant.init`); ``learn_clip``: bounds receive PACT
+    (or TQT) gradients once started; ``nb_std``: the ``std`` rule's multiple of sigma.
     """
 
-    role: str = "unsigned_act"
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
+                              populate_by_name=True)
+    ROLE: ClassVar[str] = ""
+    #: what the setting names are called in error messages
+    KIND: ClassVar[str] = "quantizer setting"
+
     n_levels: int = 256
     init_clip: str = "max"
     learn_clip: bool = True
-    symm: bool = True
     rounding: bool = True
-    nb_std: float = 3.0
+    nb_std: float = Field(3.0, gt=0)
     init_clip_lo: float = -6.0
     init_clip_hi: float = 6.0
     tqt: bool = False
     pow2: bool = False
-    tqt_beta: float = 0.9
+    tqt_beta: float = Field(0.9, ge=0, lt=1)
     tqt_clip_grad: bool = True
-    # activations
-    act_kind: str = "relu6"
-    leaky: float = 0.1
-    percentile: float = 99.99
-    stat_momentum: float = 0.1
-    noisy: bool = False
-    # weights
-    quantize: str = "per_layer"
-    _explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
 
-    def __post_init__(self):
-        _choice("role", self.role, ROLES)
-        n = self.n_levels
+    @field_validator("n_levels", mode="before")
+    @classmethod
+    def _levels(cls, n: Any) -> Any:
         if isinstance(n, bool) or not isinstance(n, int):
-            raise SpecError(f"n_levels must be an integer (2**bits, e.g. 256 for 8 bits), got {n!r}")
+            raise ValueError(f"n_levels must be an integer (2**bits, e.g. 256 for 8 bits), got {n!r}")
         if not MIN_LEVELS <= n <= MAX_LEVELS:
-            raise SpecError(f"n_levels={n} ({math.log2(n) if n > 0 else float('nan'):.3g} bits) is outside "
-                            f"{MIN_LEVELS}..{MAX_LEVELS}: use 2 to 16 bits (n_levels = 2**bits)")
-        _choice("init_clip", self.init_clip, WEIGHT_INIT_MODES if self.role == "weights" else ACT_INIT_MODES)
-        for name in ("learn_clip", "symm", "rounding", "tqt", "pow2", "tqt_clip_grad", "noisy"):
-            if not isinstance(getattr(self, name), bool):
-                raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("nb_std", "init_clip_lo", "init_clip_hi", "tqt_beta", "leaky", "percentile", "stat_momentum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SpecError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            raise ValueError(f"n_levels={n} ({math.log2(n) if n > 0 else float('nan'):.3g} bits) is outside "
+                             f"{MIN_LEVELS}..{MAX_LEVELS}: use {MIN_BITS} to {MAX_BITS} bits (n_levels = 2**bits)")
+        return n
+
+    @model_validator(mode="after")
+    def _pow2_needs_tqt(self) -> QuantSpec:
         if self.pow2 and not self.tqt:
-            raise SpecError("pow2=True needs tqt=True (power-of-two scales are TQT's)")
-        if not 0.0 <= self.tqt_beta < 1.0:
-            raise SpecError(f"tqt_beta must lie in [0, 1), got {self.tqt_beta!r}")
-        if self.nb_std <= 0:
-            raise SpecError(f"nb_std must be > 0, got {self.nb_std!r}")
-        _choice("act_kind", self.act_kind, ACT_KINDS)
-        if not 50.0 < self.percentile <= 100.0:
-            raise SpecError(f"percentile must lie in (50, 100], got {self.percentile!r}")
-        if not 0.0 < self.stat_momentum <= 1.0:
-            raise SpecError(f"stat_momentum must lie in (0, 1], got {self.stat_momentum!r}")
-        _choice("quantize", self.quantize, QUANTIZE_MODES)
+            raise ValueError("pow2=True needs tqt=True (power-of-two scales are TQT's)")
+        return self
 
     @classmethod
     def for_role(cls, role: str, **settings: Any) -> QuantSpec:
-        """The spec of ``role`` with its defaults, overridden by ``settings`` (``symm_wts`` -> ``symm``).
-
-        Unknown settings, and settings of another role, raise ``TypeError`` naming them and the allowed ones.
-        """
-        _choice("role", role, ROLES)
-        given = {_ALIASES.get(k, k): v for k, v in settings.items()}
-        allowed = settings_of(role)
-        unknown = sorted(k for k in settings if _ALIASES.get(k, k) not in allowed)
+        """The spec of ``role`` with its defaults, overridden by ``settings``; an unknown setting (or one of
+        another role) raises ``TypeError``, a bad value :class:`SpecError`, each naming the setting."""
+        if role not in SPECS:
+            raise SpecError(f"role={role!r} is not valid; allowed: {', '.join(ROLES)}")
+        spec_cls = SPECS[role]
+        unknown = sorted(k for k in settings if k not in spec_cls.setting_names())
         if unknown:
             raise TypeError(f"unknown quantizer setting(s) {', '.join(map(repr, unknown))} for {role}; allowed: "
-                            f"{', '.join(sorted(allowed))}")
-        return cls(role=role, _explicit=frozenset(given), **{**_ROLE_DEFAULTS[role], **given})
+                            f"{', '.join(sorted(spec_cls.setting_names()))}")
+        try:
+            return spec_cls(**settings)
+        except ValidationError as err:
+            raise SpecError(describe_error(err.errors()[0])) from None
+
+    @classmethod
+    def setting_names(cls) -> frozenset[str]:
+        """Names a config may give (aliases included: ``symm_wts``)."""
+        return frozenset(n for name, f in cls.model_fields.items() for n in (name, f.alias) if n)
 
     def replace(self, **settings: Any) -> QuantSpec:
-        """A copy with ``settings`` changed (validated; same rules as :meth:`for_role`)."""
-        explicit = {k: getattr(self, k) for k in self._explicit}
-        return QuantSpec.for_role(self.role, **{**explicit, **settings})
+        """A copy with ``settings`` changed, validated like :meth:`for_role`."""
+        return QuantSpec.for_role(self.role, **{**self.settings(explicit_only=True), **settings})
+
+    @property
+    def role(self) -> str:
+        return self.ROLE
 
     @property
     def signed(self) -> bool:
-        return self.role != "unsigned_act"
+        return self.ROLE != "unsigned_act"
 
     @property
     def bits(self) -> int:
@@ -139,23 +117,81 @@ class QuantSpec:
 
     @property
     def per_channel(self) -> bool:
-        return self.quantize == "per_channel"
+        return False
 
     def settings(self, explicit_only: bool = False) -> dict[str, Any]:
         """``{setting: value}`` of this role (only those given explicitly when ``explicit_only``)."""
-        names = self._explicit if explicit_only else settings_of(self.role)
+        names = self.model_fields_set if explicit_only else type(self).model_fields
         return {k: getattr(self, k) for k in sorted(names)}
+
+
+class _ActSpec(QuantSpec):
+    init_clip: Literal[ACT_INIT_MODES] = "max"
+    act_kind: Literal[ACT_KINDS] = "relu6"
+    leaky: float = 0.1
+    percentile: float = Field(99.99, gt=50, le=100)
+    stat_momentum: float = Field(0.1, gt=0, le=1)
+    noisy: bool = False
+
+
+class UnsignedActSpec(_ActSpec):
+    """An unsigned activation (PACT alpha, or TQT t): lo = 0."""
+
+    ROLE: ClassVar[str] = "unsigned_act"
+    init_clip_lo: float = 0.0
+    symm: ClassVar[bool] = False
+
+
+class SignedActSpec(_ActSpec):
+    """A signed activation (the harmonizer's inserted quantizers, adders)."""
+
+    ROLE: ClassVar[str] = "signed_act"
+    act_kind: Literal[ACT_KINDS] = "identity"
+    symm: bool = True
+
+
+class WeightSpec(QuantSpec):
+    """Weights of a conv or linear layer; ``quantize``: one bound per layer or per output channel."""
+
+    ROLE: ClassVar[str] = "weights"
+    init_clip: Literal[WEIGHT_INIT_MODES] = "sawb_asymm"
+    learn_clip: bool = False
+    init_clip_lo: float = -1.0
+    init_clip_hi: float = 1.0
+    symm: bool = Field(True, alias="symm_wts")
+    quantize: Literal[QUANTIZE_MODES] = "per_layer"
+    noisy: ClassVar[bool] = False  # dithering is for activations
+
+    @property
+    def per_channel(self) -> bool:
+        return self.quantize == "per_channel"
+
+
+SPECS: dict[str, type[QuantSpec]] = {s.ROLE: s for s in (UnsignedActSpec, SignedActSpec, WeightSpec)}
 
 
 def settings_of(role: str) -> frozenset[str]:
     """The setting names a quantizer of ``role`` takes (``symm_wts`` is accepted as ``symm``)."""
-    names = {f.name for f in dataclasses.fields(QuantSpec)} - {"role", "_explicit"}
-    if role == "weights":
-        return frozenset(names - set(_ACT_ONLY))
-    names -= set(_WEIGHT_ONLY)
-    return frozenset(names - {"symm"}) if role == "unsigned_act" else frozenset(names)
+    return SPECS[role].setting_names()
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise SpecError(f"{name}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+def describe_error(error: dict) -> str:
+    """One pydantic error of a settings model as a sentence that names the setting and what is allowed."""
+    name = ".".join(str(part) for part in error["loc"])
+    value, kind, ctx = error.get("input"), error["type"], error.get("ctx") or {}
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        close = difflib.get_close_matches(str(value), allowed.split(", "), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{name}={value!r} is not valid{hint}; allowed: {allowed}"
+    if kind == "bool_type":
+        return f"{name} must be true or false, got {value!r}"
+    if kind in ("float_type", "finite_number"):
+        return f"{name} must be a finite number, got {value!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{name} must be {bounds[kind]} {limit:g}, got {value!r}"
+    return f"{name}: {error['msg'].lower()}, got {value!r}"

@@ -13,7 +13,7 @@ from labkit.config.tables import Table
 from labkit.lab.display import Lines
 from labkit.models.torchvision import (conversion_error, demo_torchvision_state, from_torchvision, key_table,
                                        torchvision_hub_file)
-from labkit.train.loop import evaluate_checkpoint
+from labkit.train.evaluate import evaluate_checkpoint
 from labkit.train.pretrained import load_torchvision_weights, save_converted
 
 @dataclass

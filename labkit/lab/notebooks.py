@@ -95,7 +95,7 @@ def lab_results(executed: list[Path]) -> Table:
     agreement with its fake-quant network and export folder (from notebook 05's summary file)."""
     rows = []
     for name, run in MAIN_RUNS.items():
-        history = read_history(resolve(run)) if (resolve(run) / "history.jsonl").is_file() else []
+        history = read_history(resolve(run))
         last = history[-1] if history else {}
         rows.append({"step": name, "network": Path(run).name.split("-", 1)[-1].upper(),
                      "top-1 %": last.get("valid", {}).get("top1"), "best %": last.get("best_top1"),

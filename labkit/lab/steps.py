@@ -8,13 +8,13 @@ Notebooks call these one at a time and display what they return; the logic lives
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import torch
 
 from labkit.config.loading import load_config
 from labkit.config.paths import resolve
+from labkit.config.schema import validate
 from labkit.config.tables import Table
 from labkit.lab.display import Collapsed, Lines
 from labkit.lab.twins import Twin, integerize_run
@@ -52,12 +52,12 @@ def what_we_saw(run: str | Path, expect_top1: float | None = None) -> Lines:
     if not history:
         return Lines([f"{folder.path} holds no epochs yet"], "what we saw")
     first, last = history[0], history[-1]
-    cfg = json.loads(folder.file("config.json").read_text())
+    cfg = folder.config()
     lines = [f"{len(history)} epochs in {sum(r.get('seconds') or 0 for r in history):.0f} s: valid top-1 "
              f"{first['valid']['top1']:.2f}% after epoch 1, {last['valid']['top1']:.2f}% at the end, best "
              f"{last['best_top1']:.2f}%"]
     start = cfg["network"].get("pretrained")
-    base = read_history(Path(start).parent) if start and (Path(start).parent / "history.jsonl").is_file() else []
+    base = read_history(Path(start).parent) if start else []
     if base:
         lines.append(f"the FP32 network it started from ({Path(start).parent.name}): best top-1 "
                      f"{base[-1]['best_top1']:.2f}%, so quantization costs "
@@ -70,7 +70,7 @@ def what_we_saw(run: str | Path, expect_top1: float | None = None) -> Lines:
             n, (a, b) = max(moved.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]) / max(abs(kv[1][0]), 1e-12))
             lines.append(f"{len(last['quant'])} quantizers; the activation bound that moved most: {n} "
                          f"{a:.3g} -> {b:.3g} (epoch 1 -> {len(history)})")
-    chance = 100.0 / cfg["network"]["kwargs"].get("num_classes", 1000)
+    chance = 100.0 / validate(cfg).network.kwargs.num_classes
     if last["best_top1"] <= 2 * chance or (expect_top1 is not None and last["best_top1"] < expect_top1):
         lines.append(f"WARNING: best top-1 {last['best_top1']:.2f}% is a poor baseline (chance {chance:.1f}%"
                      + (f", expected >= {expect_top1:g}%" if expect_top1 is not None else "") + "): train longer "
@@ -176,8 +176,8 @@ def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: i
 def quantizer_log(run: str | Path, show: int = 0) -> Collapsed:
     """The run folder's controller log (``quantizers.jsonl``): one row per quantizer and command, collapsed
     under a one-line summary (what the trainer printed as one line per command)."""
-    path = RunFolder(resolve(run)).file(QUANTIZERS)
-    events = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    folder = RunFolder(resolve(run))
+    events, path = folder.events(), folder.file(QUANTIZERS)
     rows = [{"epoch": e["epoch"] + 1 if e["epoch"] is not None else None, "controller": e["controller"],
              "command": e["command"], "quantizer": q["name"], "lo": q["lo"], "hi": q["hi"], "eps": q["eps"],
              "levels": q["n_levels"]} for e in events for q in e["quantizers"]]

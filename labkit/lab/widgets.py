@@ -18,7 +18,7 @@ import ipywidgets as W
 from labkit.config.budget import format_budget, parse_budget
 from labkit.config.errors import LabkitError
 from labkit.config.paths import resolve
-from labkit.config.schema import MAX_BITS, MIN_BITS
+from labkit.config.spec import MAX_BITS, MIN_BITS
 from labkit.lab.steps import ensure_pretrained
 from labkit.precision.allocate import Allocation, propose
 from labkit.precision.bitplan import BitPlan

@@ -21,7 +21,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from labkit.config.schema import MAX_BITS, MIN_BITS, ConfigError
+from labkit.config.errors import ConfigError
+from labkit.config.spec import MAX_BITS, MIN_BITS
 from labkit.config.tables import Table
 from labkit.precision.costs import LayerGeometry, QuantizerGeometry, cost_table
 from labkit.quant import PACTConv2d, PACTIntegerAdd, PACTLinear, QuantizerBase

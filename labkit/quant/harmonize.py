@@ -128,19 +128,29 @@ def harmonize(net: nn.Module, *, requant_pool: bool = True, force_out_eps: bool 
         if name in original:
             module.training = original[name].training
     found = _analyse(graph, dict(gm.named_modules()), tracer, set(), requant_pool, warn=True)
-
     # per-insertion settings (defaults, then `layers` overrides), modules built before the graph changes
     overrides = _match_overrides(layers, found.names)
     device = next((p.device for p in net.parameters()), None)
     built = []
     for item in found.insertions:
         kwargs = {**act_kwargs, **overrides.get(item["name"], {})}
-        module = _build(item, kwargs, force_out_eps)
-        module.train(net.training)
-        if device is not None:
-            module.to(device)
-        built.append((item, kwargs, module))
+        module = _build(item, kwargs, force_out_eps).train(net.training)
+        built.append((item, kwargs, module if device is None else module.to(device)))
+    _insert(gm, graph, found, built)
+    previous = getattr(net, "meta", {}).get(META_KEY, {}) if isinstance(net, fx.GraphModule) else {}
+    inserted = list(previous.get("inserted", [])) + [
+        {"name": item["name"], "type": type(module).__name__, "role": item["role"], "kwargs": dict(kwargs)}
+        for item, kwargs, module in built]
+    gm.meta[META_KEY] = {"inserted": inserted,
+                         "options": {"requant_pool": requant_pool, "force_out_eps": force_out_eps,
+                                     "layers": layers, **act_kwargs}}
+    _keep_plain_attributes(net, gm)
+    return gm
 
+
+def _insert(gm: fx.GraphModule, graph: fx.Graph, found: HarmonizePlan, built: list) -> None:
+    """Add the built modules to ``gm`` and rewire the graph: an adder replaces its add, a quantizer follows
+    the tensor it quantizes."""
     for item, _, module in built:
         gm.add_submodule(item["name"], module)
         node = found.nodes[item["name"]]
@@ -156,16 +166,6 @@ def harmonize(net: nn.Module, *, requant_pool: bool = True, force_out_eps: bool 
         new.meta["labkit_scope"] = node.meta.get("labkit_scope", "")
     graph.lint()
     gm.recompile()
-
-    previous = getattr(net, "meta", {}).get(META_KEY, {}) if isinstance(net, fx.GraphModule) else {}
-    inserted = list(previous.get("inserted", [])) + [
-        {"name": item["name"], "type": type(module).__name__, "role": item["role"], "kwargs": dict(kwargs)}
-        for item, kwargs, module in built]
-    gm.meta[META_KEY] = {"inserted": inserted,
-                         "options": {"requant_pool": requant_pool, "force_out_eps": force_out_eps,
-                                     "layers": layers, **act_kwargs}}
-    _keep_plain_attributes(net, gm)
-    return gm
 
 
 def harmonized_layers(net: nn.Module) -> list[dict]:
@@ -189,83 +189,96 @@ def _trace(net: nn.Module, leaf_types: Iterable[type]) -> tuple[QuantTracer, fx.
 def _analyse(graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer, will_quantize: set[str],
              requant_pool: bool, warn: bool) -> HarmonizePlan:
     """Find the insertions (adds, unquantized tensors reaching quantized layers, pools) and the links."""
-    def module(node) -> nn.Module | None:
-        return modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
-
-    def is_qlinear(node) -> bool:
-        m = module(node)
-        return isinstance(m, QUANT_LINEAR) or (isinstance(m, FLOAT_LINEAR) and node.target in will_quantize)
-
-    def is_quantizer(node) -> bool:
-        m = module(node)
-        return isinstance(m, QUANTIZERS) or (isinstance(m, FLOAT_ACTS) and node.target in will_quantize)
-
-    taken = set(modules)
-
-    def new_name(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
-
-    found = HarmonizePlan()
-    at: dict[fx.Node, str] = {}  # graph node -> name of the module that quantizes it (inserted or existing)
-
-    def insert(node: fx.Node, role: str, base: str, **extra) -> None:
-        name = new_name(base)
-        found.insertions.append({"name": name, "role": role, **extra})
-        found.nodes[name] = node
-        at[node] = name
-
-    # pass 1: residual adds -> PACTIntegerAdd
-    for node in graph.nodes:
-        if _is_tensor_add(node):
-            if node.kwargs:
-                raise ValueError(f"harmonize: add '{node.name}' in '{node.meta.get('labkit_scope') or 'the root'}' "
-                                 f"has keyword arguments {dict(node.kwargs)} (e.g. alpha): an integer adder "
-                                 "cannot express them; write a plain 'a + b'")
-            insert(node, "integer_add", _join(node.meta.get("labkit_scope", ""), "integer_add"))
-
-    # passes 2 and 3: unquantized tensors reaching quantized convs/linears
-    for node in graph.nodes:
-        if not is_qlinear(node) or not node.args:
-            continue
-        src = _skip_passthrough(node.args[0], modules)
-        if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or is_quantizer(src) or src in at:
-            continue
-        producer = module(src)
-        if isinstance(producer, PRODUCERS):
-            outer = tracer.module_outputs.get(src, [])
-            insert(src, "output_act", _join(outer[-1], "output_act") if outer else f"{src.target}_act")
-        elif _is_pool(src, modules):
-            if requant_pool:
-                base = f"{src.target}_act" if src.op == "call_module" else \
-                    _join(src.meta.get("labkit_scope", ""), "pool_act")
-                feeder = _skip_passthrough(src.args[0], modules)
-                insert(src, "pool_act", base, unsigned=_is_unsigned(feeder, modules, will_quantize))
-                found.follows[at[src]] = _quantizer_of(feeder, at, is_quantizer)
-        elif warn:
-            what = f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
-            warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no quantizer "
-                          "in between, so that layer's input is not on an integer grid; quantize it too "
-                          "(e.g. add it to PACTUnsignedAct in network.quantize)", stacklevel=3)
+    a = _Analysis(graph, modules, tracer, will_quantize)
+    a.adds()
+    a.unquantized_inputs(requant_pool, warn)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    found.insertions.sort(key=lambda item: order[found.nodes[item["name"]]])
+    a.found.insertions.sort(key=lambda item: order[a.found.nodes[item["name"]]])
+    a.links()
+    return a.found
 
-    # links: the quantizer a layer reads, and the one that requantizes its output
-    for node in graph.nodes:
-        if is_qlinear(node) and node.args:
+
+class _Analysis:
+    """One pass of :func:`_analyse` over a traced graph: where quantizers go and which quantizer feeds what."""
+
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer, will_quantize: set):
+        self.graph, self.modules, self.tracer, self.will_quantize = graph, modules, tracer, will_quantize
+        self.taken = set(modules)
+        self.found = HarmonizePlan()
+        self.at: dict[fx.Node, str] = {}  # graph node -> name of the module that quantizes it
+
+    def module(self, node) -> nn.Module | None:
+        return self.modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+    def is_qlinear(self, node) -> bool:
+        m = self.module(node)
+        return isinstance(m, QUANT_LINEAR) or (isinstance(m, FLOAT_LINEAR) and node.target in self.will_quantize)
+
+    def is_quantizer(self, node) -> bool:
+        m = self.module(node)
+        return isinstance(m, QUANTIZERS) or (isinstance(m, FLOAT_ACTS) and node.target in self.will_quantize)
+
+    def insert(self, node: fx.Node, role: str, base: str, **extra) -> None:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        self.found.insertions.append({"name": name, "role": role, **extra})
+        self.found.nodes[name] = node
+        self.at[node] = name
+
+    def adds(self) -> None:
+        """Residual adds -> PACTIntegerAdd."""
+        for node in self.graph.nodes:
+            if _is_tensor_add(node):
+                if node.kwargs:
+                    raise ValueError(f"harmonize: add '{node.name}' in '{node.meta.get('labkit_scope') or 'the root'}'"
+                                     f" has keyword arguments {dict(node.kwargs)} (e.g. alpha): an integer adder "
+                                     "cannot express them; write a plain 'a + b'")
+                self.insert(node, "integer_add", _join(node.meta.get("labkit_scope", ""), "integer_add"))
+
+    def unquantized_inputs(self, requant_pool: bool, warn: bool) -> None:
+        """Unquantized tensors reaching quantized convs/linears: a signed activation after a conv/BN, the pool
+        requantizer after a pool, a warning for anything else."""
+        modules = self.modules
+        for node in self.graph.nodes:
+            if not self.is_qlinear(node) or not node.args:
+                continue
             src = _skip_passthrough(node.args[0], modules)
-            found.links[node.target] = {"input": _quantizer_of(src, at, is_quantizer),
-                                        "output": _output_quantizer(node, modules, at, is_quantizer)}
-        elif is_quantizer(node) and len(node.args) == 1 and not isinstance(module(node), PACTIntegerAdd):
-            src = node.args[0]
-            while isinstance(src, fx.Node) and (_is_passthrough(src, modules) or _is_pool(src, modules)):
-                src = src.args[0]
-            if isinstance(src, fx.Node) and (is_quantizer(src) or src in at):
-                found.follows[node.target] = _quantizer_of(src, at, is_quantizer)
-    return found
+            if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or self.is_quantizer(src) \
+                    or src in self.at:
+                continue
+            producer = self.module(src)
+            if isinstance(producer, PRODUCERS):
+                outer = self.tracer.module_outputs.get(src, [])
+                self.insert(src, "output_act", _join(outer[-1], "output_act") if outer else f"{src.target}_act")
+            elif _is_pool(src, modules):
+                if requant_pool:
+                    base = f"{src.target}_act" if src.op == "call_module" else \
+                        _join(src.meta.get("labkit_scope", ""), "pool_act")
+                    feeder = _skip_passthrough(src.args[0], modules)
+                    self.insert(src, "pool_act", base, unsigned=_is_unsigned(feeder, modules, self.will_quantize))
+                    self.found.follows[self.at[src]] = _quantizer_of(feeder, self.at, self.is_quantizer)
+            elif warn:
+                what = f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
+                warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no quantizer "
+                              "in between, so that layer's input is not on an integer grid; quantize it too "
+                              "(e.g. add it to PACTUnsignedAct in network.quantize)", stacklevel=4)
+
+    def links(self) -> None:
+        """The quantizer each layer reads and the one that requantizes its output; what each quantizer follows."""
+        at, is_quantizer = self.at, self.is_quantizer
+        for node in self.graph.nodes:
+            if self.is_qlinear(node) and node.args:
+                src = _skip_passthrough(node.args[0], self.modules)
+                self.found.links[node.target] = {"input": _quantizer_of(src, at, is_quantizer),
+                                                 "output": _output_quantizer(node, self.modules, at, is_quantizer)}
+            elif is_quantizer(node) and len(node.args) == 1 and not isinstance(self.module(node), PACTIntegerAdd):
+                src = node.args[0]
+                while isinstance(src, fx.Node) and (_is_passthrough(src, self.modules) or _is_pool(src, self.modules)):
+                    src = src.args[0]
+                if isinstance(src, fx.Node) and (is_quantizer(src) or src in at):
+                    self.found.follows[node.target] = _quantizer_of(src, at, is_quantizer)
 
 
 def _quantizer_of(node: Any, at: dict, is_quantizer: Callable) -> str | None:

@@ -91,53 +91,80 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
         raise TypeError(f"pact_recipe: expected a torch.nn.Module, got {type(net).__name__}")
     named = [(n, m) for n, m in net.named_modules() if n]
     index = {n: i for i, (n, _) in enumerate(named)}
-
     plan: dict[str, dict] = {}  # module name -> {class_key, regex, settings, float module}
     for class_key, section in config.items():
-        if class_key == "harmonize":
-            continue
-        targets = CLASS_TARGETS[class_key][1]
-        defaults = section.get("kwargs") or {}
-        claimed: dict[str, str] = {}
-        for regex, layer in section.items():
-            if regex == "kwargs":
-                continue
-            where = f"network.quantize.{class_key}[{regex!r}]"
-            matches = [(n, m) for n, m in named if re.match(regex, n)]
-            if not matches:
-                raise ConfigError(where, f"the regex matches no module of {type(net).__name__}"
-                                  f"{_suggest(regex, [n for n, m in named if isinstance(m, targets)])}",
-                                  "Fix the name (regexes are matched from the start of the module name)")
-            quantized = [n for n, m in matches if isinstance(m, _PACT_TYPES)]
-            if quantized:
-                raise ConfigError(where, f"module '{quantized[0]}' is already quantized "
-                                  f"({type(dict(matches)[quantized[0]]).__name__})",
-                                  "Apply the recipe to a freshly built float network")
-            hits = [(n, m) for n, m in matches if isinstance(m, targets)]
-            if not hits:
-                found = ", ".join(f"'{n}' ({type(m).__name__})" for n, m in matches[:3])
-                right = [k for k, (_, t) in CLASS_TARGETS.items() if isinstance(matches[0][1], t)]
-                kinds = " / ".join("nn." + t.__name__ for t in targets)
-                raise ConfigError(where, f"{class_key} replaces {kinds} modules, but the regex matches {found}"
-                                  f"{' ...' if len(matches) > 3 else ''}",
-                                  f"Move the entry under '{right[0]}'" if right else f"Point it at {kinds} modules")
-            for name, module in hits:
-                if name in claimed:
-                    raise ConfigError(f"network.quantize.{class_key}", f"module '{name}' is matched by both "
-                                      f"{claimed[name]!r} and {regex!r}",
-                                      "Make the regexes disjoint (anchor them with '$', escape dots as '\\.')")
-                claimed[name] = regex
-                settings = {**defaults, **(layer or {})}
-                if class_key == "PACTUnsignedAct" and "act_kind" not in (layer or {}):
-                    settings["act_kind"] = "relu6" if isinstance(module, nn.ReLU6) else "relu"
-                plan[name] = {"class_key": class_key, "regex": regex, "settings": settings, "float": module}
-
+        if class_key != "harmonize":
+            plan.update(_match_layers(net, named, class_key, section))
     hcfg = config.get("harmonize", True)
     hkwargs = {} if hcfg in (None, True, False) else dict(hcfg)
     if spec_file:
         _apply_precision_spec(net, plan, hkwargs if hcfg is not False else None, spec_file)
+    _build_layers(plan)  # all built first: a bad setting leaves the network untouched
+    for name, item in plan.items():
+        _set_submodule(net, name, item["module"])
+    report = [_report_row(name, item["module"], "recipe")
+              for name, item in sorted(plan.items(), key=lambda kv: index[kv[0]])]
+    if hcfg is False:
+        return net, report
+    try:
+        net = run_harmonize(net, **hkwargs)
+    except (TypeError, ValueError) as err:
+        msg = str(err).removeprefix("harmonize: ").removeprefix("harmonize.")
+        raise ConfigError("network.quantize.harmonize", msg) from None
+    modules = dict(net.named_modules())
+    for row in harmonized_layers(net):
+        report.append(_report_row(row["name"], modules[row["name"]], "harmonize"))
+    return net, report
 
-    # build everything first: a bad setting leaves the network untouched
+
+def _match_layers(net: nn.Module, named: list, class_key: str, section: dict) -> dict[str, dict]:
+    """The modules one class key's regexes pick (each module once), with their merged settings."""
+    defaults = section.get("kwargs") or {}
+    claimed: dict[str, str] = {}
+    plan = {}
+    for regex, layer in section.items():
+        if regex == "kwargs":
+            continue
+        for name, module in _hits(net, named, class_key, regex):
+            if name in claimed:
+                raise ConfigError(f"network.quantize.{class_key}", f"module '{name}' is matched by both "
+                                  f"{claimed[name]!r} and {regex!r}",
+                                  "Make the regexes disjoint (anchor them with '$', escape dots as '\\.')")
+            claimed[name] = regex
+            settings = {**defaults, **(layer or {})}
+            if class_key == "PACTUnsignedAct" and "act_kind" not in (layer or {}):
+                settings["act_kind"] = "relu6" if isinstance(module, nn.ReLU6) else "relu"
+            plan[name] = {"class_key": class_key, "regex": regex, "settings": settings, "float": module}
+    return plan
+
+
+def _hits(net: nn.Module, named: list, class_key: str, regex: str) -> list[tuple[str, nn.Module]]:
+    """The float modules of the class key's target type that ``regex`` matches; errors name what it matched."""
+    targets = CLASS_TARGETS[class_key][1]
+    where = f"network.quantize.{class_key}[{regex!r}]"
+    matches = [(n, m) for n, m in named if re.match(regex, n)]
+    if not matches:
+        raise ConfigError(where, f"the regex matches no module of {type(net).__name__}"
+                          f"{_suggest(regex, [n for n, m in named if isinstance(m, targets)])}",
+                          "Fix the name (regexes are matched from the start of the module name)")
+    quantized = [n for n, m in matches if isinstance(m, _PACT_TYPES)]
+    if quantized:
+        raise ConfigError(where, f"module '{quantized[0]}' is already quantized "
+                          f"({type(dict(matches)[quantized[0]]).__name__})",
+                          "Apply the recipe to a freshly built float network")
+    hits = [(n, m) for n, m in matches if isinstance(m, targets)]
+    if not hits:
+        found = ", ".join(f"'{n}' ({type(m).__name__})" for n, m in matches[:3])
+        right = [k for k, (_, t) in CLASS_TARGETS.items() if isinstance(matches[0][1], t)]
+        kinds = " / ".join("nn." + t.__name__ for t in targets)
+        raise ConfigError(where, f"{class_key} replaces {kinds} modules, but the regex matches {found}"
+                          f"{' ...' if len(matches) > 3 else ''}",
+                          f"Move the entry under '{right[0]}'" if right else f"Point it at {kinds} modules")
+    return hits
+
+
+def _build_layers(plan: dict[str, dict]) -> None:
+    """Each planned layer's quantized module (``item["module"]``), on the float module's device and mode."""
     for name, item in plan.items():
         pact_cls = CLASS_TARGETS[item["class_key"]][0]
         module, settings = item["float"], item["settings"]
@@ -152,23 +179,6 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
             new.to(params[0].device)
         new.train(module.training)
         item["module"] = new
-    for name, item in plan.items():
-        _set_submodule(net, name, item["module"])
-
-    report = [_report_row(name, item["module"], "recipe")
-              for name, item in sorted(plan.items(), key=lambda kv: index[kv[0]])]
-
-    if hcfg is False:
-        return net, report
-    try:
-        net = run_harmonize(net, **hkwargs)
-    except (TypeError, ValueError) as err:
-        msg = str(err).removeprefix("harmonize: ").removeprefix("harmonize.")
-        raise ConfigError("network.quantize.harmonize", msg) from None
-    modules = dict(net.named_modules())
-    for row in harmonized_layers(net):
-        report.append(_report_row(row["name"], modules[row["name"]], "harmonize"))
-    return net, report
 
 
 def normalize_quantize_config(quantize_config: dict) -> dict:
@@ -216,7 +226,7 @@ def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precisi
     out = {}
     for name, n in levels.items():
         try:
-            QuantSpec(n_levels=n)
+            QuantSpec.for_role("unsigned_act", n_levels=n)
         except SpecError as err:
             raise ConfigError(where, f"'{file}', layer '{name}': {err}") from None
         out[name[:-1] if name.endswith("$") else name] = n

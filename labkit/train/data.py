@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from labkit.config.errors import LabkitError
+from labkit.config.schema import Data
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,17 +31,20 @@ class DatasetError(LabkitError, ValueError):
     """A dataset that cannot be used as configured; the message names the path or value and the fix."""
 
 
-def input_size(data_cfg: dict) -> int:
-    """Image side in pixels of the ``data`` section's dataset: embedded 32, ImageNet ``image_size`` (224)."""
-    if data_cfg.get("name", "imagenet") == "embedded":
-        return EMBEDDED_SIZE
-    return int(data_cfg.get("image_size", 224))
+def data_section(data: Data | dict) -> Data:
+    """The typed ``data`` section (a dict is validated; defaults from :class:`labkit.config.schema.Data`)."""
+    return data if isinstance(data, Data) else Data.model_validate(data)
 
 
-def input_normalisation(data_cfg: dict | str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(means, stds)`` per channel of the dataset's input normalisation (images in [0, 1]); ``data_cfg``:
+def input_size(data: Data | dict) -> int:
+    """Image side in pixels of the ``data`` section's dataset: embedded 32, ImageNet ``image_size``."""
+    return data_section(data).size
+
+
+def input_normalisation(data: Data | dict | str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(means, stds)`` per channel of the dataset's input normalisation (images in [0, 1]); ``data``:
     the ``data`` section or the dataset name."""
-    name = data_cfg if isinstance(data_cfg, str) else data_cfg.get("name", "imagenet")
+    name = data if isinstance(data, str) else data_section(data).name
     if name == "embedded":
         _, _, mean, std = _embedded_arrays()
         return (mean,), (std,)
@@ -49,37 +53,29 @@ def input_normalisation(data_cfg: dict | str) -> tuple[tuple[float, ...], tuple[
     raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
 
 
-def build_datasets(data_cfg: dict) -> tuple[Dataset, Dataset]:
-    """``data`` config section -> ``(train, valid)`` datasets."""
-    name = data_cfg.get("name", "imagenet")
-    augment = bool(_augment_flag(data_cfg, "train"))
-    if name == "embedded":
+def build_datasets(data: Data | dict) -> tuple[Dataset, Dataset]:
+    """``data`` config section -> ``(train, valid)`` datasets (``limit`` keeps that many, evenly spread)."""
+    data = data_section(data)
+    augment = data.train.dataset.transform.kwargs.augment
+    if data.name == "embedded":
         train, valid = EmbeddedDigits("train", augment=augment), EmbeddedDigits("valid")
-    elif name == "imagenet":
-        size = input_size(data_cfg)
-        root = data_cfg.get("root")
-        for split in ("train", "val"):  # both before the (slow) listing of either
-            _split_folder(root, split)
-        train = imagenet_folder(root, "train", imagenet_transform(size, augment))
-        valid = imagenet_folder(root, "val", imagenet_transform(size, _augment_flag(data_cfg, "valid")))
-        check_same_classes(train, valid, Path(root).expanduser())
     else:
-        raise DatasetError(f"unknown dataset {name!r} under data.name: use 'embedded' or 'imagenet'")
-    return _limit(train, data_cfg, "train"), _limit(valid, data_cfg, "valid")
+        for split in ("train", "val"):  # both before the (slow) listing of either
+            _split_folder(data.root, split)
+        train = imagenet_folder(data.root, "train", imagenet_transform(data.size, augment))
+        valid = imagenet_folder(data.root, "val",
+                                imagenet_transform(data.size, data.valid.dataset.transform.kwargs.augment))
+        check_same_classes(train, valid, Path(data.root).expanduser())
+    return _limit(train, data.train.dataset.limit), _limit(valid, data.valid.dataset.limit)
 
 
-def _limit(dataset: Dataset, data_cfg: dict, split: str) -> Dataset:
-    """``data.<split>.dataset.limit = N`` keeps N samples evenly spread over the set (quick runs, tests)."""
-    limit = data_cfg.get(split, {}).get("dataset", {}).get("limit")
+def _limit(dataset: Dataset, limit: int | None) -> Dataset:
+    """``limit`` samples evenly spread over the set (quick runs, tests); None: all."""
     if not limit or limit >= len(dataset):
         return dataset
     subset = Subset(dataset, np.linspace(0, len(dataset) - 1, limit).round().astype(int).tolist())
     subset.classes = dataset.classes
     return subset
-
-
-def _augment_flag(data_cfg: dict, split: str) -> bool:
-    return bool(data_cfg.get(split, {}).get("dataset", {}).get("transform", {}).get("kwargs", {}).get("augment", False))
 
 
 def check_same_classes(train: Dataset, valid: Dataset, root: Path) -> None:

@@ -1,12 +1,12 @@
-"""The training loop: one plain epoch loop in the spirit of torchvision's ``references/classification``.
+"""The training loop, in the spirit of torchvision's ``references/classification``: set up, restore, then per
+epoch train, evaluate, save.
 
 Networks come from :mod:`labkit.train.build`, the run folder (config, provenance, history, atomic checkpoints,
-lock) is :mod:`labkit.train.runs`. Per batch: controllers step, forward (AMP on CUDA), backward, unscale,
-TQT ``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step),
-optimizer step. ``resume=True`` continues from ``last.ckpt`` and reaches the same weights as an uninterrupted
-run: every epoch reseeds the RNGs from ``(seed, epoch)``. A non-finite loss or validation metric stops the
-run with :class:`NonFiniteError` naming the epoch, the batch and the first module whose output turned
-non-finite; nothing of that epoch is written.
+lock) is :mod:`labkit.train.runs`. Per batch: controllers step, forward (AMP on CUDA), backward, unscale, TQT
+``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step), optimizer
+step. A resumed run reaches the same weights as an uninterrupted one: every epoch reseeds the RNGs from
+``(seed, epoch)``. A non-finite loss or validation metric stops the run with :class:`NonFiniteError` naming the
+epoch, the batch and the first module whose output turned non-finite; nothing of that epoch is written.
 """
 
 from __future__ import annotations
@@ -17,131 +17,266 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from labkit.config.errors import LabkitError
+from labkit.config.schema import RunConfig, validate
 from labkit.quant import PACTConv2d, PACTLinear, normalize_tqt_grads, quant_summaries, tqt_modules
 from labkit.train.build import build_controllers, build_network
 from labkit.train.checkpoint import make_checkpoint
 from labkit.train.data import build_datasets, check_num_classes, fingerprint
 from labkit.train.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env, shutdown
+from labkit.train.evaluate import autocast, evaluate, resolve_device, summarise, to_device, topk_correct
 from labkit.train.gd import build_optimizer, build_scheduler
+from labkit.train.loaders import make_train_loader, make_val_loader
 from labkit.train.progress import progress as progress_bar
-from labkit.train.runs import QUANTIZERS, RunFolder, load_run, open_for_training, provenance_entry
+from labkit.train.runs import QUANTIZERS, RunFolder, open_for_training, provenance_entry
 
-__all__ = ["train", "evaluate", "evaluate_checkpoint", "train_one_epoch", "topk_correct", "resolve_device",
-           "NonFiniteError", "DeviceError", "quant_state"]
+__all__ = ["train", "train_one_epoch", "NonFiniteError", "quant_state"]
 
 
 class NonFiniteError(LabkitError, FloatingPointError):
     """The loss or a metric became inf/NaN; the message names the epoch, batch and first non-finite module."""
 
 
-class DeviceError(LabkitError, ValueError):
-    """The requested device is not available."""
+@dataclass
+class Session:
+    """One training session: the config, where it runs, and everything built from them."""
+
+    cfg: dict
+    rc: RunConfig
+    run: RunFolder
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    say: Callable[[str], None] = print
+    progress: bool = True
+    callbacks: tuple = ()
+    net: nn.Module = None
+    model: nn.Module = None  # net, or its DistributedDataParallel wrapper
+    controllers: list = field(default_factory=list)
+    train_loader: torch.utils.data.DataLoader = None
+    val_loader: torch.utils.data.DataLoader = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    per_batch: bool = False
+    scaler: torch.amp.GradScaler = None
+    criterion: nn.Module = None
+    data_hash: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda" and self.rc.training.amp
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when visible, else CPU; an explicit CUDA device must exist."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
+          progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
+          log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False) -> dict:
+    """Train ``cfg`` (a resolved config) into the run folder ``output_dir``; returns the final record plus
+    ``best_top1`` and ``run_dir``.
+
+    A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
+    allows) or ``overwrite`` (see :func:`labkit.train.runs.open_for_training`). ``callbacks`` get each epoch's
+    history record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after every
+    training batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``. Controller
+    commands are one line each in ``log``; every quantizer's bounds go to the run folder's ``quantizers.jsonl``
+    (and to ``log`` with ``verbose``). ``parameters``: the notebook parameters to record as the run's provenance
+    (default: the command line). Under ``torchrun`` the process group is joined here and left at the end.
+    """
+    dev = resolve_device(device)
+    rank, world, local_rank, created = init_from_env(dev.type)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    say = log if rank == 0 and log else (lambda _msg: None)
+    s = Session(cfg, validate(cfg), RunFolder(output_dir), dev, rank, world, say, progress and rank == 0,
+                tuple(callbacks))
+    clean = False
     try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise DeviceError(f"device '{device}' is not a device name ({err}): use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
+        build(s, verbose)  # everything is built (and so checked) before anything is written
+        with s.run.writing() if s.main else nullcontext(s.run):
+            start, best, history = restore(s, resume, overwrite, parameters)
+            s.model = s.net if s.world == 1 else nn.parallel.DistributedDataParallel(
+                s.net, device_ids=[s.device.index] if s.device.type == "cuda" else None,
+                find_unused_parameters=bool(s.controllers))
+            record = history[-1] if history else {}
+            for epoch in range(start, s.rc.training.n_epochs):
+                record = run_epoch(s, epoch, best)
+                best = record["best_top1"]
+                history.append(record)
+                save(s, history)
+        clean = True
+        return {**record, "best_top1": best, "run_dir": str(s.run.path)}
+    finally:
+        if created:
+            shutdown(clean)
 
 
-class ShardSampler(Sampler):
-    """Indices ``rank, rank + world, ...``: every sample evaluated exactly once across processes."""
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1):
-        self.indices = range(rank, n, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _loader_cfg(cfg: dict, split: str, default_bs: int) -> tuple[int, int]:
-    dl = cfg["data"].get(split, {}).get("dataloader", {})
-    return dl.get("bs", default_bs), dl.get("num_workers", 0)
-
-
-def make_train_loader(cfg: dict, dataset, rank: int, world: int, seed: int, pin: bool) -> DataLoader:
-    """Seeded DistributedSampler (one process too) over the global batch ``bs``: each rank gets ``bs/world``."""
-    bs, workers = _loader_cfg(cfg, "train", 64)
-    if bs % world:
-        raise LabkitError(f"data.train.dataloader.bs = {bs} is not divisible by the {world} processes: the batch "
-                          "size is global, choose a multiple of the process count")
-    if len(dataset) < bs:
-        raise LabkitError(f"the training set ({len(dataset)} images) is smaller than one batch ({bs}): lower "
-                          "data.train.dataloader.bs")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    # workers are started anew each epoch (not persistent): their seeds then come from the epoch's reseeded
-    # global RNG (_seed_epoch), so augmentation after a resume matches the uninterrupted run
-    return DataLoader(dataset, batch_size=bs // world, sampler=sampler, num_workers=workers, drop_last=True,
-                      pin_memory=pin)
+def build(s: Session, verbose: bool) -> None:
+    """Data, network, controllers, loaders, optimizer, schedule, scaler and loss of the session."""
+    t = s.rc.training
+    torch.manual_seed(t.seed)
+    train_ds, val_ds = build_datasets(s.cfg["data"])
+    check_num_classes(train_ds, s.rc.network.kwargs.num_classes)
+    s.net, _ = build_network(s.cfg)
+    s.controllers = build_controllers(s.cfg, s.net)
+    for c in s.controllers:
+        c.log, c.detail = s.say, verbose
+    if s.world > 1 and t.sync_bn:
+        convert_sync_batchnorm(s.net)
+    s.net.to(s.device)
+    if s.device.type == "cuda" and t.channels_last:
+        s.net.to(memory_format=torch.channels_last)
+    pin = s.device.type == "cuda"
+    s.train_loader = make_train_loader(s.rc.data, train_ds, s.rank, s.world, t.seed, pin)
+    s.val_loader = make_val_loader(s.rc.data, val_ds, s.rank, s.world, pin)
+    s.optimizer = build_optimizer(s.cfg["training"]["gd"], s.net)
+    s.scheduler, s.per_batch = build_scheduler(s.cfg["training"]["gd"], s.optimizer, t.n_epochs,
+                                               len(s.train_loader))
+    s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp)
+    s.criterion = nn.CrossEntropyLoss(label_smoothing=t.loss_fn.kwargs.label_smoothing)
+    s.data_hash = fingerprint(train_ds) + ":" + fingerprint(val_ds)
 
 
-def make_val_loader(cfg: dict, dataset, rank: int = 0, world: int = 1, pin: bool = False) -> DataLoader:
-    """Every validation sample exactly once across the processes (no padding, unlike DistributedSampler)."""
-    bs, workers = _loader_cfg(cfg, "valid", _loader_cfg(cfg, "train", 64)[0])
-    return DataLoader(dataset, batch_size=max(1, bs // world), sampler=ShardSampler(len(dataset), rank, world),
-                      num_workers=workers, pin_memory=pin)
+def restore(s: Session, resume: bool, overwrite: bool, parameters: dict | None) -> tuple[int, float, list]:
+    """The run folder's checkpoint into the session (when resuming); then the config, a provenance entry and
+    the history are written for the epochs to come. Returns ``(first epoch, best top-1 so far, history)``."""
+    state = None
+    if s.main:
+        try:
+            state = open_for_training(s.run, s.cfg, resume=resume, overwrite=overwrite)
+        except LabkitError as err:
+            state = err
+    if s.world > 1:
+        state = _broadcast(state)  # every rank continues from the same checkpoint (or stops)
+    if isinstance(state, LabkitError):
+        raise state
+    n_epochs, start, best, history = s.rc.training.n_epochs, 0, -math.inf, []
+    if state is not None:
+        ckpt = state.checkpoint
+        s.net.load_state_dict(ckpt["state_dict"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        if s.scheduler is not None:
+            s.scheduler.load_state_dict(ckpt["scheduler"])
+        s.scaler.load_state_dict(ckpt["scaler"])
+        for c, cstate in zip(s.controllers, ckpt.get("controllers", [])):
+            c.load_state_dict(cstate)
+        start, best, history = state.start_epoch, ckpt["best_top1"], state.history
+        if start < n_epochs:
+            s.say(f"resuming {s.run.path} at epoch {start + 1}/{n_epochs} (best top-1 so far {best:.2f}%)")
+    elif resume:
+        s.say(f"no checkpoint in {s.run.path} yet: starting from epoch 1")
+    if s.main and start < n_epochs:
+        s.run.write_config(s.cfg)
+        s.run.add_provenance(provenance_entry(s.cfg, str(s.device), s.data_hash, start if state else None,
+                                              parameters))
+        s.run.write_history(history)
+    elif s.main:
+        s.say(f"{s.run.path} is complete ({n_epochs} epochs): nothing to train")
+    return start, best, history
 
 
-# ------------------------------------------------------------------------------------------ metrics
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose target is among the ``k`` largest logits, for each ``k``."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(target.view(-1, 1))
-    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+def run_epoch(s: Session, epoch: int, best: float) -> dict:
+    """Train one epoch, validate; returns its history record (metrics, lr, per-quantizer bounds, time)."""
+    t0 = time.perf_counter()
+    _seed_epoch(s.rc.training.seed, epoch)
+    s.train_loader.sampler.set_epoch(epoch)
+    for c in s.controllers:
+        c.step_pre_training_epoch(epoch)
+    if s.main:
+        _write_events(s.run, s.controllers)
+    lr = s.optimizer.param_groups[0]["lr"]
+    n_epochs = s.rc.training.n_epochs
+    train_metrics = train_one_epoch(s, epoch, desc=f"epoch {epoch + 1}/{n_epochs}")
+    for c in s.controllers:
+        c.step_pre_validation_epoch(epoch)
+    valid = evaluate(s.net, s.val_loader, s.device, s.amp, s.progress)
+    if not math.isfinite(valid["loss"]):
+        x, _ = next(iter(s.val_loader))
+        raise NonFiniteError(f"validation loss became {valid['loss']} at epoch {epoch + 1}: the first non-finite "
+                             f"output is {first_non_finite(s.net, x.to(s.device))}; epoch {epoch + 1} was not "
+                             "saved. Lower training.gd.opt.kwargs.lr or check that layer, then resume")
+    if s.scheduler is not None and not s.per_batch:
+        s.scheduler.step()
+    record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid,
+              "best_top1": max(best, valid["top1"]), "seconds": round(time.perf_counter() - t0, 3)}
+    quant = quant_state(s.net)
+    if quant:
+        record["quant"] = quant
+    return record
 
 
-def _summarise(loss_sum: float, c1: float, c5: float, n: float) -> dict:
-    n = max(n, 1.0)
-    return {"loss": loss_sum / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "n": int(n)}
+def save(s: Session, history: list[dict]) -> None:
+    """Write the history and the checkpoint of the last epoch (``best.ckpt`` too when it is the best), report."""
+    record, cfg = history[-1], s.cfg
+    if s.main:
+        s.run.write_history(history)
+        network = {k: cfg["network"][k] for k in ("class", "kwargs", "quantize") if k in cfg["network"]}
+        ckpt = make_checkpoint(
+            s.net.state_dict(), network, config=cfg, epoch=record["epoch"], best_top1=record["best_top1"],
+            optimizer=s.optimizer.state_dict(),
+            scheduler=s.scheduler.state_dict() if s.scheduler is not None else None, scaler=s.scaler.state_dict(),
+            controllers=[c.state_dict() for c in s.controllers])
+        s.run.save_checkpoint(ckpt, best=record["valid"]["top1"] >= record["best_top1"])
+    tr, va = record["train"], record["valid"]
+    s.say(f"epoch {record['epoch'] + 1:>3}/{s.rc.training.n_epochs}  lr {record['lr']:.3g}  train loss "
+          f"{tr['loss']:.4f} top1 {tr['top1']:.2f}%  |  valid loss {va['loss']:.4f} top1 {va['top1']:.2f}% top5 "
+          f"{va['top5']:.2f}%  ({record['seconds']:.1f} s)")
+    for callback in s.callbacks:
+        callback(record)
 
 
-@torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-             progress: bool = False) -> dict:
-    """Loss, top-1 and top-5 (percent) of ``net`` over ``loader`` (summed across processes)."""
-    net.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+def train_one_epoch(s: Session, epoch: int, desc: str = "train") -> dict:
+    """One pass over the training loader; controllers step before every batch. Returns loss/top-1/top-5; the
+    callbacks' ``on_batch`` methods see the running metrics after every batch."""
+    s.model.train()
     sums = [0.0, 0.0, 0.0, 0.0]
-    for x, y in progress_bar(loader, desc="valid", leave=False, disable=not progress):
-        x, y = _to_device(x, y, device)
-        with _autocast(device, amp):
-            logits = net(x)
-        c1, c5 = topk_correct(logits.float(), y)
-        sums = [s + v for s, v in zip(sums, (float(criterion(logits.float(), y)), c1, c5, len(y)))]
-    return _summarise(*all_reduce_sum(sums, device))
+    tqt = tqt_modules(s.net)
+    on_batch = _batch_hook(s.callbacks, s.net, epoch)
+    bar = progress_bar(s.train_loader, desc=desc, leave=False, disable=not s.progress)
+    for batch, (x, y) in enumerate(bar):
+        for c in s.controllers:
+            c.step_pre_training_batch()
+        x, y = to_device(x, y, s.device, s.rc.training.channels_last)
+        with autocast(s.device, s.amp):
+            logits = s.model(x)
+            loss = s.criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            _diverged(s, loss, x, epoch, batch)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        if tqt:
+            s.scaler.unscale_(s.optimizer)  # the normalisation needs the true gradients
+            normalize_tqt_grads(tqt)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        if s.per_batch:
+            s.scheduler.step()
+        c1, c5 = topk_correct(logits.detach().float(), y)
+        sums = [a + b for a, b in zip(sums, (loss.item() * len(y), c1, c5, len(y)))]
+        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", top1=f"{100 * sums[1] / sums[3]:.1f}", refresh=False)
+        if on_batch is not None:
+            on_batch(batch, len(s.train_loader), summarise(*sums))
+    return summarise(*all_reduce_sum(sums, s.device))
 
 
-def _to_device(x, y, device):
-    non_blocking = device.type == "cuda"
-    x = x.to(device, non_blocking=non_blocking)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=non_blocking)
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.float16) if amp else nullcontext()
+def _diverged(s: Session, loss: torch.Tensor, x: torch.Tensor, epoch: int, batch: int) -> None:
+    lr = s.optimizer.param_groups[0]["lr"]
+    where = first_non_finite(s.model, x)
+    advice = ("check the dataset" if where.startswith("the input") else
+              f"lower training.gd.opt.kwargs.lr (now {lr:.3g}) or check that layer's settings, then resume "
+              "(--resume) from the last checkpoint")
+    raise NonFiniteError(f"training loss became {loss.detach().item()} at epoch {epoch + 1}, batch {batch + 1}: the "
+                         f"first non-finite output is {where}; {advice}")
 
 
 @torch.no_grad()
@@ -166,44 +301,6 @@ def first_non_finite(model: nn.Module, x: torch.Tensor) -> str:
     return found[0] if found else "no module (the loss itself overflowed)"
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, criterion, controllers, scheduler_per_batch=None,
-                    amp=False, progress=False, desc="train", tqt=(), epoch: int = 0, on_batch=None) -> dict:
-    """One pass over ``loader``; controllers step before every batch. Returns train loss/top-1/top-5.
-    ``on_batch(batch, n_batches, metrics)`` follows every batch (running train loss/top-1 so far)."""
-    model.train()
-    sums = [0.0, 0.0, 0.0, 0.0]
-    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress)
-    for batch, (x, y) in enumerate(bar):
-        for c in controllers:
-            c.step_pre_training_batch()
-        x, y = _to_device(x, y, device)
-        with _autocast(device, amp):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
-        if not torch.isfinite(loss):
-            loss = loss.detach()
-            lr = optimizer.param_groups[0]["lr"]
-            raise NonFiniteError(f"training loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}: the "
-                                 f"first non-finite output is {first_non_finite(model, x)}; lower "
-                                 f"training.gd.opt.kwargs.lr (now {lr:.3g}) or check that layer's settings, then "
-                                 "resume (--resume) from the last checkpoint")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tqt:
-            scaler.unscale_(optimizer)  # the normalisation needs the true gradients
-            normalize_tqt_grads(tqt)
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler_per_batch is not None:
-            scheduler_per_batch.step()
-        c1, c5 = topk_correct(logits.detach().float(), y)
-        sums = [s + v for s, v in zip(sums, (loss.item() * len(y), c1, c5, len(y)))]
-        bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", top1=f"{100 * sums[1] / sums[3]:.1f}", refresh=False)
-        if on_batch is not None:
-            on_batch(batch, len(loader), _summarise(*sums))
-    return _summarise(*all_reduce_sum(sums, device))
-
-
 def _seed_epoch(seed: int, epoch: int) -> None:
     """Dropout and augmentation draw from the global RNG, reseeded per epoch so a resumed run matches."""
     s = seed * 100_003 + epoch
@@ -216,155 +313,6 @@ def quant_state(net: nn.Module) -> dict:
     """Per quantizer: lo/hi/eps(/log2 t) and ``kind`` (``weights`` or ``activations``); empty for a float net."""
     weights = {n for n, m in net.named_modules() if isinstance(m, (PACTConv2d, PACTLinear))}
     return {n: {**s, "kind": "weights" if n in weights else "activations"} for n, s in quant_summaries(net).items()}
-
-
-# ------------------------------------------------------------------------------------------- the run
-def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
-          progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
-          log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False) -> dict:
-    """Train ``cfg`` (a resolved config) into the run folder ``output_dir``; returns the final record plus
-    ``best_top1`` and ``run_dir``.
-
-    A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
-    allows) or ``overwrite`` (see :func:`labkit.train.runs.open_for_training`). ``callbacks`` get each epoch's history
-    record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after every training
-    batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``. Controller commands are one
-    line each in ``log``; every quantizer's bounds go to the run folder's ``quantizers.jsonl`` (and to ``log``
-    with ``verbose``). ``parameters``: the notebook parameters to record as the
-    run's provenance (default: the command line). Under ``torchrun`` the process group is joined here and
-    left at the end.
-    """
-    dev = resolve_device(device)
-    rank, world, local_rank, created = init_from_env(dev.type)
-    clean = False
-    try:
-        result = _train(cfg, RunFolder(output_dir), resume, overwrite, dev, rank, world, local_rank, progress,
-                        callbacks, log, parameters, verbose)
-        clean = True
-        return result
-    finally:
-        if created:
-            shutdown(clean)
-
-
-def _train(cfg, run, resume, overwrite, dev, rank, world, local_rank, progress, callbacks, log, parameters,
-           verbose) -> dict:
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    main = rank == 0
-    say = (log if main and log else (lambda _msg: None))
-    tcfg = cfg["training"]
-    seed = int(tcfg.get("seed", 0))
-    n_epochs = int(tcfg["n_epochs"])
-    amp = dev.type == "cuda" and tcfg.get("amp", True)
-
-    # everything is built (and so checked) before anything is written
-    torch.manual_seed(seed)
-    train_ds, val_ds = build_datasets(cfg["data"])
-    check_num_classes(train_ds, cfg["network"]["kwargs"].get("num_classes", 1000))
-    net, _ = build_network(cfg)
-    controllers = build_controllers(cfg, net)
-    for c in controllers:
-        c.log, c.detail = say, verbose
-    if world > 1 and tcfg.get("sync_bn", True):
-        convert_sync_batchnorm(net)
-    net.to(dev)
-    if dev.type == "cuda" and tcfg.get("channels_last", True):
-        net.to(memory_format=torch.channels_last)
-    train_loader = make_train_loader(cfg, train_ds, rank, world, seed, pin=dev.type == "cuda")
-    val_loader = make_val_loader(cfg, val_ds, rank, world, pin=dev.type == "cuda")
-    optimizer = build_optimizer(tcfg["gd"], net)
-    scheduler, per_batch = build_scheduler(tcfg["gd"], optimizer, n_epochs, len(train_loader))
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
-    criterion = nn.CrossEntropyLoss(**tcfg.get("loss_fn", {}).get("kwargs", {}))
-    tqt = tqt_modules(net)
-
-    with (run.writing() if main else nullcontext(run)):
-        state = None
-        if main:
-            try:
-                state = open_for_training(run, cfg, resume=resume, overwrite=overwrite)
-            except LabkitError as err:
-                state = err
-        if world > 1:
-            state = _broadcast(state)  # every rank continues from the same checkpoint (or stops)
-        if isinstance(state, LabkitError):
-            raise state
-        start_epoch, best_top1, history = 0, -math.inf, []
-        if state is not None:
-            ckpt = state.checkpoint
-            net.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            for c, cstate in zip(controllers, ckpt.get("controllers", [])):
-                c.load_state_dict(cstate)
-            start_epoch, best_top1, history = state.start_epoch, ckpt["best_top1"], state.history
-            if start_epoch < n_epochs:
-                say(f"resuming {run.path} at epoch {start_epoch + 1}/{n_epochs} (best top-1 so far {best_top1:.2f}%)")
-        elif resume:
-            say(f"no checkpoint in {run.path} yet: starting from epoch 1")
-        if main and start_epoch < n_epochs:
-            data_hash = fingerprint(train_ds) + ":" + fingerprint(val_ds)
-            run.write_config(cfg)
-            run.add_provenance(provenance_entry(cfg, str(dev), data_hash, start_epoch if state else None, parameters))
-            run.write_history(history)
-        elif main:
-            say(f"{run.path} is complete ({n_epochs} epochs): nothing to train")
-
-        model = net
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                net, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=bool(controllers))
-
-        record: dict = history[-1] if history else {}
-        for epoch in range(start_epoch, n_epochs):
-            t0 = time.perf_counter()
-            _seed_epoch(seed, epoch)
-            train_loader.sampler.set_epoch(epoch)
-            for c in controllers:
-                c.step_pre_training_epoch(epoch)
-            if main:
-                _write_events(run, controllers)
-            lr = optimizer.param_groups[0]["lr"]
-            on_batch = _batch_hook(callbacks, net, epoch)
-            train_metrics = train_one_epoch(model, train_loader, optimizer, scaler, dev, criterion, controllers,
-                                            scheduler if per_batch else None, amp, progress and main,
-                                            desc=f"epoch {epoch + 1}/{n_epochs}", tqt=tqt, epoch=epoch,
-                                            on_batch=on_batch)
-            for c in controllers:
-                c.step_pre_validation_epoch(epoch)
-            valid_metrics = evaluate(net, val_loader, dev, amp, progress and main)
-            if not math.isfinite(valid_metrics["loss"]):
-                x, _ = next(iter(val_loader))
-                raise NonFiniteError(f"validation loss became {valid_metrics['loss']} at epoch {epoch + 1}: the first "
-                                     f"non-finite output is {first_non_finite(net, x.to(dev))}; epoch {epoch + 1} was "
-                                     "not saved. Lower training.gd.opt.kwargs.lr or check that layer, then resume")
-            if scheduler is not None and not per_batch:
-                scheduler.step()
-            best_top1 = max(best_top1, valid_metrics["top1"])
-            record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid_metrics,
-                      "best_top1": best_top1, "seconds": round(time.perf_counter() - t0, 3)}
-            quant = quant_state(net)
-            if quant:
-                record["quant"] = quant
-            history.append(record)
-            if main:
-                run.write_history(history)
-                ckpt = make_checkpoint(
-                    net.state_dict(), {k: cfg["network"][k] for k in ("class", "kwargs", "quantize") if k in cfg["network"]},
-                    config=cfg, epoch=epoch, best_top1=best_top1, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=scaler.state_dict(),
-                    controllers=[c.state_dict() for c in controllers])
-                run.save_checkpoint(ckpt, best=valid_metrics["top1"] >= best_top1)
-            say(f"epoch {epoch + 1:>3}/{n_epochs}  lr {lr:.3g}  train loss {train_metrics['loss']:.4f} "
-                f"top1 {train_metrics['top1']:.2f}%  |  valid loss {valid_metrics['loss']:.4f} "
-                f"top1 {valid_metrics['top1']:.2f}% top5 {valid_metrics['top5']:.2f}%  ({record['seconds']:.1f} s)")
-            for callback in callbacks:
-                callback(record)
-    return {**record, "best_top1": best_top1, "run_dir": str(run.path)}
 
 
 def _write_events(run: RunFolder, controllers) -> None:
@@ -396,15 +344,3 @@ def _broadcast(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def evaluate_checkpoint(checkpoint: str | Path, cfg: dict | None = None, device: str = "auto",
-                        progress: bool = False) -> dict:
-    """Validation metrics of a run folder or checkpoint (its own config unless ``cfg`` is given)."""
-    loaded = load_run(checkpoint, config=cfg)
-    dev = resolve_device(device)
-    _, val_ds = build_datasets(loaded.config["data"])
-    check_num_classes(val_ds, loaded.config["network"]["kwargs"].get("num_classes", 1000))
-    loaded.net.to(dev)
-    return evaluate(loaded.net, make_val_loader(loaded.config, val_ds), dev, amp=dev.type == "cuda",
-                    progress=progress)

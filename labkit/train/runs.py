@@ -17,8 +17,6 @@ flow and the CLI read runs only through this module.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
 from labkit import __version__
@@ -50,8 +49,8 @@ from labkit.train.checkpoint import (
 )
 from labkit.train.gd import schedule_extension_problem
 
-CONFIG, PROVENANCE, HISTORY, LAST, BEST, LOCK = (
-    "config.json", "provenance.json", "history.jsonl", "last.ckpt", "best.ckpt", ".lock")
+CONFIG, PROVENANCE, HISTORY, LAST, BEST, LOCK, LOCK_PID = (
+    "config.json", "provenance.json", "history.jsonl", "last.ckpt", "best.ckpt", ".lock", ".lock.pid")
 QUANTIZERS = "quantizers.jsonl"  # controller commands, one JSON line each with every quantizer's bounds
 RUN_FILES = (CONFIG, PROVENANCE, HISTORY, LAST, BEST, QUANTIZERS)
 #: config keys that may differ between a run and its resumption (they change nothing it computes)
@@ -67,7 +66,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self._lock: FileLock | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder('{self.path}')"
@@ -90,14 +89,11 @@ class RunFolder:
 
     def history(self) -> list[dict]:
         """The per-epoch records of ``history.jsonl`` (empty list when there is none yet)."""
-        path = self.file(HISTORY)
-        if not path.is_file():
-            return []
-        try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise RunError(f"'{path}' is corrupt (line {err.lineno}: {err.msg}); delete it and resume, or start "
-                           "a new run") from err
+        return _read_jsonl(self.file(HISTORY))
+
+    def events(self) -> list[dict]:
+        """The controllers' commands of ``quantizers.jsonl`` (every quantizer's bounds at each), oldest first."""
+        return _read_jsonl(self.file(QUANTIZERS))
 
     def checkpoint(self, which: str = "best") -> Path:
         """``best.ckpt`` or ``last.ckpt`` (``which``), or a checkpoint file given by path."""
@@ -118,33 +114,30 @@ class RunFolder:
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def writing(self) -> Iterator[RunFolder]:
-        """Hold the folder's lock (``.lock``, ``flock``: released by the OS when the process dies), clear
-        temporary files of interrupted writes, yield; a second writer gets :class:`RunError` at once."""
+        """Hold the folder's lock (``.lock``, a :class:`filelock.FileLock`: released by the OS when the process
+        dies; ``.lock.pid`` names the holder), clear temporary files of interrupted writes, yield; a second
+        writer gets :class:`RunError` at once."""
         _make_folder(self.path)
-        fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(self.file(LOCK), blocking=False)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunError(f"run folder '{self.path}' is in use by pid {holder} (another labkit train writes "
-                               "there); wait for it to finish or choose another output folder (-o)") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            lock.acquire()
+        except Timeout:
+            holder = self.file(LOCK_PID)
+            pid = holder.read_text().strip() if holder.is_file() else "?"
+            raise RunError(f"run folder '{self.path}' is in use by pid {pid} (another labkit train writes there); "
+                           "wait for it to finish or choose another output folder (-o)") from None
+        self.file(LOCK_PID).write_text(f"{os.getpid()}\n")
+        self._lock = lock
         try:
             remove_stale_temps(self.path)
             yield self
         finally:
-            self._lock_fd = None
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            self._lock = None
+            self.file(LOCK_PID).unlink(missing_ok=True)
+            lock.release()
 
     def _check_writer(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise RuntimeError(f"{self}: write only inside 'with run.writing():'")
 
     def write_config(self, cfg: dict) -> None:
@@ -373,6 +366,22 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"'{path}' is not valid JSON (line {err.lineno}: {err.msg}); the run folder is damaged") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line (``[]`` when the file is missing); a damaged line is named by its number."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RunError(f"'{path}' is damaged at line {number} ({err.msg}); delete it and resume, or start a "
+                           "new run") from None
+    return records
 
 
 def _make_folder(path: Path) -> None:
