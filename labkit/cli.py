@@ -1,22 +1,23 @@
 """``labkit`` command line: convert, train, evaluate, plan, sweep, the lab, integerize, export.
 
-Logic lives in the library; this module parses arguments, checks paths and configs before the heavy imports
-(torch takes seconds to import on a busy machine, a typo should not), and prints every
-:class:`labkit.config.errors.LabkitError` as one line with exit status 2 (``--debug`` shows the traceback).
-Imports of heavy modules sit inside the command functions for that reason.
+Logic lives in the library; this module parses arguments and checks every one of them (paths, ranges, what
+would be ignored) and the config before the heavy imports (torch takes seconds to import on a busy machine, a
+typo should not), and prints every :class:`labkit.config.errors.LabkitError` as one line with exit status 2
+(``--debug`` shows the traceback). Imports of heavy modules sit inside the command functions for that reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from labkit.config.arguments import ArgumentError, existing, integer, number, writable_file, writable_folder
 from labkit.config.budget import bit_choices, parse_budget
 from labkit.config.errors import LabkitError
 from labkit.config.loading import load_config, parse_override, read_config_file, resolve_config
 from labkit.config.paths import resolve
+from labkit.config.spec import D_MAX, MAX_BITS, MIN_BITS
 
 EPILOG = """examples:
   labkit train configs/embedded/config.fp32.json            # FP32 on the embedded digits (~2 min on a CPU)
@@ -32,13 +33,26 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``labkit train: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="labkit", description="Quantization-aware training (PACT/SAWB, TQT) of MobileNetV2.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add in (_convert_parser, _train_parser, _eval_parser, _plan_parser, _sweep_parser, _lab_parser,
+                _integerize_parser, _export_parser):
+        add(sub)
+    return parser
 
+
+def _convert_parser(sub) -> None:
     conv = sub.add_parser(
         "convert", help="torchvision mobilenet_v2 weights -> labkit checkpoint",
         description="Write a labkit MobileNetV2 checkpoint from torchvision weights: a state-dict file (--from) "
@@ -51,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--stride-config", default="standard", metavar="NAME",
                       help="stride table of the labkit model: standard (ImageNet) or small (32 px inputs)")
 
+
+def _train_parser(sub) -> None:
     tr = sub.add_parser(
         "train", help="train a network from a JSON config (FP32, PACT or TQT)",
         description="Train from a QuantLab-shaped JSON config. The run folder gets config.json, history.jsonl "
@@ -75,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--verbose", action="store_true", help="also print every quantizer's bounds at each controller "
                     "command (always written to the run folder's quantizers.jsonl)")
 
+
+def _eval_parser(sub) -> None:
     ev = sub.add_parser(
         "eval", help="validation loss/top-1/top-5 of a checkpoint",
         description="Evaluate a run checkpoint on its validation set, with the config stored in it "
@@ -83,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the checkpoint")
     ev.add_argument("--data-root", metavar="DIR", help="override data.root")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _plan_parser(sub) -> None:
     pl = sub.add_parser(
         "plan", help="propose per-layer bits for a budget (sensitivity + exact allocation) -> a config",
         description="Measure each layer's sensitivity (calibration-loss increase with only that layer quantized, per "
@@ -102,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output", "-o", required=True, metavar="FILE", help="config to write, e.g. runs/plan/plan.json")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the sensitivity heat map there")
     pl.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet)")
+
+
+def _sweep_parser(sub) -> None:
     sw = sub.add_parser(
         "sweep", help="run a grid of QAT runs (algorithm x bits or budget x seed) through the training notebook",
         description="Execute notebooks/03_pact_training.ipynb once per grid point with papermill, keep every "
@@ -124,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--output-dir", "-o", default="runs/sweep", metavar="DIR", help="default: runs/sweep")
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
+
+def _lab_parser(sub) -> None:
     lab = sub.add_parser(
         "lab", help="the whole flow on the embedded default: FP32 -> PACT -> TQT -> integerize/export",
         description="Execute the lab notebooks in order with papermill (their default parameters: the embedded "
@@ -132,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output-dir", "-o", default="runs/lab", metavar="DIR",
                      help="where the executed notebooks go (default runs/lab); runs go to runs/embedded-*")
     lab.add_argument("--verbose", action="store_true", help="print every line the notebooks print")
+
+
+def _integerize_parser(sub) -> None:
     ig = sub.add_parser(
         "integerize", help="integer network of a PACT/TQT run; per-layer check against fake quantization",
         description="Turn a trained PACT/TQT run into its integer twin (integer weight codes, BN folded into "
@@ -147,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
     ig.add_argument("--output-dir", "-o", metavar="DIR", help="also write comparison.csv and size.csv there")
 
+
+def _export_parser(sub) -> None:
     ex = sub.add_parser(
         "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data), for onnxruntime, "
                        "qonnx or Deeploy",
@@ -170,66 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibrate", type=int, metavar="N", help="deeploy: int32 shifts from the largest values on the "
                     "first N training images times --margin (larger shifts, not proven); default: bounds proven "
                     "for every input")
-    ex.add_argument("--margin", type=float, default=2.0, metavar="M", help="deeploy with --calibrate: factor on "
+    ex.add_argument("--margin", type=float, metavar="M", help="deeploy with --calibrate: factor on "
                     "the largest values seen (default 2)")
     ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
     ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
-    return parser
-
-
-class UsageError(LabkitError, ValueError):
-    """A command-line argument that cannot work (a missing file, an unwritable folder)."""
 
 
 def _overrides(args) -> dict:
+    """The command line's config overrides (whether their files exist is the config's check)."""
     overrides = dict(parse_override(text) for text in getattr(args, "overrides", []))
-    if getattr(args, "data_root", None):
+    if getattr(args, "data_root", None) is not None:
         overrides["data.root"] = args.data_root
     if getattr(args, "epochs", None) is not None:
         overrides["training.n_epochs"] = args.epochs
-    if getattr(args, "pretrained", None):
+    if getattr(args, "pretrained", None) is not None:
         overrides["network.pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
     return overrides
 
 
-def _existing(path: str, what: str, fix: str) -> Path:
-    found = resolve(path)
-    if not found.exists():
-        raise UsageError(f"{what} '{path}' not found: {fix}")
-    return found
-
-
-def _writable_folder(path: Path, what: str) -> Path:
-    """``path`` as a folder that exists or can be made, and is writable (checked before any long work)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{what} '{path}' is a file: choose a folder (-o)")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} '{path}' cannot be written ({probe} is not writable): choose another folder (-o)")
-    return path
-
-
-def cmd_convert(args) -> None:
-    if args.source:
-        _existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from")
-    _writable_folder(Path(args.output).parent, "output folder")
-    from labkit.train.pretrained import convert_file
-
-    path, net = convert_file(args.output, args.source, capacity=args.capacity, config=args.stride_config)
-    n_params = sum(p.numel() for p in net.parameters())
-    print(f"wrote {path}: MobileNetV2 capacity {net.capacity}, {net.num_classes} classes, {n_params:,} parameters")
-
-
-def cmd_train(args) -> None:
-    cfg = load_config(args.config, _overrides(args))  # torch-free: a bad config answers at once
-    out = _writable_folder(Path(args.output_dir or Path("runs") / cfg["name"]), "run folder")
-    from labkit.train.loop import train
-
-    result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                   progress=not args.no_progress, verbose=args.verbose)
-    print(f"final valid top-1 {result['valid']['top1']:.2f}%  (best {result['best_top1']:.2f}%)  -> {out}")
+def _run_path(args) -> Path:
+    return existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a checkpoint")
 
 
 def _run_config(args, run: str) -> dict | None:
@@ -243,12 +234,46 @@ def _run_config(args, run: str) -> dict | None:
     return resolve_config(load_run(run).config, _overrides(args), check_files=False)
 
 
+def _integer_args(args) -> None:
+    """The integer twin's arguments (integerize, export): the input grid's bits and the optional fixed shift."""
+    integer(args.input_bits, "--input-bits", MIN_BITS, MAX_BITS, "bits of the input grid, 8 by default")
+    if args.d is not None:
+        integer(args.d, "--d", 1, D_MAX, "one requantization shift for every layer; leave it out for the most "
+                                        "exact shift per layer")
+
+
+def cmd_convert(args) -> None:
+    if args.source:
+        existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from", "file")
+    if args.capacity is not None:
+        number(args.capacity, "--capacity", 0.01, "the width multiplier, e.g. 0.35 or 1.0")
+    out = writable_file(args.output, "output file", "-o FILE.ckpt")
+    from labkit.train.pretrained import convert_file
+
+    path, net = convert_file(out, args.source, capacity=args.capacity, config=args.stride_config)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"wrote {path}: MobileNetV2 capacity {net.capacity}, {net.num_classes} classes, {n_params:,} parameters")
+
+
+def cmd_train(args) -> None:
+    if args.resume and args.overwrite:
+        raise ArgumentError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    cfg = load_config(args.config, _overrides(args))  # torch-free: a bad config answers at once
+    out = writable_folder(Path("runs") / cfg["name"] if args.output_dir is None else args.output_dir, "run folder")
+    from labkit.train.loop import train
+
+    result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                   progress=not args.no_progress, verbose=args.verbose)
+    print(f"final valid top-1 {result['valid']['top1']:.2f}%  (best {result['best_top1']:.2f}%)  -> {out}")
+
+
 def cmd_eval(args) -> None:
-    _existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
+    existing(args.checkpoint, "checkpoint", "pass a run folder or its last.ckpt / best.ckpt")
+    cfg = _run_config(args, args.checkpoint)
     from labkit.train.evaluate import evaluate_checkpoint
     from labkit.train.runs import RunFolder, describe_provenance
 
-    m = evaluate_checkpoint(args.checkpoint, _run_config(args, args.checkpoint), device=args.device)
+    m = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
     print(f"{args.checkpoint}: valid loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
           f"({m['n']} images)")
     folder = resolve(args.checkpoint)
@@ -260,8 +285,8 @@ def cmd_eval(args) -> None:
 def cmd_sweep(args) -> None:
     grid = {}
     if args.grid:
-        grid = read_config_file(_existing(args.grid, "grid file", "pass a JSON grid, e.g. "
-                                          '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}'))
+        grid = read_config_file(existing(args.grid, "grid file", "pass a JSON grid, e.g. "
+                                         '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}', "file"))
     if args.algorithms:
         grid["algorithm"] = args.algorithms
     if args.bits:
@@ -271,7 +296,7 @@ def cmd_sweep(args) -> None:
             parse_budget(budget)  # a bad budget answers before the sweep starts
         grid["budget"] = args.budgets
     grid.setdefault("seed", args.seeds)
-    out = _writable_folder(Path(args.output_dir).absolute(), "sweep folder")
+    out = writable_folder(args.output_dir, "sweep folder")
     from labkit.lab.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
 
     table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device,
@@ -283,36 +308,36 @@ def cmd_sweep(args) -> None:
 def cmd_plan(args) -> None:
     cfg = load_config(args.config, _overrides(args), check_files=False)  # torch-free: a bad config answers at once
     if not cfg["network"].get("quantize"):
-        raise UsageError(f"config '{args.config}' has no network.quantize: pass the PACT/TQT config whose bits to "
-                         "plan, e.g. configs/embedded/config.pact.4b.json")
+        raise ArgumentError(f"config '{args.config}' has no network.quantize: pass the PACT/TQT config whose bits "
+                            "to plan, e.g. configs/embedded/config.pact.4b.json")
     spec = parse_budget(args.budget)
     for what, bits in (("--bits", args.bits), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
         if bits:
             bit_choices(bits, what)  # a bad bit-width answers before torch loads
-    if args.calib < 1:
-        raise UsageError(f"--calib {args.calib}: give at least one calibration image")
+    integer(args.calib, "--calib", 1, fix="training images to measure on")
     run = args.run or cfg["network"].get("pretrained")
     if not run:
-        raise UsageError("no trained network to measure: pass --run (a run folder or checkpoint)")
-    _existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another --run")
-    _writable_folder(Path(args.output).absolute().parent, "output folder")
+        raise ArgumentError("no trained network to measure: pass --run (a run folder or checkpoint)")
+    existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another --run")
+    output = writable_file(args.output, "output config", "-o FILE.json")
+    plot = args.plot and writable_file(args.plot, "plot", "--plot FILE.png")
     from labkit.precision.allocate import propose
 
     allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits, n_calib=args.calib,
                          progress=True)
     print(allocation.sensitivity.summary())
     print(allocation.table())
-    path = allocation.save(args.output)
+    path = allocation.save(output)
     print(f"wrote {path}: labkit train {path}")
-    if args.plot:
+    if plot:
         from labkit.lab.plots import plot_sensitivity
 
-        plot_sensitivity(allocation.sensitivity).savefig(args.plot, dpi=100)
-        print(f"wrote {args.plot}")
+        plot_sensitivity(allocation.sensitivity).savefig(plot, dpi=100)
+        print(f"wrote {plot}")
 
 
 def cmd_lab(args) -> None:
-    out = _writable_folder(Path(args.output_dir).absolute(), "lab folder")
+    out = writable_folder(args.output_dir, "lab folder")
     from labkit.lab.notebooks import lab_results, run_notebooks
 
     executed = run_notebooks(out, verbose=args.verbose)
@@ -320,63 +345,76 @@ def cmd_lab(args) -> None:
     print("open the executed notebooks in JupyterLab for the plots and per-layer tables")
 
 
-def _integer_run(args):
-    _existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a checkpoint")
+def _twin(args):
     from labkit.lab.twins import integerize_run
-    from labkit.train.data import build_datasets
 
-    twin = integerize_run(args.run, input_bits=args.input_bits, d=args.d, config=_run_config(args, args.run))
-    train, val = build_datasets(twin.run.config["data"])
-    return twin.run, twin.inet, train, val
+    return integerize_run(args.run, input_bits=args.input_bits, d=args.d, config=_run_config(args, args.run))
 
 
 def cmd_integerize(args) -> None:
-    if args.output_dir:
-        _writable_folder(Path(args.output_dir), "output folder")
+    _run_path(args)
+    _integer_args(args)
+    if args.limit is not None:
+        integer(args.limit, "--limit", 1, fix="the number of validation images to compare on; leave it out for all")
+    out = args.output_dir and writable_folder(args.output_dir, "output folder")
     from torch.utils.data import DataLoader, Subset
 
     from labkit.integer import compare
     from labkit.integer.size import size_report
+    from labkit.train.data import build_datasets
 
-    loaded, inet, _, val = _integer_run(args)
+    twin = _twin(args)
+    _, val = build_datasets(twin.run.config["data"])
     if args.limit:
         val = Subset(val, range(min(args.limit, len(val))))
-    result = compare(loaded.net, inet, DataLoader(val, batch_size=64))
-    sizes = size_report(inet)
-    print(result.table())
-    print()
-    print(sizes)
-    print()
-    print(result.summary())
+    result = compare(twin.run.net, twin.inet, DataLoader(val, batch_size=64))
+    sizes = size_report(twin.inet)
+    print(f"{result.table()}\n\n{sizes}\n\n{result.summary()}")
     print(f"target (>= 99.99% identical codes in every layer, identical predictions and top-1): "
           f"{'met' if result.ok() else 'NOT met'}")
-    if args.output_dir:
-        out = Path(args.output_dir)
+    if out:
         out.mkdir(parents=True, exist_ok=True)
         result.table().to_csv(out / "comparison.csv")
         sizes.to_csv(out / "size.csv")
         print(f"wrote {out / 'comparison.csv'} and {out / 'size.csv'}")
 
 
+def _export_args(args) -> Path:
+    run = _run_path(args)
+    _integer_args(args)
+    integer(args.n_inputs, "--n-inputs", 1, fix="validation images in the golden data")
+    if args.calibrate is not None:
+        if args.target != "deeploy":
+            raise ArgumentError(f"--calibrate sets the int32 shifts of --target deeploy only, not of {args.target}")
+        integer(args.calibrate, "--calibrate", 1, fix="training images whose largest values bound the int32 shifts")
+        args.margin = number(2.0 if args.margin is None else args.margin, "--margin", 1.0,
+                             "the factor on the largest values seen; below 1 the int32 sums can overflow")
+    elif args.margin is not None:
+        raise ArgumentError("--margin is the factor of --calibrate: without --calibrate N the int32 bounds are "
+                            "proven for every input and take no margin")
+    default = (run if run.is_dir() else run.parent) / ("export" if args.target == "onnx" else f"export-{args.target}")
+    return writable_folder(default if args.output_dir is None else args.output_dir, "export folder")
+
+
 def cmd_export(args) -> None:
-    run = resolve(args.run)
-    out = _writable_folder(Path(args.output_dir) if args.output_dir else (run if run.is_dir() else run.parent) /
-                           ("export" if args.target == "onnx" else f"export-{args.target}"), "export folder")
-    if args.calibrate is not None and (args.target != "deeploy" or args.calibrate < 1):
-        raise UsageError("--calibrate N (N >= 1 training images) sets the int32 shifts of --target deeploy only")
+    out = _export_args(args)
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from labkit.export import check_export, export
     from labkit.integer import int32_twin
+    from labkit.train.data import build_datasets
 
-    _, inet, train, val = _integer_run(args)
-    n = max(1, min(args.n_inputs, len(val)))
-    inputs = torch.stack([val[i][0] for i in range(n)])
+    twin = _twin(args)
+    inet = twin.inet
+    train, val = build_datasets(twin.run.config["data"])
+    if args.n_inputs > len(val):
+        raise ArgumentError(f"--n-inputs {args.n_inputs}: the validation set has {len(val)} images")
+    inputs = torch.stack([val[i][0] for i in range(args.n_inputs)])
     if args.target == "deeploy":
         calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
                                                     batch_size=64)
-        inet, plan = int32_twin(inet, calibration or None, args.margin)
+        inet, plan = int32_twin(inet, calibration or None, args.margin or 2.0)
     paths = export(inet, out, inputs, target=args.target, activations=args.activations)
     if args.target == "deeploy":
         paths["int32"] = out / "int32.csv"

@@ -43,7 +43,7 @@ def main_table() -> None:
         for case in bad.CASES:
             how, text, rc = message(case, ws)
             text = text.replace(tmp, "<tmp>").replace("|", "\\|")
-            status = "API" if rc is None else f"exit {rc}"
+            status = "API" if rc is None else f"exit {rc}" + (", early" if case.early else "")
             rows.append(f"| `{case.id}` | {case.what} | {how.replace(tmp, '<tmp>').replace('|', '/')} | {status} | {text} |")
     out = ROOT / "docs" / "bad-inputs.md"
     out.write_text(
@@ -55,8 +55,12 @@ def main_table() -> None:
         "Faults that are handled without an error: a run killed at any point (also during a checkpoint write) resumes\n"
         "exactly with `--resume` (temporary files of the interrupted write are removed and `best.ckpt` is repaired);\n"
         "a second `labkit lab` or a notebook re-run on a finished run with the same config retrains nothing.\n"
-        "Not tried here: a full disk, and a read-only output folder (the tests run as root, who may write anywhere;\n"
-        "for other users `labkit train -o DIR` refuses a folder it cannot write before any work).\n\n"
+        "A full disk, a read-only file system or a vanished folder during a write is one line (`cannot write '<file>'"
+        " (No space left on device): the disk is full: free space, then continue with --resume`), and the files "
+        "written before stay intact (tests/test_runs.py fails a checkpoint write as a full disk does, then resumes "
+        "to the uninterrupted run's weights). An output folder is probed by creating a folder in it before any work "
+        "(`/proc` passes a permission check but not the probe). Cases marked *early* answer before torch is "
+        "imported (checked in a fresh process by tests/test_bad_inputs.py).\n\n"
         "| case | what | tried as | result | message |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {out} ({len(rows)} cases)")
 

@@ -8,6 +8,8 @@ import copy
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,12 @@ def ws(tmp_path_factory) -> Workspace:
     state["state_dict"]["pilot.1.weight"][0] = float("nan")
     save_atomic(state, w.root / "nan.ckpt")
     (w.root / "a-file").write_text("")
+    (w.root / "a-folder").mkdir()
+    damaged = w.root / "run-damaged"
+    damaged.mkdir()
+    for name in ("config.json", "last.ckpt", "best.ckpt"):
+        (damaged / name).write_bytes((w.root / "run-fp32" / name).read_bytes())
+    (damaged / "history.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "valid"\n')
     (w.root / "tv.pth").write_bytes(b"")
     torch.save({"conv.weight": torch.zeros(1)}, w.root / "foreign.pth")
     return w
@@ -82,6 +90,7 @@ class Case:
     cli: Callable[[Workspace], list] | None = None
     api: Callable[[Workspace], object] | None = None
     error: type = LabkitError
+    early: bool = False  # answered before torch is imported (checked in a fresh process)
 
 
 def train_with(name: str, base: dict = FP32, extra_args=(), **changes):
@@ -143,6 +152,17 @@ CASES = [
     Case("schedule-epoch-key", "HandScheduler epoch that is not a number",
          r"'training.gd.lr_sched.kwargs.schedule.x': epoch keys are non-negative integers",
          cli=train_args("--set", 'training.gd.lr_sched={"class": "HandScheduler", "kwargs": {"schedule": {"0": 1, "x": 0.1}}}')),
+    Case("config-folder", "a folder where the config file goes", r"'.*configs' is a folder\. Pass a JSON config file",
+         cli=lambda w: ["train", str(ROOT / "configs")], early=True),
+    Case("seed-huge", "a seed of 1e20", r"'training.seed': expected an integer, got a number \(1e\+20\)",
+         cli=train_args("--set", "training.seed=1e20"), early=True),
+    Case("sgd-betas", "SGD with Adam's betas", r"'training.gd.opt.kwargs.betas': unknown key\. Known here: lr, momentum",
+         cli=train_args("--set", "training.gd.opt.kwargs.betas=[0.9, 0.99]"), early=True),
+    Case("batch-above-dataset", "a batch larger than the training set",
+         r"'data.train.dataloader.bs': 200 is more than the 128 training images",
+         cli=train_args("--set", "data.train.dataloader.bs=200"), early=True),
+    Case("output-empty", "an empty output folder (-o '')", r"run folder: the path is empty",
+         cli=train_args("-o", ""), early=True),
     Case("dataset-unknown", "unknown dataset", r"'data.name': unknown value 'cifar'", cli=train_args("--set", "data.name=cifar")),
     Case("capacity-zero", "width multiplier 0", r"'network.kwargs.capacity': must be > 0",
          cli=train_args("--set", "network.kwargs.capacity=0")),
@@ -178,6 +198,8 @@ CASES = [
          cli=train_with("badregex", PACT, **{"network.quantize.PACTConv2d": {"pilot.(0$": {}}})),
     Case("bits-1", "a 1-bit layer (n_levels 2)", r"n_levels=2 \(1 bits\) is outside 3..65536: use 2 to 16 bits",
          cli=train_with("bits1", PACT, **{"network.quantize.PACTConv2d.kwargs.n_levels": 2})),
+    Case("bits-0", "n_levels 0", r"n_levels=0 is outside 3..65536",
+         cli=train_with("bits0", PACT, **{"network.quantize.PACTConv2d.kwargs.n_levels": 0}), early=True),
     Case("bits-33", "a 33-bit layer", r"n_levels=8589934592 \(33 bits\) is outside",
          cli=train_with("bits33", PACT, **{"network.quantize.PACTLinear": {
              **PACT["network"]["quantize"]["PACTLinear"], "classifier.1$": {"n_levels": 2 ** 33}}})),
@@ -219,6 +241,8 @@ CASES = [
          cli=lambda w: ["train", w.p("onecycle.json"), "-o", w.p("run-onecycle"), "--resume", "--epochs", "5"]),
     Case("resume-and-overwrite", "--resume and --overwrite together", r"--resume and --overwrite exclude each other",
          cli=train_args("-o", lambda w: w.p("run-fp32"), "--resume", "--overwrite")),
+    Case("history-damaged", "--resume of a run whose history.jsonl is damaged at line 3",
+         r"history\.jsonl' is damaged at line 3", cli=train_args("-o", lambda w: w.p("run-damaged"), "--resume")),
     Case("run-locked", "a second writer while a run folder is locked", r"run folder '.*run-locked' is in use by pid \d+",
          api=_train_locked),
     # ---------------------------------------------------------------- eval, integerize, export, convert
@@ -236,6 +260,36 @@ CASES = [
          cli=lambda w: ["integerize", w.p("inet-noval")]),
     Case("export-unwritable", "labkit export into a file path (checked before integerizing)", r"export folder '.*a-file' is a file",
          cli=lambda w: ["export", w.p("run-pact"), "-o", w.p("a-file")]),
+    Case("export-input-bits-zero", "labkit export --input-bits 0 (an input grid of no bits)",
+         r"--input-bits 0: give an integer from 2 to 16", cli=lambda w: ["export", w.p("run-pact"), "--input-bits", "0"],
+         early=True),
+    Case("export-d-range", "labkit export --d 99", r"--d 99: give an integer from 1 to 48",
+         cli=lambda w: ["export", w.p("run-pact"), "--d", "99"], early=True),
+    Case("export-n-inputs-zero", "labkit export --n-inputs 0", r"--n-inputs 0: give an integer >= 1",
+         cli=lambda w: ["export", w.p("run-pact"), "--n-inputs", "0"], early=True),
+    Case("export-margin-alone", "labkit export --margin without --calibrate (it would be ignored)",
+         r"--margin is the factor of --calibrate", cli=lambda w: ["export", w.p("run-pact"), "--margin", "1.5"],
+         early=True),
+    Case("export-margin-below-one", "labkit export --calibrate with --margin 0.5",
+         r"--margin 0.5: give a finite number >= 1 .*overflow",
+         cli=lambda w: ["export", w.p("run-pact"), "--target", "deeploy", "--calibrate", "8", "--margin", "0.5"],
+         early=True),
+    Case("export-calibrate-onnx", "labkit export --calibrate for a target without int32 shifts",
+         r"--calibrate sets the int32 shifts of --target deeploy only", early=True,
+         cli=lambda w: ["export", w.p("run-pact"), "--calibrate", "8"]),
+    Case("export-only-looks-writable", "labkit export into /proc (writable by its permission bits, not in fact)",
+         r"export folder '/proc/labkit-export' cannot be written", early=True,
+         cli=lambda w: ["export", w.p("run-pact"), "-o", "/proc/labkit-export"]),
+    Case("integerize-limit-negative", "labkit integerize --limit -1", r"--limit -1: give an integer >= 1",
+         cli=lambda w: ["integerize", w.p("run-pact"), "--limit", "-1"], early=True),
+    Case("integerize-limit-zero", "labkit integerize --limit 0 (not: every image)", r"--limit 0: give an integer >= 1",
+         cli=lambda w: ["integerize", w.p("run-pact"), "--limit", "0"], early=True),
+    Case("plan-output-folder", "labkit plan -o an existing folder", r"output config '.*a-folder' is a folder",
+         cli=lambda w: ["plan", w.p("pact.json"), "-b", "BOPs=uniform:4", "-o", w.p("a-folder")], early=True),
+    Case("plan-plot-unwritable", "labkit plan --plot where nothing can be written",
+         r"the folder of plot '/proc/labkit' cannot be written", early=True,
+         cli=lambda w: ["plan", w.p("pact.json"), "-b", "BOPs=uniform:4", "-o", w.p("plan.json"), "--plot",
+                        "/proc/labkit/s.png"]),
     Case("convert-missing", "labkit convert --from a missing file", r"weights file '.*nope\.pth' not found",
          cli=lambda w: ["convert", "--from", w.p("nope.pth"), "-o", w.p("conv.ckpt")]),
     Case("convert-foreign", "labkit convert --from a state dict that is not mobilenet_v2", r"not a torchvision mobilenet_v2 state dict",
@@ -278,6 +332,20 @@ def test_bad_input_gets_one_clear_line(case: Case, ws: Workspace, capsys):
             case.api(ws)
         assert re.search(case.pattern, str(info.value)), (case.pattern, str(info.value))
         assert "\n" not in str(info.value)
+
+
+def test_argument_errors_come_before_torch_is_imported(ws: Workspace):
+    """The cases marked early answer in a fresh process without importing torch (so before any heavy work)."""
+    cases = [c for c in CASES if c.early]
+    code = ("import json, sys\nfrom labkit.cli import main\nout = []\n"
+            "for argv in json.loads(sys.argv[1]):\n    out.append([main(argv), 'torch' in sys.modules])\n"
+            "print(json.dumps(out))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps([c.cli(ws) for c in cases])],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(c.id, rc, torch_loaded) for c, (rc, torch_loaded) in zip(cases, answers)] == \
+        [(c.id, 2, False) for c in cases]
 
 
 def test_refused_runs_are_left_as_they_were(ws: Workspace, capsys):

@@ -202,3 +202,63 @@ def test_load_run_falls_back_to_last_when_best_predates_the_quantizers(tmp_path)
         assert load_run(run).path.name == "last.ckpt"
     with pytest.raises(RunError, match="holds no best.ckpt"):
         load_run(tmp_path)
+
+
+def test_a_full_disk_during_a_checkpoint_write_loses_nothing_and_resumes_exactly(tmp_path, monkeypatch):
+    """The second epoch's checkpoint write fails as on a full disk: one RunError line naming the file and the
+    fix; the first epoch's files stay intact; --resume then reaches the uninterrupted run's weights."""
+    import errno
+
+    import labkit.train.checkpoint as checkpoint
+
+    cfg = tiny(**{"training.n_epochs": 2})
+    train(cfg, tmp_path / "whole", progress=False, log=None)
+    calls, real_save = [], torch.save
+
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(RunError, match=r"cannot write '.*last\.ckpt' \(No space left on device\): the disk is full"):
+        train(cfg, tmp_path / "run", progress=False, log=None)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    folder = RunFolder(tmp_path / "run")
+    assert load_file(folder.checkpoint("last"))["epoch"] == 0 and not list((tmp_path / "run").glob(".*.tmp"))
+    train(cfg, tmp_path / "run", resume=True, progress=False, log=None)
+    a, b = (load_file(tmp_path / n / "last.ckpt")["state_dict"] for n in ("whole", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_start_that_finishes_no_epoch_leaves_no_provenance_entry(tmp_path, monkeypatch):
+    import labkit.train.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", progress=False, log=None)
+    assert RunFolder(tmp_path / "run").provenance() == []
+    monkeypatch.undo()
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", resume=True, progress=False, log=None)
+    assert len(RunFolder(tmp_path / "run").provenance()) == 1
+
+
+def test_a_damaged_history_line_is_named_by_its_number(tmp_path):
+    (tmp_path / "history.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, \n')
+    with pytest.raises(RunError, match=r"history\.jsonl' is damaged at line 3"):
+        RunFolder(tmp_path).history()
+
+
+def test_relative_paths_name_the_project_root_from_any_folder(tmp_path, monkeypatch):
+    """A relative network.pretrained that does not exist yet resolves under the project root, from the root or
+    from notebooks/, and the resolved config records it absolute."""
+    for cwd in (ROOT, ROOT / "notebooks", tmp_path):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(ROOT / "configs" / "embedded" / "config.pact.json",
+                          {"network.pretrained": "runs/not-yet/best.ckpt"}, check_files=False)
+        assert cfg["network"]["pretrained"] == str(ROOT / "runs" / "not-yet" / "best.ckpt")

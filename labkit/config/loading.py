@@ -27,13 +27,16 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
     ``check_files=False`` leaves out the check that ``network.pretrained`` exists (for a caller that makes it).
     """
-    path = resolve(path, must_exist=True)
+    path = resolve(path)
     return resolve_config(read_config_file(path), overrides, name=config_name(path), check_files=check_files)
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """The JSON object in ``path``, with errors that name the file, line and column."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("", f"'{path}' is a folder", "Pass a JSON config file in it, e.g. "
+                          "configs/embedded/config.fp32.json")
     if not path.is_file():
         raise ConfigError("", f"config file '{path}' not found",
                           "Pass the path of a JSON config, e.g. configs/embedded/config.fp32.json")
@@ -64,11 +67,13 @@ def resolve_config(cfg: dict, overrides: dict[str, Any] | None = None, name: str
     for key_path, value in (overrides or {}).items():
         set_key(cfg, key_path, value)
     cfg.setdefault("name", name)
+    given = get_key(cfg, "network.pretrained")
     _normalise(cfg)
     validate(cfg)
     pretrained = cfg["network"].get("pretrained")
     if pretrained and check_files and not Path(pretrained).is_file():
-        raise ConfigError("network.pretrained", f"checkpoint file '{pretrained}' not found",
+        where = "" if given == pretrained else f" (looked for '{pretrained}')"
+        raise ConfigError("network.pretrained", f"checkpoint file '{given}' not found{where}",
                           "Train the FP32 network first (labkit train configs/<data>/config.fp32.json), "
                           "convert torchvision weights with `labkit convert`, or override it "
                           "(--pretrained PATH, or none to start from scratch)")
@@ -150,13 +155,13 @@ def _normalise(cfg: dict) -> None:
             pretrained = kwargs.pop("pretrained")
             network.setdefault("pretrained", pretrained)
         if isinstance(network.get("pretrained"), str):
-            network["pretrained"] = str(resolve(network["pretrained"], must_exist=True))
+            network["pretrained"] = str(resolve(network["pretrained"]))
         recipe = network.get("quantize", {}).get("kwargs") if isinstance(network.get("quantize"), dict) else None
         for key in ("precision_spec_file", "finetuning_ckpt"):  # the reference recipe's file arguments
             if isinstance(recipe, dict) and isinstance(recipe.get(key), str) and recipe[key]:
-                recipe[key] = str(resolve(recipe[key], must_exist=True))
+                recipe[key] = str(resolve(recipe[key]))
     data = cfg.get("data")
     if isinstance(data, dict):
         data.setdefault("name", Data.model_fields["name"].default)
         if isinstance(data.get("root"), str):
-            data["root"] = str(resolve(data["root"], must_exist=True))
+            data["root"] = str(resolve(data["root"]))

@@ -1,5 +1,7 @@
-"""Where relative paths point: the current directory first, then the project root (the folder holding
-``configs/``), so notebooks (run from ``notebooks/``) and the CLI (run from the root) read the same paths."""
+"""Where relative paths point. A relative path names a file or folder under the current directory when one is
+there, else under the project root (the folder holding ``configs/``), whether it exists yet or not; so notebooks
+(run from ``notebooks/``) and the CLI (run from the root) read and write the same places. Resolved configs and
+run folders record the absolute path."""
 
 from __future__ import annotations
 
@@ -9,12 +11,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def resolve(path: str | os.PathLike, must_exist: bool = False) -> Path:
-    """``path`` if absolute or present under the current directory, else ``PROJECT_ROOT / path``."""
+def resolve(path: str | os.PathLike) -> Path:
+    """The absolute path ``path`` names (see the module docstring)."""
     path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    candidate = PROJECT_ROOT / path
-    if candidate.exists() or not must_exist:
-        return candidate if (PROJECT_ROOT / "configs").is_dir() else path
-    return path
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / "configs").is_dir():
+        return path.absolute()
+    return PROJECT_ROOT / path

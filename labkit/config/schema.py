@@ -92,6 +92,18 @@ class Data(Section):
     train: Split = Field(default_factory=Split)
     valid: Split = Field(default_factory=Split)
     DEFAULT_BS: ClassVar[int] = 64
+    #: the embedded default: scikit-learn's 1,797 digits at 32 px, 360 of them the validation split
+    EMBEDDED_SIZE: ClassVar[int] = 32
+    EMBEDDED_IMAGES: ClassVar[dict[str, int]] = {"train": 1437, "valid": 360}
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> Data:
+        if self.name == "embedded":
+            images = min(self.train.dataset.limit or self.EMBEDDED_IMAGES["train"], self.EMBEDDED_IMAGES["train"])
+            if self.train_bs > images:
+                raise problem(f"{self.train_bs} is more than the {images} training images: no batch could be drawn",
+                              "train.dataloader.bs", "Lower it (or raise data.train.dataset.limit)")
+        return self
 
     @property
     def train_bs(self) -> int:
@@ -105,7 +117,7 @@ class Data(Section):
     @property
     def size(self) -> int:
         """Image side in pixels: the embedded digits are 32x32, ImageNet ``image_size``."""
-        return 32 if self.name == "embedded" else self.image_size
+        return self.EMBEDDED_SIZE if self.name == "embedded" else self.image_size
 
 
 # ----------------------------------------------------------------------------------------------- network

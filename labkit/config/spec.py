@@ -30,6 +30,9 @@ ACT_KINDS = ("relu", "relu6", "leaky_relu", "identity")
 QUANTIZE_MODES = ("per_layer", "per_channel")
 MIN_LEVELS, MAX_LEVELS = 3, 2 ** 16
 MIN_BITS, MAX_BITS = 2, 16
+#: exactness limit of integer requantization y = floor((x * mul + add) / 2^d) (float64 mantissa: the ONNX export
+#: computes in double), and the largest shift d
+EXACT_BITS, D_MAX = 53, 48
 
 
 class SpecError(ValueError):
@@ -67,7 +70,8 @@ class QuantSpec(BaseModel):
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"n_levels must be an integer (2**bits, e.g. 256 for 8 bits), got {n!r}")
         if not MIN_LEVELS <= n <= MAX_LEVELS:
-            raise ValueError(f"n_levels={n} ({math.log2(n) if n > 0 else float('nan'):.3g} bits) is outside "
+            bits = f" ({math.log2(n):.3g} bits)" if n > 0 else ""
+            raise ValueError(f"n_levels={n}{bits} is outside "
                              f"{MIN_LEVELS}..{MAX_LEVELS}: use {MIN_BITS} to {MAX_BITS} bits (n_levels = 2**bits)")
         return n
 

@@ -15,7 +15,8 @@ from labkit.integer.modules import (
                                     integer_layers,
                                     requant_layers,
 )
-from labkit.integer.requant import D_MAX, EXACT_BITS, requant_params
+from labkit.config.spec import D_MAX, EXACT_BITS
+from labkit.integer.requant import requant_params
 
 __all__ = ["Comparison", "D_MAX", "EXACT_BITS", "INT32_MAX", "Int32Plan", "Int32Requant", "IntAdd", "IntConv2d",
            "IntLinear", "IntSumPool", "IntegerizeError", "QuantizeInput", "Requant", "compare", "input_eps",

@@ -49,7 +49,8 @@ from labkit.integer.modules import (
     Requant,
     _IntLinearBase,
 )
-from labkit.integer.requant import D_MAX, EXACT_BITS, requant_params
+from labkit.config.spec import D_MAX, EXACT_BITS
+from labkit.integer.requant import requant_params
 from labkit.quant import (
     PACTAsymmetricAct,
     PACTConv2d,

@@ -17,11 +17,8 @@ import math
 
 import torch
 
+from labkit.config.spec import EXACT_BITS
 from labkit.integer.modules import IntegerizeError
-
-#: exactness limit of the requantization arithmetic (float64 mantissa: the ONNX export computes in double)
-EXACT_BITS = 53
-D_MAX = 48
 
 
 def requant_params(ratio: torch.Tensor, offset: torch.Tensor, bound: torch.Tensor, d: int | None, d_max: int,

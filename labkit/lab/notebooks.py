@@ -62,7 +62,7 @@ def execute_notebook(name: str, target: str | Path, parameters: dict[str, Any] |
     """Run ``notebooks/<name>.ipynb`` top to bottom with papermill into ``target`` (from its own folder, so
     relative paths in it work); a failing cell raises ``papermill.PapermillExecutionError``. With ``log``, the
     trainer's epoch lines (every printed line with ``verbose``) go there as they come, prefixed by ``name``."""
-    source = resolve(f"{NOTEBOOK_DIR}/{name}.ipynb", must_exist=True)
+    source = resolve(f"{NOTEBOOK_DIR}/{name}.ipynb")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     keep = (lambda line: True) if verbose else (lambda line: bool(CONSOLE_LINE.match(line.strip())))

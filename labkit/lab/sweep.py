@@ -65,7 +65,7 @@ def expand_grid(grid: dict) -> list[dict]:
 
 def algorithm_config(algorithm: str, data: str = "embedded") -> Path:
     """``configs/<data>/config.<algorithm>.json``; a :class:`SweepError` naming the algorithms there otherwise."""
-    config = resolve(f"configs/{data}/config.{algorithm}.json", must_exist=True).absolute()
+    config = resolve(f"configs/{data}/config.{algorithm}.json").absolute()
     if not config.is_file():
         known = sorted(p.name[len("config."):-len(".json")] for p in config.parent.glob("config.*.json"))
         raise SweepError(f"no config {config} for sweep algorithm '{algorithm}': choose one of {', '.join(known)} "

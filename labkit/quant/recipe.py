@@ -210,7 +210,7 @@ def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precisi
     """``{module name: n_levels}`` from a ``{"layer_levels": {name: n_levels}}`` file; ``module.`` prefixes (of
     every name, as the reference) and a trailing ``$`` (the reference's config-key spelling) are dropped.
     A missing or malformed file, or a value that is no valid ``n_levels``, is a :class:`ConfigError` at ``where``."""
-    file = resolve(path, must_exist=True)
+    file = resolve(path)
     if not file.is_file():
         raise ConfigError(where, f"file '{path}' not found", "Fix the path (relative paths are read from the "
                           "current directory, else from the project root) or remove the key")

@@ -68,6 +68,7 @@ class Session:
     scaler: torch.amp.GradScaler = None
     criterion: nn.Module = None
     data_hash: str = ""
+    provenance: dict | None = None  # written with the session's first finished epoch (a start killed at once leaves none)
 
     @property
     def main(self) -> bool:
@@ -177,9 +178,8 @@ def restore(s: Session, resume: bool, overwrite: bool, parameters: dict | None) 
         s.say(f"no checkpoint in {s.run.path} yet: starting from epoch 1")
     if s.main and start < n_epochs:
         s.run.write_config(s.cfg)
-        s.run.add_provenance(provenance_entry(s.cfg, str(s.device), s.data_hash, start if state else None,
-                                              parameters))
         s.run.write_history(history)
+        s.provenance = provenance_entry(s.cfg, str(s.device), s.data_hash, start if state else None, parameters)
     elif s.main:
         s.say(f"{s.run.path} is complete ({n_epochs} epochs): nothing to train")
     return start, best, history
@@ -227,6 +227,9 @@ def save(s: Session, history: list[dict]) -> None:
             scheduler=s.scheduler.state_dict() if s.scheduler is not None else None, scaler=s.scaler.state_dict(),
             controllers=[c.state_dict() for c in s.controllers])
         s.run.save_checkpoint(ckpt, best=record["valid"]["top1"] >= record["best_top1"])
+        if s.provenance is not None:
+            s.run.add_provenance(s.provenance)
+            s.provenance = None
     tr, va = record["train"], record["valid"]
     s.say(f"epoch {record['epoch'] + 1:>3}/{s.rc.training.n_epochs}  lr {record['lr']:.3g}  train loss "
           f"{tr['loss']:.4f} top1 {tr['top1']:.2f}%  |  valid loss {va['loss']:.4f} top1 {va['top1']:.2f}% top5 "

@@ -54,7 +54,7 @@ def load_finetuning_checkpoint(net: nn.Module, path: str) -> None:
     a ``UserWarning`` counts the tensors left out on either side). Shape mismatches, or no common tensor at
     all, raise :class:`CheckpointError`."""
     where = "network.quantize.kwargs.finetuning_ckpt"
-    file = resolve(path, must_exist=True)
+    file = resolve(path)
     if not file.is_file():
         raise ConfigError(where, f"file '{path}' not found", "Fix the path or remove the key")
     obj = load_file(file)

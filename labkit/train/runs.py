@@ -17,6 +17,7 @@ flow and the CLI read runs only through this module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -136,41 +137,55 @@ class RunFolder:
             self.file(LOCK_PID).unlink(missing_ok=True)
             lock.release()
 
-    def _check_writer(self) -> None:
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[Path]:
+        """Write ``name`` as the lock holder; a failed write (disk full, read-only or vanished folder) is one
+        :class:`RunError` line, and what was written before stays (every file is replaced atomically)."""
         if self._lock is None:
             raise RuntimeError(f"{self}: write only inside 'with run.writing():'")
+        try:
+            yield self.file(name)
+        except OSError as err:
+            why = {errno.ENOSPC: "the disk is full: free space", errno.EDQUOT: "the disk quota is exceeded: free space",
+                   errno.EROFS: "the file system is read-only: make it writable",
+                   errno.ENOENT: "the run folder vanished: restore it"}.get(err.errno, "fix the cause")
+            raise RunError(f"cannot write '{self.file(name)}' ({err.strerror or err}): {why}, then continue with "
+                           "--resume (the files written before are intact)") from None
 
     def write_config(self, cfg: dict) -> None:
-        self._check_writer()
-        write_text_atomic(json.dumps(cfg, indent=2) + "\n", self.file(CONFIG))
+        with self._writing(CONFIG) as path:
+            write_text_atomic(json.dumps(cfg, indent=2) + "\n", path)
 
     def write_history(self, records: list[dict]) -> None:
-        self._check_writer()
-        write_text_atomic("".join(json.dumps(r) + "\n" for r in records), self.file(HISTORY))
+        with self._writing(HISTORY) as path:
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in records), path)
 
     def add_provenance(self, entry: dict) -> None:
-        self._check_writer()
-        write_text_atomic(json.dumps(self.provenance() + [entry], indent=2) + "\n", self.file(PROVENANCE))
+        with self._writing(PROVENANCE) as path:
+            write_text_atomic(json.dumps(self.provenance() + [entry], indent=2) + "\n", path)
 
     def save_checkpoint(self, ckpt: dict, best: bool) -> None:
         """``last.ckpt`` (always), then ``best.ckpt`` (when ``best``): a kill between the two is repaired
         by :meth:`repair_best` on the next write."""
-        self._check_writer()
-        save_atomic(ckpt, self.file(LAST))
+        with self._writing(LAST) as path:
+            save_atomic(ckpt, path)
         if best:
-            shutil.copyfile(self.file(LAST), self.file(f".{BEST}.copy.tmp"))
-            os.replace(self.file(f".{BEST}.copy.tmp"), self.file(BEST))
+            with self._writing(BEST) as path:
+                shutil.copyfile(self.file(LAST), self.file(f".{BEST}.copy.tmp"))
+                os.replace(self.file(f".{BEST}.copy.tmp"), path)
 
     def clear(self) -> None:
         """Remove the run's files (``overwrite``); other files in the folder stay."""
-        self._check_writer()
+        if self._lock is None:
+            raise RuntimeError(f"{self}: write only inside 'with run.writing():'")
         for name in RUN_FILES:
             self.file(name).unlink(missing_ok=True)
 
     def repair_best(self, last_epoch: int) -> bool:
         """Make ``best.ckpt`` hold the best epoch up to ``last_epoch`` (by the history's valid top-1, the
         latest of ties) when it is ``last.ckpt``'s epoch and ``best.ckpt`` lags behind; True if repaired."""
-        self._check_writer()
+        if self._lock is None:
+            raise RuntimeError(f"{self}: write only inside 'with run.writing():'")
         records = [r for r in self.history() if r["epoch"] <= last_epoch]
         if not records:
             return False
