@@ -71,7 +71,7 @@ def test_resume_accepts_the_same_file_spelled_another_way(tmp_path, monkeypatch)
     (tmp_path / "other.ckpt").write_bytes((tmp_path / "fp32" / "best.ckpt").read_bytes())
     monkeypatch.chdir(tmp_path)
     relative = tiny(**{"training.n_epochs": 1, "network.pretrained": "fp32/best.ckpt"})
-    assert relative["network"]["pretrained"] == "fp32/best.ckpt"
+    assert relative["network"]["pretrained"] == str(tmp_path / "fp32" / "best.ckpt")  # recorded absolute
     train(relative, tmp_path / "run", progress=False, log=None)
     monkeypatch.chdir(ROOT)
     absolute = tiny(**{"training.n_epochs": 1, "network.pretrained": str(tmp_path / "fp32" / "best.ckpt")})
@@ -262,3 +262,18 @@ def test_relative_paths_name_the_project_root_from_any_folder(tmp_path, monkeypa
         cfg = load_config(ROOT / "configs" / "embedded" / "config.pact.json",
                           {"network.pretrained": "runs/not-yet/best.ckpt"}, check_files=False)
         assert cfg["network"]["pretrained"] == str(ROOT / "runs" / "not-yet" / "best.ckpt")
+
+
+def test_damaged_run_files_are_named_on_read(tmp_path):
+    """A provenance.json of the wrong shape, a last.ckpt that is no training checkpoint: one line each."""
+    from labkit.config.errors import CheckpointError
+
+    cfg = tiny(**{"training.n_epochs": 1})
+    train(cfg, tmp_path / "run", progress=False, log=None)
+    folder = RunFolder(tmp_path / "run")
+    (tmp_path / "run" / "provenance.json").write_text('{"time": "now"}')
+    with pytest.raises(RunError, match=r"provenance\.json' holds dict, not a JSON list"):
+        folder.provenance()
+    save_atomic({"state_dict": {}}, folder.checkpoint("last"))
+    with pytest.raises(CheckpointError, match=r"last\.ckpt' is no training checkpoint of labkit \(it lacks epoch"):
+        train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)

@@ -54,6 +54,8 @@ CONFIG, PROVENANCE, HISTORY, LAST, BEST, LOCK, LOCK_PID = (
     "config.json", "provenance.json", "history.jsonl", "last.ckpt", "best.ckpt", ".lock", ".lock.pid")
 QUANTIZERS = "quantizers.jsonl"  # controller commands, one JSON line each with every quantizer's bounds
 RUN_FILES = (CONFIG, PROVENANCE, HISTORY, LAST, BEST, QUANTIZERS)
+#: what a resumed run reads from last.ckpt
+RESUME_KEYS = ("state_dict", "epoch", "best_top1", "optimizer", "scheduler", "scaler")
 #: config keys that may differ between a run and its resumption (they change nothing it computes)
 COSMETIC_KEYS = ("name", "description")
 
@@ -82,11 +84,11 @@ class RunFolder:
 
     def config(self) -> dict | None:
         """The stored config (``None`` before the first write)."""
-        return _read_json(self.file(CONFIG))
+        return _read_json(self.file(CONFIG), dict)
 
     def provenance(self) -> list[dict]:
         """One entry per training session, oldest first."""
-        return _read_json(self.file(PROVENANCE)) or []
+        return _read_json(self.file(PROVENANCE), list) or []
 
     def history(self) -> list[dict]:
         """The per-epoch records of ``history.jsonl`` (empty list when there is none yet)."""
@@ -264,6 +266,10 @@ def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False, ove
     if not last.is_file():
         return None
     ckpt = load_file(last)
+    lacking = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if lacking:
+        raise CheckpointError(f"'{last}' is no training checkpoint of labkit (it lacks {', '.join(lacking)}): "
+                              "--overwrite the run, or restore the file")
     folder.repair_best(int(ckpt["epoch"]))
     history = [r for r in folder.history() if r["epoch"] < int(ckpt["epoch"]) + 1]
     return Resume(ckpt, history)
@@ -374,13 +380,19 @@ def _all_started(ckpt) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, kind: type) -> Any:
+    """The JSON value of ``path`` (None when missing); anything but a ``kind`` is a damaged run folder."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunError(f"'{path}' is not valid JSON (line {err.lineno}: {err.msg}); the run folder is damaged") from err
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"'{path}' is not valid JSON ({err}); the run folder is damaged: restore the file or start "
+                       "a new run") from None
+    if not isinstance(value, kind):
+        raise RunError(f"'{path}' holds {type(value).__name__}, not a JSON {'object' if kind is dict else 'list'}; "
+                       "the run folder is damaged: restore the file or start a new run")
+    return value
 
 
 def _read_jsonl(path: Path) -> list[dict]:
