@@ -17,7 +17,7 @@ Variants, all built from the same seed (same weights, same batch):
              same convs and linear (x86 QAT qconfig: per-channel symmetric int8 weights) and its activation
              FakeQuantize after every ReLU6 (the places labkit's recipe quantizes, minus the adders: eager
              torch.ao would need FloatFunctional there)
-  pact_compiled, tqt_compiled (``--compile``)  the labkit nets with ``labkit.quant.functional``'s
+  pact_compiled, tqt_compiled (``--compile``)  the labkit nets with bench/compiled_kernels.py's
              torch.compile'd quantizer kernels; compile time reported (first step minus the median)
 
 Timing: all variants of a case live in one process and take turns, one step each per round, in a rotating
@@ -50,8 +50,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests", ROOT / "bench"):  # run from anywhere; tests/helpers builds the configs
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -105,7 +106,9 @@ class Runner:
         self.tqt: list = []
         if kind in ("pact", "tqt"):
             from labkit.quant import PACTSGD, get_pact_controllers, tqt_modules
-            from labkit.quant.recipe import default_quantize_config, pact_recipe
+            from labkit.quant.recipe import pact_recipe
+
+            from helpers import default_quantize_config
 
             net, _ = pact_recipe(net, default_quantize_config(net, 8, 8, tqt=kind == "tqt"))
             net.to(device).train()
@@ -131,9 +134,9 @@ class Runner:
     def _compile_mode(self):
         if not self.compiled:
             return contextlib.nullcontext()
-        from labkit.quant import functional
+        from compiled_kernels import compiled_kernels
 
-        return functional.compiled_kernels(True)
+        return compiled_kernels(True)
 
     def step(self) -> None:
         with self._compile_mode():

@@ -130,7 +130,7 @@ def test_batched_tqt_normalisation_equals_per_quantizer():
             a.log2_t.grad, b.log2_t.grad = grad.clone(), grad.clone()
         _normalize_many(mods, 0.9, True)
         for b in ref:
-            b.normalize_log2_t_grad()
+            normalize_tqt_grads([b])  # one quantizer: the unbatched formula
         for a, b in zip(mods, ref):
             torch.testing.assert_close(a.log2_t.grad, b.log2_t.grad, rtol=0, atol=0, equal_nan=True)
             assert torch.equal(a.tqt_var, b.tqt_var) and torch.equal(a.tqt_step, b.tqt_step)
@@ -148,7 +148,7 @@ def test_network_normalisation_covers_all_tqt_layers_once():
     for model in (net, ref):
         model(x).sum().backward()
     for m in ref:
-        m.normalize_log2_t_grad()
+        normalize_tqt_grads([m])
     assert normalize_tqt_grads(net) == 2  # batched, one call per optimizer step
     for a, b in zip(net, ref):
         torch.testing.assert_close(a.log2_t.grad, b.log2_t.grad, rtol=0, atol=0)

@@ -9,7 +9,6 @@ from torch.nn import functional as F
 from labkit.config.spec import QuantSpec
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
-from labkit.quant.functional import EPS_MIN
 
 
 class _WeightQuantizer(QuantizerBase):
@@ -51,14 +50,14 @@ class _WeightQuantizer(QuantizerBase):
     @torch.no_grad()
     def refresh_bounds(self) -> bool:
         """Re-derive the bounds from the current weights by ``init_clip`` if :attr:`follows_weights`; returns
-        whether it did (a handful of reductions over the weight tensor)."""
+        whether it did (a handful of reductions over the weight tensor; TQT's normalisation state is kept)."""
         if not self.follows_weights:
             return False
-        if self.symm and not self.tqt and self.init_clip in qinit.MAGNITUDE_MODES:  # m only: fewer tensor ops
+        if self.grid.symmetric and self.init_clip in qinit.MAGNITUDE_MODES:  # m only: fewer tensor ops
             m = qinit.weight_magnitude(self.weight, self.init_clip, self.n_levels, self.per_channel)
-            self.clip_hi.copy_(m.clamp_(min=EPS_MIN * (self.n_levels - 1)).view(self.clip_shape))
+            self.grid.store_magnitude(self, self.grid._fit(m), keep_state=True)
         else:
-            self._set_bounds(*self._raw_init_bounds(), reset_tqt_state=False)
+            self.grid.store(self, *self._raw_init_bounds(), keep_state=True)
         return True
 
     def quantized_weight(self) -> torch.Tensor:

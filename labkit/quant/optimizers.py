@@ -85,7 +85,8 @@ def normalize_tqt_grads(modules: nn.Module | list[QuantizerBase]) -> int:
             todo.setdefault(key, []).append(m)
     for (beta, clip_grad, *_), mods in todo.items():
         if len(mods) == 1:
-            mods[0].normalize_log2_t_grad()
+            m = mods[0]
+            m.log2_t.grad.copy_(normalize_tqt_grad(m.log2_t.grad, m.tqt_var, m.tqt_step, beta, clip_grad))
         else:
             _normalize_many(mods, beta, clip_grad)
     return sum(len(v) for v in todo.values())
