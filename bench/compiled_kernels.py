@@ -58,7 +58,9 @@ def _get(name, fn):
     return _FNS[name]
 
 
-def pact_forward(x, lo, hi, n_levels, rounding):
+def pact_forward(x, lo, hi, n_levels, rounding, with_code=True):
+    lo = torch.full_like(hi, lo) if isinstance(lo, float) else lo
+    lo, hi = lo.to(x.dtype), hi.to(x.dtype)
     eps = qf.grid_eps(lo, hi, n_levels)
     hi = torch.maximum(hi, lo + qf.EPS_MIN * (n_levels - 1))
     return _get("pf", _pact_forward_pure)(x.detach(), lo, hi, eps, rounding)
@@ -71,7 +73,7 @@ def pact_backward(g, code, lo_meta, hi_meta, need_x, need_lo, need_hi):
             qf._sum_to(ghi, hi_meta) if need_hi else None)
 
 
-def tqt_forward(x, s, n, p, rounding):
+def tqt_forward(x, s, n, p, rounding, with_code=True, with_frac=True):
     return _get("tf", _tqt_forward_pure)(x.detach(), s, n, p, rounding)
 
 

@@ -81,7 +81,7 @@ class _PACTGrid(_Grid):
         self.noisy = spec.noisy
 
     def fake_quant(self, q: nn.Module, x: torch.Tensor, trainable: bool) -> torch.Tensor:
-        lo, hi = self.bounds(q, trainable)
+        lo, hi = self.quant_bounds(q, trainable)
         if self.noisy and q.training:  # dithering: uniform noise of one step, centred
             eps = torch.clamp((hi - lo).detach() / (self.n_levels - 1), min=EPS_MIN)
             x = x + (torch.rand_like(x) - 0.5) * eps.to(x.dtype)
@@ -91,6 +91,10 @@ class _PACTGrid(_Grid):
     def _hi(q: nn.Module, trainable: bool) -> torch.Tensor:
         return q.clip_hi if trainable else q.clip_hi.detach()
 
+    def quant_bounds(self, q: nn.Module, trainable: bool) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """The bounds fake quantization takes (a fixed bound may be a number)."""
+        return self.bounds(q, trainable)
+
 
 class UnsignedPACT(_PACTGrid):
     def create(self, q: nn.Module, spec: QuantSpec) -> None:
@@ -99,6 +103,9 @@ class UnsignedPACT(_PACTGrid):
     def bounds(self, q: nn.Module, trainable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         hi = self._hi(q, trainable)
         return torch.zeros_like(hi), hi
+
+    def quant_bounds(self, q: nn.Module, trainable: bool) -> tuple[float, torch.Tensor]:
+        return 0.0, self._hi(q, trainable)
 
     def store(self, q: nn.Module, lo: torch.Tensor, hi: torch.Tensor, keep_state: bool = False) -> None:
         q.clip_hi.copy_(self._fit(hi).clamp(min=self.tiny).expand(self.shape))
@@ -119,6 +126,12 @@ class SymmetricPACT(_PACTGrid):
 
     def store_magnitude(self, q: nn.Module, m: torch.Tensor, keep_state: bool = False) -> None:
         q.clip_hi.copy_(m.clamp(min=self.tiny).expand(self.shape))
+
+    def store_magnitudes(self, qs: list[nn.Module], ms: list[torch.Tensor]) -> None:
+        """:meth:`store_magnitude` of quantizers with this grid's kind and ``n_levels`` (``ms`` one per
+        quantizer, one value per bound; overwritten), one foreach op per step."""
+        torch._foreach_clamp_min_(ms, self.tiny)
+        torch._foreach_copy_([q.clip_hi.view(m.shape) for q, m in zip(qs, ms)], ms)
 
     def set_eps(self, q: nn.Module, eps: torch.Tensor) -> None:
         q.clip_hi.copy_((eps * (self.n_levels // 2)).expand(self.shape))
@@ -187,6 +200,12 @@ class TQTGrid(_Grid):
         if not keep_state:
             q.tqt_var.zero_()
             q.tqt_step.zero_()
+
+    def store_magnitudes(self, qs: list[nn.Module], ts: list[torch.Tensor]) -> None:
+        """:meth:`store_magnitude` (``keep_state``) of several quantizers, as for the symmetric PACT grid."""
+        torch._foreach_clamp_min_(ts, self.tiny)
+        torch._foreach_log2_(ts)
+        torch._foreach_copy_([q.log2_t.view(t.shape) for q, t in zip(qs, ts)], ts)
 
     def set_eps(self, q: nn.Module, eps: torch.Tensor) -> None:
         """log2 t = log2(eps D); ``pow2`` lands strictly inside (k - 1, k] so that ceil() gives log2 eps."""
