@@ -15,7 +15,9 @@ from torch import fx, nn
 from labkit.models import MobileNetV2
 from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTLinear, PACTUnsignedAct
 from labkit.quant.harmonize import META_KEY, harmonize, harmonized_layers
-from labkit.quant.recipe import default_quantize_config, normalize_quantize_config, pact_recipe
+from labkit.quant.recipe import normalize_quantize_config, pact_recipe
+
+from helpers import default_quantize_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_BLOCKS = [2, 4, 5, 7, 8, 9, 11, 12, 14, 15]

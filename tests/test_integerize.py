@@ -26,11 +26,11 @@ from labkit.integer.size import size_report
 from labkit.lab.twins import integerize_run
 from labkit.models import MobileNetV2
 from labkit.quant import PACTIntegerAdd, quantizers
-from labkit.quant.recipe import default_quantize_config, pact_recipe
+from labkit.quant.recipe import pact_recipe
 from labkit.train.data import EmbeddedDigits
 from labkit.train.loop import train
 
-from helpers import EMBEDDED_FP32, ROOT
+from helpers import EMBEDDED_FP32, ROOT, default_quantize_config
 
 SHAPE = (1, 3, 32, 32)
 

@@ -132,6 +132,22 @@ def test_activation_stats_ema_and_modes():
     assert (lo.item(), hi.item()) == (-2.0, 6.0)
 
 
+def test_statistics_follow_the_init_rule_and_equal_the_nan_aware_formulas():
+    x = torch.randn(3, 7, 9, 9) * 2 + 0.3  # no NaN: update_act_stats takes its fast path on CPU
+    xf = x.reshape(-1)
+    nan, mean = torch.isnan(xf), torch.nanmean(xf)
+    pct = torch.nanquantile(xf, torch.tensor([0.01, 0.99]))
+    expect = {"running_min": torch.where(nan, torch.inf, xf).amin(), "running_max": torch.where(nan, -torch.inf, xf).amax(),
+              "running_mean": mean, "running_var": torch.nansum((xf - mean) ** 2) / ((~nan).sum() - 1),
+              "running_pct_lo": pct[0], "running_pct_hi": pct[1]}
+    for mode, names in qinit.STATS_OF_MODE.items():
+        s = _fresh_stats()
+        qinit.update_act_stats(s, x, 0.1, 99.0, mode)
+        assert s["n_stat_batches"].item() == 1
+        for k in qinit.STAT_NAMES:  # const gathers nothing; the others exactly what their rule reads
+            assert torch.equal(s[k], expect[k] if k in names else torch.zeros(())), (mode, k)
+
+
 def test_activation_stats_ignore_nan_and_reject_all_nan():
     s = _fresh_stats()
     x = torch.tensor([1.0, float("nan"), 3.0])

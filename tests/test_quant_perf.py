@@ -105,6 +105,16 @@ def test_fused_tqt_equals_reference(dtype, signed, pow2, per_channel):
     torch.testing.assert_close(tr.grad, expect, **tol)
 
 
+def test_forward_without_autograd_is_the_same_kernel():
+    x = torch.randn(2, 3, 5, 5) * 2
+    lo, hi, t = torch.tensor(-1.0), torch.tensor(1.5, requires_grad=True), torch.tensor(0.4, requires_grad=True)
+    with torch.no_grad():
+        plain = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16), qf.tqt_quantize(x, t, 256, True)]
+    tracked = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16), qf.tqt_quantize(x, t, 256, True)]
+    assert all(q.grad_fn is not None for q in tracked) and all(q.grad_fn is None for q in plain)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(plain, tracked))
+
+
 def test_half_input_fused_matches_float():
     x = torch.randn(3, 4, 5, 5)
     lo, hi = torch.tensor(0.0), torch.tensor(1.5, requires_grad=True)
@@ -129,8 +139,8 @@ def test_batched_tqt_normalisation_equals_per_quantizer():
                 grad.view(-1)[0] = float("nan")  # this quantizer's state stays; the others go on
             a.log2_t.grad, b.log2_t.grad = grad.clone(), grad.clone()
         _normalize_many(mods, 0.9, True)
-        for b in ref:
-            b.normalize_log2_t_grad()
+        for b in ref:  # the formula, one quantizer at a time
+            b.log2_t.grad.copy_(qf.normalize_tqt_grad(b.log2_t.grad, b.tqt_var, b.tqt_step, 0.9, True))
         for a, b in zip(mods, ref):
             torch.testing.assert_close(a.log2_t.grad, b.log2_t.grad, rtol=0, atol=0, equal_nan=True)
             assert torch.equal(a.tqt_var, b.tqt_var) and torch.equal(a.tqt_step, b.tqt_step)
@@ -148,7 +158,7 @@ def test_network_normalisation_covers_all_tqt_layers_once():
     for model in (net, ref):
         model(x).sum().backward()
     for m in ref:
-        m.normalize_log2_t_grad()
+        m.log2_t.grad.copy_(qf.normalize_tqt_grad(m.log2_t.grad, m.tqt_var, m.tqt_step, 0.9, True))
     assert normalize_tqt_grads(net) == 2  # batched, one call per optimizer step
     for a, b in zip(net, ref):
         torch.testing.assert_close(a.log2_t.grad, b.log2_t.grad, rtol=0, atol=0)

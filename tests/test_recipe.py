@@ -14,7 +14,9 @@ from torch import fx, nn
 from labkit.config.schema import ConfigError
 from labkit.models import MobileNetV2
 from labkit.quant import PACTAsymmetricAct, PACTConv2d, PACTIntegerAdd, PACTUnsignedAct
-from labkit.quant.recipe import REPORT_FIELDS, default_quantize_config, normalize_quantize_config, pact_recipe
+from labkit.quant.recipe import REPORT_FIELDS, normalize_quantize_config, pact_recipe
+
+from helpers import default_quantize_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (ROOT / "configs").glob("*/config.*.json") if "fp32" not in p.name)

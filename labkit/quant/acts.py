@@ -12,11 +12,12 @@ from labkit.config.spec import QuantSpec
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
 
-_STAT_NAMES = ("running_min", "running_max", "running_mean", "running_var", "running_pct_lo", "running_pct_hi")
 
 
 class _ActQuantizer(QuantizerBase):
-    """Activation quantizer: float ``act_kind`` and statistics before ``start``; fake quantization after.
+    """Activation quantizer: float ``act_kind`` before ``start``, gathering in training mode the statistics its
+    ``init_clip`` rule reads (none for ``const``: a rule changed after gathering needs a new pass); fake
+    quantization after.
 
     Built from a :class:`QuantSpec` (``spec=``) or from its settings as keyword arguments."""
 
@@ -31,7 +32,7 @@ class _ActQuantizer(QuantizerBase):
         if spec.role != self.ROLE:
             raise ValueError(f"{type(self).__name__} needs a '{self.ROLE}' spec, got role '{spec.role}'")
         self._setup_quantizer(spec)
-        for name in _STAT_NAMES:
+        for name in qinit.STAT_NAMES:
             self.register_buffer(name, torch.zeros(()))
         self.register_buffer("n_stat_batches", torch.zeros((), dtype=torch.long))
 
@@ -51,7 +52,7 @@ class _ActQuantizer(QuantizerBase):
         return x
 
     def stats(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in _STAT_NAMES + ("n_stat_batches",)}
+        return {n: getattr(self, n) for n in qinit.STAT_NAMES + ("n_stat_batches",)}
 
     def _raw_init_bounds(self):
         mode = self.init_clip
@@ -65,7 +66,8 @@ class _ActQuantizer(QuantizerBase):
         if not self._started:
             y = self.float_act(x)
             if self.training:
-                qinit.update_act_stats(self.stats(), y, self.spec.stat_momentum, self.spec.percentile)
+                spec = self.spec
+                qinit.update_act_stats(self.stats(), y, spec.stat_momentum, spec.percentile, spec.init_clip)
             return y
         return self.fake_quant(x if not self.signed else self.float_act(x))
 

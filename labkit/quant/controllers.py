@@ -20,7 +20,7 @@ from torch import nn
 from labkit.config.schema import COMMANDS
 from labkit.quant.acts import PACTIntegerAdd, _ActQuantizer
 from labkit.quant.base import QuantizerBase
-from labkit.quant.layers import _WeightQuantizer
+from labkit.quant.layers import _WeightQuantizer, refresh_weight_bounds
 
 START_KWARGS = ("init_clip_hi", "init_clip_lo")
 
@@ -96,8 +96,7 @@ class PACTController:
         """Adder eps sync and weight-bound refresh (what must hold before every forward)."""
         for a in self.adders:
             a.sync_eps()
-        for m in self.weight_quantizers:
-            m.refresh_bounds()
+        refresh_weight_bounds(self.weight_quantizers)
 
     # ------------------------------------------------------------------ trainer hooks
     def step_pre_training_epoch(self, epoch: int) -> None:

@@ -30,8 +30,11 @@ The log2_t gradient is normalised (Adam-like, without momentum) by :func:`normal
 1e-12 only guards against 0 / 0 (the reference adds 1e-5, which shrinks the step of a threshold whose raw
 gradient is not much larger than 1e-5: the normalisation is meant to make steps independent of the gradient's
 scale). The training loop applies it right before the optimizer step
-(:func:`labkit.quant.optimizers.normalize_tqt_grads`), not inside backward as the reference does; ``tqt_quantize``
-can also apply it inside backward when given ``var``/``step`` (standalone use, not AMP-safe).
+(:func:`labkit.quant.optimizers.normalize_tqt_grads`), not inside backward as the reference does (there the
+gradients are final: accumulated, averaged by DDP, unscaled under AMP).
+
+Without autograd (no input needs a gradient, or grad mode off: validation) ``pact_quantize`` / ``tqt_quantize``
+run the forward kernel alone, without the region code and the rounding residual.
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
 Half-precision inputs are computed in float32; the output has the input's dtype.
@@ -39,8 +42,6 @@ Half-precision inputs are computed in float32; the output has the input's dtype.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import struct
 
@@ -68,20 +69,22 @@ def grid_eps(lo: torch.Tensor, hi: torch.Tensor, n_levels: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ fused kernels
 # Forward computes the output in place in its own buffer plus a 1-byte region code per element, the only
-# tensor PACT saves for backward (TQT adds the rounding residual). The code's bit 0 is [x >= lo], bit 1 is
-# [x < hi] (TQT: on the integer codes, [c >= n] and [c <= p]); a NaN fails every comparison:
+# tensor PACT saves for backward (TQT adds the rounding residual): code = [x >= lo] + 2 [x < hi] (TQT: on the
+# integer codes, [c >= n] + 2 [c <= p]); a NaN fails every comparison:
 #     below = 2, inside = 3, above = 1, NaN = 0   (NaN: no gradient to x nor to any bound)
-# Backward turns the code into 0/1 int8 masks with two or three int8 bit operations (b = code >> 1:
-# inside = b & code, above = (b ^ 1) & code, below = b & (code ^ 1)), copies a mask into one float scratch
-# buffer and either multiplies by g in place (the x gradient) or takes a dot product with g (a per-tensor
-# bound's gradient; per-channel bounds: multiply and sum to the bound's shape). On CPU that is several times
-# faster than ``torch.where`` or bool masks. Per-tensor bounds enter the big elementwise ops as Python
-# numbers on CPU (exactly the float32/float64 values of the bound tensors): cheaper than 0-dim tensors.
+# Backward writes one region's 0/1 mask straight into a float scratch buffer (``eq(code, region, out=buf)``)
+# and either multiplies it by g in place (the x gradient) or takes a dot product with g (a per-tensor bound's
+# gradient; per-channel bounds: multiply and sum to the bound's shape). Comparisons write int8 or float, never
+# bool: on CPU a bool result is several times slower (so are ``torch.where`` and bool masks). Per-tensor
+# bounds enter the big elementwise ops as Python numbers on CPU (exactly the float32/float64 values of the
+# bound tensors): cheaper than 0-dim tensors. A lower bound given as a number (unsigned: 0) needs no tensor.
+BELOW, ABOVE, INSIDE = 2, 1, 3
 
 
-def _region_code(ge_lo: torch.Tensor, lt_hi: torch.Tensor) -> torch.Tensor:
-    """int8 code ``a + 2 b`` from the bool tensors ``a = ge_lo``, ``b = lt_hi`` (``a``'s memory reused)."""
-    return ge_lo.view(torch.int8).add_(lt_hi.view(torch.int8), alpha=2)
+def _region_code(t: torch.Tensor, lo, hi, upper=torch.lt) -> torch.Tensor:
+    """int8 code ``[t >= lo] + 2 upper(t, hi)``."""
+    code = torch.ge(t, lo, out=torch.empty_like(t, dtype=torch.int8))
+    return code.add_(upper(t, hi, out=torch.empty_like(t, dtype=torch.int8)), alpha=2)
 
 
 def _is_one(shape) -> bool:
@@ -97,28 +100,33 @@ def _f32(v: float) -> float:
 _F32 = struct.Struct("f")
 
 
-def _cpu_scalar(x: torch.Tensor, *ts: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and all(t.numel() == 1 for t in ts)
+def _cpu_scalar(x: torch.Tensor, *ts) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+        all(isinstance(t, float) or t.numel() == 1 for t in ts)
 
 
-def _pact_params(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels: int):
+def _pact_params(x: torch.Tensor, lo, hi: torch.Tensor, n_levels: int):
     """``(lo, hi, eps)`` with ``eps = grid_eps(lo, hi)`` and ``hi`` raised to ``lo + EPS_MIN (n - 1)``.
 
     Per-tensor bounds on CPU come back as Python numbers, computed with exactly the float32 (float64)
     arithmetic of the tensor formulas: cheaper in the elementwise ops than 0-dim tensors, and no tensor ops
     for the scalars themselves. Elsewhere tensors (no host synchronisation on accelerators)."""
+    tiny = EPS_MIN * (n_levels - 1)
     if _cpu_scalar(x, lo, hi):
         r = _f32 if x.dtype == torch.float32 else float
-        lo_v, hi_v = lo.item(), hi.item()
+        lo_v, hi_v = (lo if isinstance(lo, float) else lo.item()), hi.item()
         eps = max(r(r(hi_v - lo_v) / (n_levels - 1)), r(EPS_MIN))
-        hi_v = max(hi_v, r(lo_v + r(EPS_MIN * (n_levels - 1))))
-        return lo_v, hi_v, eps
-    return lo, torch.maximum(hi, lo + EPS_MIN * (n_levels - 1)), grid_eps(lo, hi, n_levels)
+        return lo_v, max(hi_v, r(lo_v + r(tiny))), eps
+    hi = hi.to(x.dtype)
+    if isinstance(lo, float):
+        return lo, hi.clamp(min=lo + tiny), grid_eps(lo, hi, n_levels)
+    lo = lo.to(x.dtype)
+    return lo, torch.maximum(hi, lo + tiny), grid_eps(lo, hi, n_levels)
 
 
-def _masked_reduce(g: torch.Tensor, mask: torch.Tensor, meta: tuple, buf: torch.Tensor) -> torch.Tensor:
-    """``sum(g * mask)`` reduced to ``meta = (shape, dtype)``; ``mask`` int8 0/1, ``buf`` float scratch."""
-    buf.copy_(mask)
+def _masked_reduce(g: torch.Tensor, code: torch.Tensor, region: int, meta: tuple, buf: torch.Tensor):
+    """``sum(g [code == region])`` reduced to ``meta = (shape, dtype)``; ``buf`` float scratch like g."""
+    torch.eq(code, region, out=buf)
     shape, dtype = meta
     if _is_one(shape):
         if buf.is_contiguous() and g.is_contiguous() and buf.dtype == g.dtype:
@@ -129,10 +137,12 @@ def _masked_reduce(g: torch.Tensor, mask: torch.Tensor, meta: tuple, buf: torch.
     return _sum_to(buf.mul_(g), meta)
 
 
-def _pact_forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels: int, rounding: bool):
-    """(q, code): ``q = lo + eps R((clamp(x, lo, hi) - lo) / eps)``, all in q's buffer."""
+def _pact_forward(x: torch.Tensor, lo, hi: torch.Tensor, n_levels: int, rounding: bool,
+                  with_code: bool = True):
+    """(q, code): ``q = lo + eps R((clamp(x, lo, hi) - lo) / eps)``, all in q's buffer (code None unless
+    ``with_code``)."""
     lo, hi, eps = _pact_params(x, lo, hi, n_levels)
-    code = _region_code(torch.ge(x, lo), torch.lt(x, hi))
+    code = _region_code(x, lo, hi) if with_code else None
     q = torch.clamp(x, lo, hi)
     shift = not (isinstance(lo, float) and lo == 0.0)  # unsigned activations: lo = 0, nothing to shift
     if shift:
@@ -150,18 +160,10 @@ def _pact_backward(g: torch.Tensor, code: torch.Tensor, lo_meta, hi_meta, need_x
                    need_hi: bool):
     gf = _work(g)
     buf = torch.empty_like(gf)
-    b = torch.bitwise_right_shift(code, 1)
-    m = torch.empty_like(code)
-    glo = ghi = gx = None
-    if need_lo:
-        glo = _masked_reduce(gf, torch.bitwise_and(b, torch.bitwise_xor(code, 1, out=m), out=m), lo_meta, buf)
-    if need_hi:
-        ghi = _masked_reduce(gf, torch.bitwise_and(torch.bitwise_xor(b, 1, out=m), code, out=m), hi_meta, buf)
-    if need_x:
-        gx = buf.copy_(torch.bitwise_and(b, code, out=m)).mul_(gf)
-        if gx.dtype != g.dtype:
-            gx = gx.to(g.dtype)
-    return gx, glo, ghi
+    glo = _masked_reduce(gf, code, BELOW, lo_meta, buf) if need_lo else None
+    ghi = _masked_reduce(gf, code, ABOVE, hi_meta, buf) if need_hi else None
+    gx = torch.eq(code, INSIDE, out=buf).mul_(gf) if need_x else None
+    return (gx if gx is None or gx.dtype == g.dtype else gx.to(g.dtype)), glo, ghi
 
 
 class PACTQuantFn(torch.autograd.Function):
@@ -172,23 +174,32 @@ class PACTQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, n_levels: int, rounding: bool = True):
-        xf = _work(x)
-        q, code = _KERNELS.get().pact_forward(xf, lo.detach().to(xf.dtype), hi.detach().to(xf.dtype), n_levels, rounding)
+        q, code = _pact_forward(_work(x), lo, hi, n_levels, rounding)  # forward runs without autograd
         ctx.save_for_backward(code)
-        ctx.lo_meta, ctx.hi_meta = (lo.shape, lo.dtype), (hi.shape, hi.dtype)
-        return q.to(x.dtype)
+        ctx.lo_meta = None if isinstance(lo, float) else (lo.shape, lo.dtype)
+        ctx.hi_meta = (hi.shape, hi.dtype)
+        return q if q.dtype == x.dtype else q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         (code,) = ctx.saved_tensors
-        gx, glo, ghi = _KERNELS.get().pact_backward(g, code, ctx.lo_meta, ctx.hi_meta, *ctx.needs_input_grad[:3])
+        gx, glo, ghi = _pact_backward(g, code, ctx.lo_meta, ctx.hi_meta, *ctx.needs_input_grad[:3])
         return gx, glo, ghi, None, None
 
 
-def pact_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_levels: int,
+def pact_quantize(x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor, n_levels: int,
                   rounding: bool = True) -> torch.Tensor:
-    """Fake-quantize ``x`` on ``n_levels`` levels of ``[lo, hi]`` (bounds broadcast against x)."""
-    return PACTQuantFn.apply(x, lo, hi, int(n_levels), bool(rounding))
+    """Fake-quantize ``x`` on ``n_levels`` levels of ``[lo, hi]`` (bounds broadcast against x; ``lo`` may be a
+    number: a fixed lower bound). Without autograd (no input needs a gradient, or grad mode off) the kernel
+    runs alone: no region code, no autograd function."""
+    if _tracked(x, lo, hi):
+        return PACTQuantFn.apply(x, lo, hi, int(n_levels), bool(rounding))
+    q = _pact_forward(_work(x), lo, hi, int(n_levels), bool(rounding), with_code=False)[0]
+    return q if q.dtype == x.dtype else q.to(x.dtype)
+
+
+def _tracked(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def tqt_code_range(n_levels: int, signed: bool, pow2: bool = False) -> tuple[int, int, int]:
@@ -228,15 +239,21 @@ def normalize_tqt_grad(g: torch.Tensor, var: torch.Tensor, step: torch.Tensor, b
     return torch.where(ok, out, gd).to(g.dtype)
 
 
-def _tqt_forward(x: torch.Tensor, s: torch.Tensor, n: int, p: int, rounding: bool):
-    """(q, code, frac): codes ``c = R(x / s)``, ``q = s clamp(c, n, p)``, ``frac = c - x / s`` (0 at NaN/inf)."""
+def _tqt_forward(x: torch.Tensor, s: torch.Tensor, n: int, p: int, rounding: bool, with_code: bool = True,
+                 with_frac: bool = True):
+    """(q, code, frac): codes ``c = R(x / s)``, ``q = s clamp(c, n, p)``, ``frac = c - x / s`` (0 at NaN/inf);
+    code and frac None unless asked for."""
     if _cpu_scalar(x, s):
         s = s.item()
     frac = torch.div(x, s)
-    q = torch.add(frac, 0.5) if rounding else frac.clone()
+    if with_frac:
+        q = torch.add(frac, 0.5) if rounding else frac.clone()
+    else:
+        q, frac = (frac.add_(0.5) if rounding else frac), None
     q.floor_()
-    code = _region_code(torch.ge(q, n), torch.le(q, p))
-    torch.sub(q, frac, out=frac).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    code = _region_code(q, n, p, torch.le) if with_code else None
+    if with_frac:
+        torch.sub(q, frac, out=frac).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     q.clamp_(n, p).mul_(s)
     return q, code, frac
 
@@ -246,19 +263,12 @@ def _tqt_backward(g: torch.Tensor, code: torch.Tensor, frac: torch.Tensor, s: to
     """``dL/dx = g [inside]``; ``dL/dlog2_t = s ln2 (sum_in g frac + n sum_below g + p sum_above g)``."""
     gf = _work(g)
     buf = torch.empty_like(gf)
-    b = torch.bitwise_right_shift(code, 1)
-    m = torch.empty_like(code)
     gt = None
     if need_t:
         meta = (t_meta[0], gf.dtype)
-        terms = []
-        if n != 0:
-            mask = torch.bitwise_and(b, torch.bitwise_xor(code, 1, out=m), out=m)
-            terms.append(n * _masked_reduce(gf, mask, meta, buf))
-        if p != 0:
-            mask = torch.bitwise_and(torch.bitwise_xor(b, 1, out=m), code, out=m)
-            terms.append(p * _masked_reduce(gf, mask, meta, buf))
-    gin = buf.copy_(torch.bitwise_and(b, code, out=m)).mul_(gf)  # g * [inside]
+        terms = [k * _masked_reduce(gf, code, region, meta, buf) for k, region in ((n, BELOW), (p, ABOVE))
+                 if k]
+    gin = torch.eq(code, INSIDE, out=buf).mul_(gf)  # g * [inside]
     if need_t:
         if _is_one(t_meta[0]) and gin.is_contiguous() and frac.is_contiguous() and gin.dtype == frac.dtype:
             inner = torch.dot(gin.view(-1), frac.view(-1)).reshape(t_meta[0])
@@ -277,136 +287,30 @@ class TQTQuantFn(torch.autograd.Function):
     Fused like :class:`PACTQuantFn`: saves the 1-byte region code and the rounding residual ``c - x/s``."""
 
     @staticmethod
-    def forward(ctx, x, log2_t, n_levels: int, signed: bool, pow2: bool, rounding: bool,
-                var, step, beta: float, clip_grad: bool, normalize: bool):
+    def forward(ctx, x, log2_t, n_levels: int, signed: bool, pow2: bool, rounding: bool):
         n, p, _ = tqt_code_range(n_levels, signed)
         xf = _work(x)
-        s = tqt_scale(log2_t.detach().to(xf.dtype), n_levels, signed, pow2)
-        q, code, frac = _KERNELS.get().tqt_forward(xf, s, n, p, rounding)
+        s = tqt_scale(log2_t.to(xf.dtype), n_levels, signed, pow2)  # forward runs without autograd
+        q, code, frac = _tqt_forward(xf, s, n, p, rounding, with_frac=ctx.needs_input_grad[1])
         ctx.save_for_backward(code, frac, s)
-        ctx.state = (var, step)  # mutated in backward: not saved (no version check)
-        ctx.cfg = (n, p, beta, clip_grad, normalize, (log2_t.shape, log2_t.dtype))
-        return q.to(x.dtype)
+        ctx.cfg = (n, p, (log2_t.shape, log2_t.dtype))
+        return q if q.dtype == x.dtype else q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         code, frac, s = ctx.saved_tensors
-        var, step = ctx.state
-        n, p, beta, clip_grad, normalize, t_meta = ctx.cfg
-        gx, gt = _KERNELS.get().tqt_backward(g, code, frac, s, n, p, t_meta, *ctx.needs_input_grad[:2])
-        if gt is not None and normalize:
-            gt = normalize_tqt_grad(gt, var, step, beta, clip_grad)
-        return gx, gt, None, None, None, None, None, None, None, None, None
-
-
-_NO_STATE = torch.zeros(())  # placeholder for var/step when not normalising in backward (never written)
+        n, p, t_meta = ctx.cfg
+        gx, gt = _tqt_backward(g, code, frac, s, n, p, t_meta, *ctx.needs_input_grad[:2])
+        return gx, gt, None, None, None, None
 
 
 def tqt_quantize(x: torch.Tensor, log2_t: torch.Tensor, n_levels: int, signed: bool, pow2: bool = False,
-                 rounding: bool = True, var: torch.Tensor | None = None, step: torch.Tensor | None = None,
-                 beta: float = 0.9, clip_grad: bool = True) -> torch.Tensor:
-    """TQT fake quantization; ``var``/``step`` (shaped like log2_t / scalar) enable gradient normalisation."""
-    normalize = var is not None and step is not None
-    if not normalize:
-        var = step = _NO_STATE
-    return TQTQuantFn.apply(x, log2_t, int(n_levels), bool(signed), bool(pow2), bool(rounding),
-                            var, step, float(beta), bool(clip_grad), normalize)
-
-
-# ------------------------------------------------------------------------------------------------ kernel sets
-class _EagerKernels:
-    pact_forward = staticmethod(_pact_forward)
-    pact_backward = staticmethod(_pact_backward)
-    tqt_forward = staticmethod(_tqt_forward)
-    tqt_backward = staticmethod(_tqt_backward)
-
-
-_EAGER = _EagerKernels()
-_KERNELS: contextvars.ContextVar = contextvars.ContextVar("labkit_quant_kernels", default=_EAGER)
-
-
-# ------------------------------------------------------------------------------------------------ torch.compile
-def _pact_forward_pure(x, lo, hi, eps, rounding: bool):
-    z = (torch.clamp(x, lo, hi) - lo) / eps
-    q = lo + eps * (torch.floor(z + 0.5) if rounding else torch.floor(z))
-    code = (x >= lo).to(torch.int8) + 2 * (x < hi).to(torch.int8)
-    return q, code
-
-
-def _tqt_forward_pure(x, s, n: int, p: int, rounding: bool):
-    z = x / s
-    c = torch.floor(z + 0.5) if rounding else torch.floor(z)
-    code = (c >= n).to(torch.int8) + 2 * (c <= p).to(torch.int8)
-    frac = torch.nan_to_num(c - z, nan=0.0, posinf=0.0, neginf=0.0)
-    return s * torch.clamp(c, n, p), code, frac
-
-
-def _masked_pure(g, code, value: int):
-    return torch.where(code == value, g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
-class _CompiledKernels:
-    """The same kernels as single fused loops generated by ``torch.compile`` (inductor): one pass forward
-    (output and code), one pass backward (x gradient and the bound reductions). Compiled on first use with
-    dynamic shapes (one compilation per dtype / broadcast pattern, not per layer shape)."""
-
-    def __init__(self):
-        self._fns: dict = {}
-
-    def _get(self, name, fn):
-        if name not in self._fns:
-            import torch._dynamo  # lazy: only the optional compiled kernels need dynamo's config
-
-            # one graph per (rank, dtype, bound shape, flags): more than dynamo's default 8 in a network
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._fns[name] = torch.compile(fn, dynamic=True)
-        return self._fns[name]
-
-    def pact_forward(self, x, lo, hi, n_levels, rounding):
-        eps = grid_eps(lo, hi, n_levels)
-        hi = torch.maximum(hi, lo + EPS_MIN * (n_levels - 1))
-        return self._get("pf", _pact_forward_pure)(x.detach(), lo, hi, eps, rounding)
-
-    def pact_backward(self, g, code, lo_meta, hi_meta, need_x, need_lo, need_hi):
-        gf = _work(g)
-        gx, glo, ghi = self._get("pb", _pact_backward_pure)(gf, code)
-        return (gx.to(g.dtype) if need_x else None, _sum_to(glo, lo_meta) if need_lo else None,
-                _sum_to(ghi, hi_meta) if need_hi else None)
-
-    def tqt_forward(self, x, s, n, p, rounding):
-        return self._get("tf", _tqt_forward_pure)(x.detach(), s, n, p, rounding)
-
-    def tqt_backward(self, g, code, frac, s, n, p, t_meta, need_x, need_t):
-        gf = _work(g)
-        gx, local = self._get("tb", _tqt_backward_pure)(gf, code, frac, n, p)
-        gt = (_sum_to(local, (t_meta[0], gf.dtype)) * (s * _LN2)).to(t_meta[1]) if need_t else None
-        return (gx.to(g.dtype) if need_x else None), gt
-
-
-def _pact_backward_pure(g, code):
-    return _masked_pure(g, code, 3), _masked_pure(g, code, 2), _masked_pure(g, code, 1)
-
-
-def _tqt_backward_pure(g, code, frac, n: int, p: int):
-    gx = _masked_pure(g, code, 3)
-    local = gx * frac + n * _masked_pure(g, code, 2) + p * _masked_pure(g, code, 1)
-    return gx, local
-
-
-_COMPILED: _CompiledKernels | None = None
-
-
-@contextlib.contextmanager
-def compiled_kernels(enable: bool = True):
-    """Within the block (this thread / context only), PACT/TQT fake quantization runs on ``torch.compile``'d
-    fused kernels (``enable``) or the eager ones. Optional: needs a working inductor backend (a C++ compiler on
-    CPU); the first call per dtype/broadcast pattern compiles (seconds to a minute). Same formulas; results can
-    differ from eager in the last bit where the compiler contracts multiply-adds."""
-    global _COMPILED
-    if enable and _COMPILED is None:
-        _COMPILED = _CompiledKernels()
-    token = _KERNELS.set(_COMPILED if enable else _EAGER)
-    try:
-        yield
-    finally:
-        _KERNELS.reset(token)
+                 rounding: bool = True) -> torch.Tensor:
+    """TQT fake quantization with the raw log2_t gradient (normalised by :func:`normalize_tqt_grad`)."""
+    if _tracked(x, log2_t):
+        return TQTQuantFn.apply(x, log2_t, int(n_levels), bool(signed), bool(pow2), bool(rounding))
+    xf = _work(x)
+    s = tqt_scale(log2_t.to(xf.dtype), n_levels, signed, pow2)
+    n, p, _ = tqt_code_range(n_levels, signed)
+    q = _tqt_forward(xf, s, n, p, rounding, with_code=False, with_frac=False)[0]
+    return q if q.dtype == x.dtype else q.to(x.dtype)

@@ -84,8 +84,9 @@ def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_chan
     ``SAWB_GUARD_ABOVE`` levels, where max |w| gives the lower :func:`grid_mse`."""
     dims = _reduce_dims(w, per_channel)
     wf = w.detach().float()
-    amax = wf.abs().amax(dim=dims)
-    alpha = sawb_alpha(wf, n_levels, mode, per_channel)
+    a = wf.abs()
+    amax = a.amax(dim=dims)
+    alpha = _sawb_fit(a, n_levels, mode, dims)
     alpha = torch.where(alpha > 0, alpha, amax)
     if n_levels <= SAWB_GUARD_ABOVE:
         return alpha
@@ -94,9 +95,11 @@ def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_chan
 
 def sawb_alpha(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
     """The fit alone: ``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked; may be <= 0)."""
+    return _sawb_fit(w.detach().float().abs(), n_levels, mode, _reduce_dims(w, per_channel))
+
+
+def _sawb_fit(a: torch.Tensor, n_levels: int, mode: str, dims: tuple[int, ...]) -> torch.Tensor:
     c1, c2 = sawb_coefficients(n_levels, mode)
-    dims = _reduce_dims(w, per_channel)
-    a = w.detach().float().abs()
     return c1 * torch.sqrt((a * a).mean(dim=dims)) - c2 * a.mean(dim=dims)
 
 
@@ -105,7 +108,7 @@ def grid_mse(w: torch.Tensor, m: torch.Tensor, n_levels: int, dims: tuple[int, .
     reduction): almost symmetric, ``lo = -m``, ``eps = m / floor(n/2)``, ``hi = lo + (n - 1) eps``."""
     lo = -m.clamp_min(torch.finfo(m.dtype).tiny).reshape(m.shape + (1,) * (w.dim() - m.dim()))
     hi = lo + (n_levels - 1) * (-lo / (n_levels // 2))
-    return (pact_quantize(w, lo, hi, n_levels) - w).pow(2).mean(dim=dims)
+    return (pact_quantize(w, lo, hi, n_levels) - w).square_().mean(dim=dims)
 
 
 def weight_magnitude(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False) -> torch.Tensor:
@@ -135,29 +138,52 @@ def weight_clip(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = F
     return torch.full(shape, float(init_clip_lo)), torch.full(shape, float(init_clip_hi))
 
 
-def update_act_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, momentum: float, percentile: float) -> None:
-    """EMA (``new = (1 - momentum) old + momentum batch``; the first batch is copied) of the batch min, max,
-    mean, unbiased variance and the ``100 - percentile`` / ``percentile`` percentiles (of a strided subsample
-    of at most ``PERCENTILE_SAMPLES`` values). NaN values are ignored (an all-NaN batch makes the statistics
-    NaN, and a later ``start`` then raises). Updates ``stats`` in place without host synchronisation."""
+#: the running statistics of an activation quantizer, and those each init rule reads
+STAT_NAMES = ("running_min", "running_max", "running_mean", "running_var", "running_pct_lo", "running_pct_hi")
+STATS_OF_MODE = {"max": STAT_NAMES[:2], "std": STAT_NAMES[2:4], "percentile": STAT_NAMES[4:], "const": ()}
+
+
+def update_act_stats(stats: dict[str, torch.Tensor], x: torch.Tensor, momentum: float, percentile: float,
+                     mode: str | None = None) -> None:
+    """EMA (``new = (1 - momentum) old + momentum batch``; the first batch is copied) of the statistics the
+    init rule ``mode`` reads (all when None): batch min and max, mean and unbiased variance, the
+    ``100 - percentile`` / ``percentile`` percentiles (of a strided subsample of at most
+    ``PERCENTILE_SAMPLES`` values); counts the batch in ``n_stat_batches``. NaN values are ignored (an
+    all-NaN batch makes the statistics NaN, and a later ``start`` then raises). In place, without host
+    synchronisation on accelerators."""
     xf = x.detach().float().reshape(-1)
+    names = STAT_NAMES if mode is None else STATS_OF_MODE[mode]
     if xf.numel() == 0:
         return
-    nan = torch.isnan(xf)
-    mean = torch.nanmean(xf)
-    count = (~nan).sum()
-    sub = xf[:: max(1, xf.numel() // PERCENTILE_SAMPLES)]
-    q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], device=xf.device)
-    pct = torch.nanquantile(sub, q)
-    batch = {
-        "running_min": torch.where(nan, torch.inf, xf).amin(), "running_max": torch.where(nan, -torch.inf, xf).amax(),
-        "running_mean": mean, "running_var": torch.nansum((xf - mean) ** 2) / (count - 1).clamp(min=1),
-        "running_pct_lo": pct[0], "running_pct_hi": pct[1],
-    }
     first = stats["n_stat_batches"] == 0
-    for k, v in batch.items():
+    for k, v in _batch_stats(xf, names, percentile).items():
         stats[k].copy_(torch.where(first, v, (1.0 - momentum) * stats[k] + momentum * v))
     stats["n_stat_batches"].add_(1)
+
+
+def _batch_stats(xf: torch.Tensor, names: tuple[str, ...], percentile: float) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if not names:
+        return out
+    nan = None  # the NaN mask (slow: bool), built only where a NaN may be: on CPU a min of NaN tells
+    if xf.device.type == "cpu":
+        mn, mx = torch.aminmax(xf)
+        count = torch.tensor(xf.numel())
+    if xf.device.type != "cpu" or bool(mn.isnan()):
+        nan = torch.isnan(xf)
+        mn, mx = torch.where(nan, torch.inf, xf).amin(), torch.where(nan, -torch.inf, xf).amax()
+        count = (~nan).sum()
+    out.update(running_min=mn, running_max=mx)
+    if "running_mean" in names:
+        mean = torch.nanmean(xf) if nan is not None else torch.nansum(xf) / xf.numel()  # nanmean's formula
+        dev = (xf - mean).square_()  # = ** 2, several times faster
+        out.update(running_mean=mean, running_var=torch.nansum(dev) / (count - 1).clamp(min=1))
+    if "running_pct_lo" in names:
+        sub = xf[:: max(1, xf.numel() // PERCENTILE_SAMPLES)]
+        q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], device=xf.device)
+        pct = torch.nanquantile(sub, q)
+        out.update(running_pct_lo=pct[0], running_pct_hi=pct[1])
+    return {k: out[k] for k in names}
 
 
 def act_clip(stats: dict[str, torch.Tensor], mode: str, nb_std: float = 3.0, init_clip_lo: float = -6.0,

@@ -9,7 +9,6 @@ from torch.nn import functional as F
 from labkit.config.spec import QuantSpec
 from labkit.quant import init as qinit
 from labkit.quant.base import QuantizerBase
-from labkit.quant.functional import EPS_MIN
 
 
 class _WeightQuantizer(QuantizerBase):
@@ -48,18 +47,10 @@ class _WeightQuantizer(QuantizerBase):
         """Whether :meth:`refresh_bounds` re-derives the bounds: started, not frozen, not learned, not ``const``."""
         return self._started and not self._frozen and not self.learn_clip and self.init_clip != "const"
 
-    @torch.no_grad()
     def refresh_bounds(self) -> bool:
         """Re-derive the bounds from the current weights by ``init_clip`` if :attr:`follows_weights`; returns
-        whether it did (a handful of reductions over the weight tensor)."""
-        if not self.follows_weights:
-            return False
-        if self.symm and not self.tqt and self.init_clip in qinit.MAGNITUDE_MODES:  # m only: fewer tensor ops
-            m = qinit.weight_magnitude(self.weight, self.init_clip, self.n_levels, self.per_channel)
-            self.clip_hi.copy_(m.clamp_(min=EPS_MIN * (self.n_levels - 1)).view(self.clip_shape))
-        else:
-            self._set_bounds(*self._raw_init_bounds(), reset_tqt_state=False)
-        return True
+        whether it did (:func:`refresh_weight_bounds`)."""
+        return refresh_weight_bounds([self]) == 1
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight used in forward: fake-quantized after ``start``, float before."""
@@ -130,3 +121,24 @@ class PACTLinear(nn.Linear, _WeightQuantizer):
         new = cls(module.in_features, module.out_features, module.bias is not None, spec=spec,
                   device=module.weight.device, dtype=module.weight.dtype, **settings)
         return new._copy_from(module)
+
+
+@torch.no_grad()
+def refresh_weight_bounds(quantizers: list[_WeightQuantizer]) -> int:
+    """Re-derive by ``init_clip`` the bounds of the quantizers that follow their weights (the TQT gradient
+    normalisation's state is kept); returns how many. A symmetric grid needs only the magnitude m of a rule
+    (``max``: max |w|, SAWB): those are stored together, one foreach op per step per kind of grid."""
+    batches: dict[tuple, list] = {}
+    done = 0
+    for q in quantizers:
+        if not q.follows_weights:
+            continue
+        done += 1
+        if q.grid.symmetric and q.init_clip in qinit.MAGNITUDE_MODES:
+            batches.setdefault((type(q.grid), q.n_levels), []).append(q)
+        else:
+            q.grid.store(q, *q._raw_init_bounds(), keep_state=True)
+    for qs in batches.values():
+        ms = [qinit.weight_magnitude(q.weight, q.init_clip, q.n_levels, q.per_channel) for q in qs]
+        qs[0].grid.store_magnitudes(qs, ms)
+    return done

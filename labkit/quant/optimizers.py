@@ -18,8 +18,11 @@ unscaled by ``GradScaler.unscale_`` under AMP). The training loop does::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from labkit.quant.base import QuantizerBase
 from labkit.quant.functional import normalize_tqt_grad
@@ -78,33 +81,35 @@ def normalize_tqt_grads(modules: nn.Module | list[QuantizerBase]) -> int:
     if isinstance(modules, nn.Module):
         modules = tqt_modules(modules)
     todo: dict[tuple, list] = {}
-    for m in modules:
-        g = m.log2_t.grad
+    for m in modules:  # direct dict lookups: nn.Module.__getattr__ is slow, and this runs every step
+        g, spec = m._parameters["log2_t"].grad, m._spec
         if g is not None:
-            key = (m.tqt_beta, m.tqt_clip_grad, g.device, g.dtype, m.tqt_var.dtype, m.tqt_step.dtype)
+            key = (spec.tqt_beta, spec.tqt_clip_grad, g.device, g.dtype, m._buffers["tqt_var"].dtype)
             todo.setdefault(key, []).append(m)
     for (beta, clip_grad, *_), mods in todo.items():
-        if len(mods) == 1:
-            mods[0].normalize_log2_t_grad()
-        else:
-            _normalize_many(mods, beta, clip_grad)
+        _normalize_many(mods, beta, clip_grad)
     return sum(len(v) for v in todo.values())
 
 
 def _normalize_many(mods: list, beta: float, clip_grad: bool) -> None:
     """:func:`normalize_tqt_grad` for several quantizers at once, each keeping its own finiteness flag."""
-    grads = [m.log2_t.grad for m in mods]
-    var_list = [m.tqt_var for m in mods]
-    step_list = [m.tqt_step for m in mods]
-    sizes = [g.numel() for g in grads]
-    dev = grads[0].device
-    seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), torch.tensor(sizes, device=dev))
-    var = torch.cat([v.reshape(-1) for v in var_list])
-    gd = torch.cat([g.reshape(-1) for g in grads]).to(var.dtype)
-    ok = torch.ones(len(mods), dtype=var.dtype, device=dev).scatter_reduce_(
+    grads = [m._parameters["log2_t"].grad for m in mods]
+    var_list = [m._buffers["tqt_var"] for m in mods]
+    step_list = [m._buffers["tqt_step"] for m in mods]
+    seg = _segments(tuple(g.numel() for g in grads), grads[0].device)
+    var = _flatten_dense_tensors(var_list)
+    gd = _flatten_dense_tensors(grads).to(var.dtype)
+    ok = torch.ones(len(mods), dtype=var.dtype, device=seg.device).scatter_reduce_(
         0, seg, torch.isfinite(gd).to(var.dtype), reduce="amin").bool()
-    steps = torch.stack([t.reshape(()) for t in step_list])
+    steps = _flatten_dense_tensors(step_list)
     out = normalize_tqt_grad(gd, var, steps[seg], beta, clip_grad, ok=ok[seg])
-    torch._foreach_copy_(var_list, [t.view_as(v) for t, v in zip(var.split(sizes), var_list)])
-    torch._foreach_copy_(step_list, [t.view_as(v) for t, v in zip((steps + ok).unbind(), step_list)])
-    torch._foreach_copy_(grads, [t.view_as(g).to(g.dtype) for t, g in zip(out.split(sizes), grads)])
+    torch._foreach_copy_(var_list, _unflatten_dense_tensors(var, var_list))
+    torch._foreach_copy_(step_list, _unflatten_dense_tensors(steps + ok, step_list))
+    torch._foreach_copy_(grads, _unflatten_dense_tensors(out.to(grads[0].dtype), grads))
+
+
+@functools.lru_cache(maxsize=8)
+def _segments(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Which quantizer each element of the concatenated gradients belongs to."""
+    counts = torch.tensor(sizes, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)

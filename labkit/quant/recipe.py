@@ -50,7 +50,6 @@ import copy
 import difflib
 import json
 import re
-from typing import Any
 
 from torch import nn
 
@@ -62,8 +61,8 @@ from labkit.quant.harmonize import harmonize as run_harmonize
 from labkit.quant.harmonize import harmonized_layers
 from labkit.quant.harmonize import plan as harmonize_plan
 
-__all__ = ["pact_recipe", "normalize_quantize_config", "recipe_options", "read_precision_spec",
-           "default_quantize_config", "CLASS_TARGETS", "REPORT_FIELDS"]
+__all__ = ["pact_recipe", "normalize_quantize_config", "recipe_options", "read_precision_spec", "CLASS_TARGETS",
+           "REPORT_FIELDS"]
 
 #: class key -> (PACT class, float module types it replaces)
 CLASS_TARGETS: dict[str, tuple[type, tuple[type, ...]]] = {
@@ -72,7 +71,6 @@ CLASS_TARGETS: dict[str, tuple[type, tuple[type, ...]]] = {
     "PACTUnsignedAct": (PACTUnsignedAct, (nn.ReLU, nn.ReLU6)),
 }
 _PACT_TYPES = (PACTConv2d, PACTLinear, PACTUnsignedAct, PACTAsymmetricAct, PACTIntegerAdd)
-_FLOAT_TARGETS = tuple(t for _, targets in CLASS_TARGETS.values() for t in targets)
 #: columns of the per-layer report
 REPORT_FIELDS = ("name", "type", "source", "n_levels", "bits", "per_channel", "init_clip", "learn_clip", "tqt")
 
@@ -233,64 +231,6 @@ def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precisi
     return out
 
 
-def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *, tqt: bool = False,
-                            pow2: bool = False, overrides: dict[str, int | dict] | None = None,
-                            per_channel: bool = True, learn_clip: bool = True, requant_pool: bool = True,
-                            weight_init: str | None = None) -> dict:
-    """A full per-layer config (seed layout) listing every conv, linear and ReLU/ReLU6 of ``net``.
-
-    Reference values (quantization facts §2): convs ``per_channel`` (``per_channel=False`` -> ``per_layer``),
-    linear ``per_layer``, ``symm_wts``; weight init ``max`` at >= 8 bits, else ``sawb_asymm`` (the SAWB
-    clip for almost-symmetric grids) unless ``weight_init`` says otherwise; weight bounds follow the weights
-    (``learn_clip`` false) for PACT, are learned for TQT; activations ``init_clip const`` (the controllers'
-    ``init_clip_hi``), ``rounding``, ``learn_clip`` (PACT learns alpha); inserted quantizers ``init_clip max``.
-    ``tqt`` turns on TQT (learned log2 thresholds; ``pow2`` for the paper's power-of-two scales) everywhere.
-
-    ``overrides`` maps exact module names to bits (``{"pilot.0": 8}``) or to kwargs dicts; names of modules
-    the harmonizer will insert (``avgpool_act``, ``features.2.integer_add``, ``features.0.output_act``) go to
-    ``harmonize.layers``. For a conv/linear the bits are the weights', for an activation the output's.
-    """
-    for what, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-            raise ValueError(f"default_quantize_config: {what} must be an integer >= 1, got {bits!r}")
-    weight_init = weight_init or ("max" if w_bits >= 8 else "sawb_asymm")
-    common = {"tqt": True, "pow2": pow2} if tqt else {"tqt": False}
-    config: dict[str, Any] = {
-        "PACTConv2d": {"kwargs": {"n_levels": 2 ** w_bits, "quantize": "per_channel" if per_channel else "per_layer",
-                                  "init_clip": weight_init, "learn_clip": bool(tqt), "symm_wts": True, **common}},
-        "PACTLinear": {"kwargs": {"n_levels": 2 ** w_bits, "quantize": "per_layer", "init_clip": weight_init,
-                                  "learn_clip": bool(tqt), "symm_wts": True, **common}},
-        "PACTUnsignedAct": {"kwargs": {"n_levels": 2 ** a_bits, "init_clip": "const", "learn_clip": learn_clip or tqt,
-                                       "rounding": True, **common}},
-        "harmonize": {"n_levels": 2 ** a_bits, "init_clip": "max", "learn_clip": learn_clip or tqt, "symm": True,
-                      "rounding": True, **common, "requant_pool": requant_pool, "force_out_eps": False},
-    }
-    overrides = dict(overrides or {})
-    names = dict(net.named_modules())
-    for name, module in names.items():
-        for class_key, (_, targets) in CLASS_TARGETS.items():
-            if name and isinstance(module, targets) and not isinstance(module, _PACT_TYPES):
-                bits = w_bits if class_key != "PACTUnsignedAct" else a_bits
-                entry = {"n_levels": 2 ** bits}
-                entry.update(_override_entry(overrides.pop(name, None), name))
-                config[class_key][_layer_key(name, names)] = entry
-    layers = {}
-    if overrides:
-        quantized = [n for n, m in names.items() if n and isinstance(m, _FLOAT_TARGETS)]
-        inserted = harmonize_plan(net, quantized, requant_pool=requant_pool).names
-        for name, value in overrides.items():
-            if name in names:
-                raise ValueError(f"default_quantize_config: override '{name}' names a {type(names[name]).__name__}, "
-                                 "which is not quantized (only convs, linears and ReLU/ReLU6 are)")
-            if name not in inserted:
-                raise ValueError(f"default_quantize_config: override '{name}' names no module of "
-                                 f"{type(net).__name__} and no module the harmonizer inserts ({', '.join(inserted)})")
-            layers[re.escape(name) + "$"] = _override_entry(value, name)
-    if layers:
-        config["harmonize"]["layers"] = layers
-    return config
-
-
 # ---------------------------------------------------------------------------------------------------------
 def _apply_precision_spec(net: nn.Module, plan: dict, hkwargs: dict | None, path: str) -> None:
     """``n_levels`` from the precision spec file into the recipe's ``plan`` (layers it quantizes) and into
@@ -323,25 +263,6 @@ def _apply_precision_spec(net: nn.Module, plan: dict, hkwargs: dict | None, path
     for name, n in levels.items():
         layers.setdefault(re.escape(name) + "$", {"n_levels": n})
     hkwargs["layers"] = layers
-
-
-def _override_entry(value: int | dict | None, name: str) -> dict:
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"default_quantize_config: override for '{name}' must be bits (an integer >= 1) or a "
-                         f"kwargs dict, got {value!r}")
-    return {"n_levels": 2 ** value}
-
-
-def _layer_key(name: str, names: dict) -> str:
-    """The reference's readable key (``features.3.residual_branch.1.0$``) if it picks only ``name``."""
-    key = name + "$"
-    if sum(1 for n in names if n and re.match(key, n)) == 1:
-        return key
-    return re.escape(name) + "$"
 
 
 def _report_row(name: str, module: nn.Module, source: str) -> dict:

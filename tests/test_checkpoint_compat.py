@@ -1,0 +1,50 @@
+"""Checkpoints written before the quantizers were split into PACT and TQT grids still load and compute the same.
+
+``data/legacy_quantizers.pt`` holds the state dicts of a PACT and a TQT :class:`helpers.SmallNet` trained for
+three steps by labkit 612884e (``data/make_legacy_checkpoints.py``), an input and each network's output."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from labkit.quant import quantizers
+from labkit.quant.recipe import pact_recipe
+
+from helpers import ROOT, SMALL_QUANTIZE, SmallNet
+
+LEGACY = ROOT / "tests" / "data" / "legacy_quantizers.pt"
+
+
+def build(tqt: bool) -> torch.nn.Module:
+    """The generator's network, untrained: per-channel conv weights, every quantizer PACT or TQT."""
+    cfg = copy.deepcopy(SMALL_QUANTIZE)
+    for key in ("PACTConv2d", "PACTLinear", "PACTUnsignedAct"):
+        cfg[key]["kwargs"] = {**cfg[key].get("kwargs", {}), "tqt": tqt}
+    cfg["PACTConv2d"]["kwargs"]["quantize"] = "per_channel"
+    cfg["harmonize"] = {"tqt": tqt}
+    net, _ = pact_recipe(SmallNet(), cfg)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def legacy() -> dict:
+    return torch.load(LEGACY, weights_only=True)
+
+
+@pytest.mark.parametrize("kind", ["pact", "tqt"])
+def test_legacy_state_dict_loads_and_computes_the_same(legacy, kind):
+    net = build(kind == "tqt")
+    net.load_state_dict(legacy[kind])  # strict: every key known, none missing
+    assert all(q.started for _, q in quantizers(net)) and len(quantizers(net)) == 10
+    with torch.no_grad():
+        assert torch.equal(net(legacy["x"]), legacy[f"y_{kind}"])
+    saved = net.state_dict()
+    assert list(saved) == list(legacy[kind])  # the same keys in the same order
+    assert all(torch.equal(saved[k], v) for k, v in legacy[kind].items())
+    again = build(kind == "tqt")
+    again.load_state_dict(saved)
+    with torch.no_grad():
+        assert torch.equal(again(legacy["x"]), legacy[f"y_{kind}"])
