@@ -341,6 +341,22 @@ def _assert_resumed_like_uninterrupted(run: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_train_runner_reaches_the_notebook_runners_weights(tiny_configs, tmp_path):
+    """--runner train (what labkit train runs, in the job's process) trains what the notebook trains."""
+    runs = {}
+    for runner in ("notebook", "train"):
+        table = run_sweep({"algorithm": ["tqt"], "bits": [4]}, tmp_path / runner, epochs=1,
+                          configs=tiny_configs, device="cpu", runner=runner, log=lambda line: None)
+        assert table.rows[0]["status"] == "ok", table.rows[0]["error"]
+        runs[runner] = tmp_path / runner / "tqt-w4a4-s0"
+    assert (tmp_path / "notebook" / "tqt-w4a4-s0.ipynb").is_file()
+    assert not (tmp_path / "train" / "tqt-w4a4-s0.ipynb").exists()
+    a, b = (load_file(runs[r] / "last.ckpt")["state_dict"] for r in ("notebook", "train"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_history(runs["notebook"])[-1]["valid"] == read_history(runs["train"])[-1]["valid"]
+
+
+@pytest.mark.slow
 def test_a_budget_point_trains_the_proposed_plan(tiny_configs, tmp_path):
     out = tmp_path / "sweep"
     table = run_sweep({"algorithm": "pact.4b", "budget": ["weight_bytes=uniform:3,act_bytes=uniform:3"]}, out,

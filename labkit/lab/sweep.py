@@ -28,6 +28,7 @@ import contextlib
 import csv
 import os
 import re
+import shutil
 import socket
 import time
 import traceback
@@ -111,9 +112,7 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     options = slurm_options(launcher, section, slurm, dry_run)
     bits = check_settings(epochs=epochs, calib=calib, plan_bits=plan_bits, launcher=launcher,
                           parallel=parallel, runner=runner, slurm=options)
-    if notebook is not None and not resolve(f"notebooks/{notebook}.ipynb", must_exist=True).is_file():
-        raise SweepError(f"notebook '{notebook}' not found in notebooks/: give the name of a training "
-                         f"notebook, e.g. {TRAINING_NOTEBOOK}")
+    _check_request(notebook, launcher, wait and not dry_run)
     check_points(points, found, names, epochs=epochs, data_root=data_root, pretrained=pretrained,
                  plan_bits=bits, device=device, launcher=launcher)
     out = resolve(output_dir).absolute()
@@ -208,6 +207,15 @@ def _first_line(text) -> str:
 
 
 # ------------------------------------------------------------------------------------------ preparing
+def _check_request(notebook: str | None, launcher: str, wait: bool) -> None:
+    if wait and launcher == "slurm" and shutil.which("sacct") is None:
+        raise SweepError("--wait follows the jobs through Slurm's accounting (sacct), which this machine "
+                         "does not have: leave --wait out and watch with labkit sweep --status")
+    if notebook is not None and not resolve(f"notebooks/{notebook}.ipynb", must_exist=True).is_file():
+        raise SweepError(f"notebook '{notebook}' not found in notebooks/: give the name of a training "
+                         f"notebook, e.g. {TRAINING_NOTEBOOK}")
+
+
 def _tasks(points: list[dict], names: list[str], configs: dict, out: Path, settings: dict, log,
            prepare: bool = True) -> list[dict]:
     """Each point's job: the notebook and its parameters, run folder, results row. With ``prepare``, the FP32
@@ -287,7 +295,7 @@ def _record(out: Path, tasks: list[dict], launcher: str, grid: dict) -> dict:
 
 
 def _needs_job(out: Path, task: dict, record: dict, log) -> bool:
-    """False for a point that is finished or whose job still runs (said in ``log``)."""
+    """False for a point that is finished or whose job runs or may run (said in ``log``)."""
     state = point_state(out, task["name"], record["points"][task["name"]])
     if state["state"] == "finished":
         log(f"[sweep] {task['name']}: finished (top-1 {state['top1']:.2f}%, job {state['job']}): not run "
@@ -295,6 +303,10 @@ def _needs_job(out: Path, task: dict, record: dict, log) -> bool:
         return False
     if state["state"] in ("queued", "running"):
         log(f"[sweep] {task['name']}: job {state['job']} is {state['state']}: not submitted again")
+        return False
+    if state["state"] == "unknown":
+        log(f"[sweep] {task['name']}: the state of job {state['job']} cannot be asked here (no sacct, or "
+            "another machine's local job): not submitted again; rerun the sweep where it can be")
         return False
     if state["state"] in ("failed", "interrupted"):
         log(f"[sweep] {task['name']}: {state['state']} before ({state['error']}): runs again, resuming its "
@@ -378,8 +390,8 @@ def _wait_slurm(out: Path, record: dict, log) -> None:
             if seen.get(row["run"]) != row["state"]:
                 seen[row["run"]] = row["state"]
                 log(f"[sweep] {row['run']}: {row['state']} (job {row['job']}, epochs {row['epochs']})")
-        if not any(r["state"] in ("queued", "running", "unknown") for r in table.rows):
-            return
+        if not any(r["state"] in ("queued", "running") for r in table.rows):
+            return  # (a job whose state Slurm does not tell, "unknown", is not waited for)
         time.sleep(POLL_SLURM_S)
 
 
