@@ -126,27 +126,64 @@ def _plan_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
+    """``labkit sweep``: the grid, where its jobs run, ``--status``."""
     sw = sub.add_parser(
-        "sweep", help="run a grid of QAT runs (algorithm x bits or budget x seed) through the training notebook",
-        description="Execute notebooks/03_pact_training.ipynb once per grid point with papermill, keep every "
-                    "executed notebook, and write results.csv (with each plan's weight/activation bytes and BOPs) "
-                    "and results.png. A budget point trains the plan labkit plan proposes for it (written to "
-                    "plans/). A failing run is reported with its notebook, cell and error; the others go on.")
+        "sweep", help="a grid of QAT runs (algorithm x bits or budget x seed), one job per point, here or on "
+                      "Slurm",
+        description="Check every grid point, then run each as one job (submitit) into its own run folder: "
+                    "the training notebook through papermill (kept as <point>.ipynb), or what labkit train "
+                    "runs (--runner train). --launcher local runs the jobs here and waits; --launcher slurm "
+                    "submits them with sbatch. sweep.json records the job ids; --status DIR shows every "
+                    "point's state. Running the same command again skips finished points and resumes the "
+                    "others. When the jobs have ended, results.csv (with each plan's weight/activation bytes "
+                    "and BOPs) and results.png are written; a point that failed makes the command exit 1, "
+                    "naming it.")
     sw.add_argument("grid", nargs="?", metavar="GRID.json",
-                    help='grid file, e.g. {"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}')
-    sw.add_argument("--algorithms", nargs="+", metavar="ALG", help="pact, tqt, ... (configs/<data>/config.<ALG>.json)")
-    sw.add_argument("--bits", nargs="+", type=int, metavar="B", help="weight and activation bits of every layer")
-    sw.add_argument("--budgets", nargs="+", metavar="BUDGET", help="train the proposed plan of each budget (as for "
-                    "labkit plan), e.g. weight_bytes=uniform:3,act_bytes=uniform:3")
-    sw.add_argument("--plan-bits", nargs="+", type=int, default=[2, 3, 4, 8], metavar="B",
+                    help='grid file, e.g. {"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}, '
+                         'optionally with a "slurm" section ({"partition": "gpu", "gpus": 1, '
+                         '"time": "12:00:00"})')
+    sw.add_argument("--status", metavar="DIR", help="show the state of every point of the sweep in DIR; exit")
+    sw.add_argument("--algorithms", nargs="+", metavar="ALG",
+                    help="pact, tqt, ... (configs/<data>/config.<ALG>.json)")
+    sw.add_argument("--bits", nargs="+", type=int, metavar="B",
+                    help="weight and activation bits of every layer")
+    sw.add_argument("--budgets", nargs="+", metavar="BUDGET", help="train the proposed plan of each budget "
+                    "(as for labkit plan), e.g. weight_bytes=uniform:3,act_bytes=uniform:3")
+    sw.add_argument("--plan-bits", nargs="+", type=int, metavar="B",
                     help="bits the budget plans choose from (default 2 3 4 8)")
-    sw.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images of the budget plans")
-    sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="training seeds (default 0)")
+    sw.add_argument("--calib", type=int, metavar="N",
+                    help="calibration images of the budget plans (default 256)")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
+                    help="training seeds (default 0)")
     sw.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     sw.add_argument("--data", default="embedded", help="config folder: embedded (default) or imagenet")
+    sw.add_argument("--configs", metavar="DIR",
+                    help="folder of the config.<ALG>.json files (default configs/<data>)")
     sw.add_argument("--data-root", metavar="DIR", help="ImageNet folder (with --data imagenet)")
+    sw.add_argument("--pretrained", metavar="FILE", help="FP32 checkpoint every point starts from (default: "
+                    "each config's network.pretrained)")
     sw.add_argument("--output-dir", "-o", default="runs/sweep", metavar="DIR", help="default: runs/sweep")
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sw.add_argument("--runner", choices=("notebook", "train"), default="notebook",
+                    help="notebook: the training notebook through papermill (default); train: what labkit "
+                         "train runs (needed for --gpus above 1: one process per GPU)")
+    sw.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                    help="local: jobs as processes on this machine (default); slurm: sbatch jobs")
+    sw.add_argument("--parallel", type=int, metavar="N", help="local: jobs at once (default 1)")
+    sl = sw.add_argument_group("slurm (--launcher slurm; also the grid file's \"slurm\" section)")
+    sl.add_argument("--partition", metavar="NAME", help="Slurm partition")
+    sl.add_argument("--gpus", type=int, metavar="N", help="GPUs per job (default 1; 0 for CPU jobs)")
+    sl.add_argument("--time", metavar="LIMIT", help="time limit per job: minutes, H:MM:SS or D-HH:MM:SS "
+                    "(default 24:00:00)")
+    sl.add_argument("--cpus", type=int, metavar="N", help="CPUs per task (data loading workers + 1)")
+    sl.add_argument("--mem-gb", type=float, metavar="GB", help="memory per node")
+    sl.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="any other sbatch option, e.g. "
+                    "--sbatch account=lab --sbatch qos=high (repeatable)")
+    sl.add_argument("--setup", action="append", metavar="LINE", help="shell line run before each job, e.g. "
+                    "'source ~/venv/bin/activate' (repeatable)")
+    sl.add_argument("--wait", action="store_true", help="wait for the jobs to end, then write results.csv")
+    sl.add_argument("--dry-run", action="store_true", help="write each job's sbatch script to "
+                    "DIR/jobs/<point>.sbatch instead of submitting it")
 
 
 def _lab_parser(sub) -> None:
@@ -282,27 +319,69 @@ def cmd_eval(args) -> None:
         print(f"  {describe_provenance(entry)}")
 
 
+SLURM_FLAGS = ("partition", "gpus", "time", "cpus", "mem_gb", "sbatch", "setup")
+
+
 def cmd_sweep(args) -> None:
+    if args.status:
+        existing(args.status, "sweep folder", "pass the folder a sweep wrote (labkit sweep ... -o DIR)", "folder")
+        from labkit.lab.sweep import sweep_status  # lazy: papermill and torch load only for a sweep
+
+        print(sweep_status(args.status))
+        return
+    grid, slurm, options = _sweep_request(args)
+    out = writable_folder(args.output_dir, "sweep folder")
+    from labkit.lab.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
+
+    table = run_sweep(grid, out, data=args.data, configs=args.configs, data_root=args.data_root,
+                      device=args.device, pretrained=args.pretrained, slurm=slurm, wait=args.wait,
+                      dry_run=args.dry_run, **options)
+    print(table)
+    if "status" not in table.columns:  # submitted (or written) only
+        return
+    print(f"results: {out / 'results.csv'}, {out / 'results.png'}")
+    bad = [r for r in table.rows if r.get("status") != "ok"]
+    if bad:
+        print(f"labkit sweep: {len(bad)} of {len(table.rows)} points did not finish: "
+              + "; ".join(f"{r['run']} {r['status']} ({r.get('error') or 'no error recorded'})" for r in bad)
+              + ". Rerun the same command to run them again (run folders resume), or see labkit sweep "
+              f"--status {out}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _sweep_request(args) -> tuple[dict, dict, dict]:
+    """``(grid, Slurm options, settings)`` of ``labkit sweep``, checked without torch."""
     grid = {}
     if args.grid:
         grid = read_config_file(existing(args.grid, "grid file", "pass a JSON grid, e.g. "
                                          '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}', "file"))
-    if args.algorithms:
-        grid["algorithm"] = args.algorithms
-    if args.bits:
-        grid["bits"] = args.bits
-    if args.budgets:
-        for budget in args.budgets:
-            parse_budget(budget)  # a bad budget answers before the sweep starts
-        grid["budget"] = args.budgets
+    given = (("algorithm", args.algorithms), ("bits", args.bits), ("budget", args.budgets))
+    grid.update({k: v for k, v in given if v})
+    for budget in grid.get("budget") or []:
+        parse_budget(budget)  # a bad budget answers before the sweep starts
     grid.setdefault("seed", args.seeds)
-    out = writable_folder(args.output_dir, "sweep folder")
-    from labkit.lab.sweep import run_sweep  # lazy: papermill and torch load only for a sweep that runs
+    for flag, value in (("--plan-bits", args.plan_bits), ("--calib", args.calib)):
+        if value is not None and not grid.get("budget"):
+            raise ArgumentError(f"{flag} sets how budget points are planned, and this grid has none: give "
+                             "--budgets (or leave it out)")
+    slurm = {k: getattr(args, k) for k in SLURM_FLAGS if getattr(args, k) not in (None, False)}
+    if args.launcher != "slurm" and (slurm or args.wait or args.dry_run):
+        flag = next(iter(slurm), "wait" if args.wait else "dry-run").replace("_", "-")
+        raise ArgumentError(f"--{flag} applies to --launcher slurm only")
+    if args.launcher == "slurm" and args.parallel is not None:
+        raise ArgumentError("--parallel applies to --launcher local only (Slurm runs what its queue allows)")
+    if args.pretrained:
+        existing(args.pretrained, "pretrained checkpoint", "pass the FP32 checkpoint the points start from", "file")
+    from labkit.lab import sweep_grid  # torch-free: the grid and settings answer before the heavy imports
 
-    table = run_sweep(grid, out, epochs=args.epochs, data=args.data, data_root=args.data_root, device=args.device,
-                      plan_bits=args.plan_bits, calib=args.calib)
-    print(table)
-    print(f"results: {out / 'results.csv'}, {out / 'results.png'}")
+    options = {"epochs": args.epochs, "calib": 256 if args.calib is None else args.calib,
+               "launcher": args.launcher, "plan_bits": args.plan_bits or (2, 3, 4, 8),
+               "parallel": args.parallel or 1, "runner": args.runner}
+    for point in sweep_grid.expand_grid({k: v for k, v in grid.items() if k != "slurm"}):
+        sweep_grid.algorithm_config(point["algorithm"], args.data, args.configs)
+    section = sweep_grid.slurm_options(args.launcher, grid.get("slurm"), slurm, args.dry_run)
+    sweep_grid.check_settings(**options, slurm=section)
+    return grid, slurm, options
 
 
 def cmd_plan(args) -> None:

@@ -103,6 +103,11 @@ def train_args(*args):
     return lambda w: ["train", w.write("plain.json", config(FP32)), *[a(w) if callable(a) else a for a in args]]
 
 
+def sweep_args(*args):
+    """``labkit sweep ARGS -o <tmp>/sweep-bad``."""
+    return lambda w: ["sweep", *[a(w) if callable(a) else a for a in args], "-o", w.p("sweep-bad")]
+
+
 def _run_config(w: Workspace, **kwargs):
     from labkit.lab.steps import run_config
 
@@ -304,6 +309,63 @@ CASES = [
     Case("sweep-algorithm-unknown", "labkit sweep of an algorithm without a config",
          r"no config .*config\.pakt\.json for sweep algorithm 'pakt': choose one of .*pact",
          cli=lambda w: ["sweep", "--algorithms", "pakt", "--bits", "4", "-o", w.p("sweep-pakt")]),
+    Case("sweep-budget-impossible", "labkit sweep with a budget no plan meets (checked before any point)",
+         r"sweep point pact\.4b-weight_bytes-1000-s0: budget weight_bytes <= 1,000 cannot be met: even every "
+         r"layer at 2 bits costs [\d,]+; raise the budget or allow fewer bits \(--plan-bits\)",
+         cli=sweep_args("--algorithms", "pact.4b", "--budgets", "weight_bytes=1000")),
+    Case("sweep-epochs-zero", "labkit sweep --epochs 0", r"--epochs 0: every point trains at least one epoch",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--epochs", "0")),
+    Case("sweep-plan-bits-range", "labkit sweep --plan-bits 1 9",
+         r"--plan-bits 1 9: give distinct bit-widths from 2 to 16",
+         cli=sweep_args("--algorithms", "pact.4b", "--budgets", "weight_bytes=uniform:3", "--plan-bits", "1",
+                        "9")),
+    Case("sweep-plan-bits-sawb", "labkit sweep --plan-bits 16 for a config whose weights start by SAWB",
+         r"sweep point pact\.4b-weight_bytes-u3-s0: --plan-bits 16: the weights of 'pilot.0' \(and 52 more\) "
+         r"start by SAWB, whose coefficients stop at 8 bits",
+         cli=sweep_args("--algorithms", "pact.4b", "--budgets", "weight_bytes=uniform:3", "--plan-bits", "2",
+                        "4", "16")),
+    Case("sweep-bits-sawb", "labkit sweep --bits 16 of a SAWB config (it would fail when quantizers start)",
+         r"sweep point pact\.4b-w16a16-s0: bits 16: the weights of 'pilot.0' \(and 52 more\) start by SAWB",
+         cli=sweep_args("--algorithms", "pact.4b", "--bits", "4", "16")),
+    Case("sweep-seed-not-int", "labkit sweep with a grid seed \"zero\"",
+         r"sweep seed 'zero': use integers from 0 to 4294967295",
+         cli=lambda w: ["sweep", w.write("grid-seed.json",
+                                        {"algorithm": ["pact"], "bits": [8], "seed": ["zero"]}),
+                        "-o", w.p("sweep-seed")]),
+    Case("sweep-calib-zero", "labkit sweep --calib 0",
+         r"--calib 0: budget plans measure on at least one image",
+         cli=sweep_args("--algorithms", "pact.4b", "--budgets", "weight_bytes=uniform:3", "--calib", "0")),
+    Case("sweep-calib-without-budgets", "labkit sweep --calib without a budget point (it would be ignored)",
+         r"--calib sets how budget points are planned, and this grid has none",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--calib", "64")),
+    Case("sweep-imagenet-no-checkpoint", "labkit sweep of ImageNet points without the FP32 checkpoint",
+         r"sweep point pact-w8a8-s0: network.pretrained 'pretrained/mnv2_1.0.ckpt' not found: convert "
+         r"torchvision weights", cli=sweep_args("--algorithms", "pact", "--bits", "8", "--data", "imagenet",
+                                               "--data-root", lambda w: w.p("nowhere"))),
+    Case("sweep-imagenet-no-root", "labkit sweep of ImageNet points with a missing --data-root",
+         r"sweep point pact-w8a8-s0: ImageNet root '.*nowhere' does not exist",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--data", "imagenet", "--data-root",
+                        lambda w: w.p("nowhere"), "--pretrained", lambda w: w.p("run-fp32/best.ckpt"))),
+    Case("sweep-slurm-option-local", "labkit sweep --partition with the local launcher (it would be ignored)",
+         r"--partition applies to --launcher slurm only",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--partition", "gpu")),
+    Case("sweep-gpus-notebook", "labkit sweep --launcher slurm --gpus 2 with the notebook runner",
+         r"--gpus 2 with the notebook runner would train on one GPU: use --runner train",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--launcher", "slurm", "--gpus", "2")),
+    Case("sweep-slurm-time", "labkit sweep --launcher slurm --time 12h",
+         r"slurm time '12h' is not a time limit",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--launcher", "slurm", "--time", "12h")),
+    Case("sweep-sbatch-reserved", "labkit sweep --sbatch time=60 (an option the sweep sets)",
+         r"sbatch option 'time' is set by the sweep: use --partition, --gpus or --time",
+         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--launcher", "slurm", "--sbatch", "time=60")),
+    Case("sweep-slurm-section-typo", "labkit sweep with a misspelt key in the grid file's slurm section",
+         r"slurm option 'partitoin' is unknown \(did you mean 'partition'\?\)",
+         cli=lambda w: ["sweep", w.write("grid-slurm.json", {"algorithm": ["pact"], "bits": [8],
+                                                             "slurm": {"partitoin": "gpu"}}),
+                        "--launcher", "slurm", "-o", w.p("sweep-slurm")]),
+    Case("sweep-status-not-a-sweep", "labkit sweep --status of a folder without a sweep",
+         r"holds no sweep \(no sweep.json\): pass the folder a sweep wrote",
+         cli=lambda w: ["sweep", "--status", w.p("run-fp32")]),
     # ---------------------------------------------------------------- API
     Case("api-bits-zero", "lab.run_config(w_bits=0)", r"weight bits: 0 is not a bit-width from 2 to 16",
          api=lambda w: _run_config(w, w_bits=0), error=ValueError),
@@ -360,6 +422,13 @@ def test_refused_runs_are_left_as_they_were(ws: Workspace, capsys):
     cfg = (onecycle / "config.json").read_text()
     assert run_cli(next(c for c in CASES if c.id == "resume-onecycle-longer").cli(ws), capsys)[0] == 2
     assert (onecycle / "config.json").read_text() == cfg
+
+
+def test_refused_sweeps_start_nothing(ws: Workspace, capsys):
+    """Issue 20: a sweep with any invalid point exits 2 before its first point runs: no sweep folder."""
+    for case in (c for c in CASES if c.id.startswith("sweep-")):
+        assert run_cli(case.cli(ws), capsys)[0] == 2, case.id
+        assert not list(ws.root.glob("sweep-*")), case.id
 
 
 def test_the_docs_table_lists_every_case():

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "labkit"
 STAGES = ("config", "models", "quant", "train", "precision", "integer", "export", "lab", "cli")
 RANK = {name: i for i, name in enumerate(STAGES)}
 #: the training loop and papermill: only these modules may reach them, directly or through others
-TRAINER_USERS = {"labkit.lab.steps", "labkit.lab.widgets", "labkit.lab.sweep",
+TRAINER_USERS = {"labkit.lab.steps", "labkit.lab.widgets", "labkit.lab.sweep", "labkit.lab.sweep_check",
                  "labkit.lab.notebooks", "labkit.cli"}
 #: what `labkit integerize` and `labkit export` load: no trainer, no papermill
 DEPLOY_PATH = ("labkit.lab.twins", "labkit.export", "labkit.integer")

@@ -36,6 +36,7 @@ from labkit.train.gd import build_optimizer, build_scheduler
 from labkit.train.loaders import make_train_loader, make_val_loader
 from labkit.train.progress import progress as progress_bar
 from labkit.train.runs import QUANTIZERS, RunFolder, open_for_training, provenance_entry
+from labkit.train.tensorboard import TensorBoardLog
 
 __all__ = ["train", "train_one_epoch", "NonFiniteError", "quant_state"]
 
@@ -81,17 +82,20 @@ class Session:
 
 def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
           progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
-          log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False) -> dict:
+          log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False,
+          tensorboard: bool = True) -> dict:
     """Train ``cfg`` (a resolved config) into the run folder ``output_dir``; returns the final record plus
     ``best_top1`` and ``run_dir``.
 
     A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
     allows) or ``overwrite`` (see :func:`labkit.train.runs.open_for_training`). ``callbacks`` get each epoch's
     history record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after every
-    training batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``. Controller
+    training batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``, one with
+    ``on_epoch_start`` each epoch's index after its controller commands, before training. Controller
     commands are one line each in ``log``; every quantizer's bounds go to the run folder's ``quantizers.jsonl``
     (and to ``log`` with ``verbose``). ``parameters``: the notebook parameters to record as the run's provenance
     (default: the command line). Under ``torchrun`` the process group is joined here and left at the end.
+    ``tensorboard``: also write TensorBoard events (:mod:`labkit.train.tensorboard`, after ``callbacks``).
     """
     dev = resolve_device(device)
     rank, world, local_rank, created = init_from_env(dev.type)
@@ -101,9 +105,13 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite:
     say = log if rank == 0 and log else (lambda _msg: None)
     s = Session(cfg, validate(cfg), RunFolder(output_dir), dev, rank, world, say, progress and rank == 0,
                 tuple(callbacks))
-    clean = False
+    clean, events = False, None
     try:
         build(s, verbose)  # everything is built (and so checked) before anything is written
+        if tensorboard and s.main:
+            events = TensorBoardLog(s.run.path, s.net, s.controllers, s.val_loader, s.device,
+                                    s.rc.training.n_epochs)
+            s.callbacks += (events,)
         with s.run.writing() if s.main else nullcontext(s.run):
             start, best, history = restore(s, resume, overwrite, parameters)
             s.model = s.net if s.world == 1 else nn.parallel.DistributedDataParallel(
@@ -118,6 +126,8 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite:
         clean = True
         return {**record, "best_top1": best, "run_dir": str(s.run.path)}
     finally:
+        if events is not None:
+            events.close()
         if created:
             shutdown(clean)
 
@@ -192,6 +202,9 @@ def run_epoch(s: Session, epoch: int, best: float) -> dict:
     s.train_loader.sampler.set_epoch(epoch)
     for c in s.controllers:
         c.step_pre_training_epoch(epoch)
+    for callback in s.callbacks:
+        if hasattr(callback, "on_epoch_start"):
+            callback.on_epoch_start(epoch)
     if s.main:
         _write_events(s.run, s.controllers)
     lr = s.optimizer.param_groups[0]["lr"]
