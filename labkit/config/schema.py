@@ -91,13 +91,13 @@ def _epoch_key(key: str) -> str | None:
     return None if str(key).isdigit() else "epoch keys are non-negative integers in quotes, e.g. \"3\""
 
 
-def _commands(value: Any, path: str) -> None:
+def _commands(value: Any, path: str, allowed: tuple = COMMANDS) -> None:
     cmds = [value] if isinstance(value, str) else value
     if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
-        raise ConfigError(path, f"expected a command or a list of commands, got {value!r}", f"Commands: {', '.join(COMMANDS)}")
+        raise ConfigError(path, f"expected a command or a list of commands, got {value!r}", f"Commands: {', '.join(allowed)}")
     for c in cmds:
-        if c not in COMMANDS:
-            raise ConfigError(path, f"unknown command {c!r}{_suggest(c, COMMANDS)}", f"Commands: {', '.join(COMMANDS)}")
+        if c not in allowed:
+            raise ConfigError(path, f"unknown command {c!r}{_suggest(c, allowed)}", f"Commands: {', '.join(allowed)}")
 
 
 _SPLIT = Section({
@@ -109,10 +109,14 @@ _SPLIT = Section({
 })
 
 _START_KWARGS = Section({"init_clip_hi": Value(NUM, check=_range()), "init_clip_lo": Value(NUM, check=_range())})
+#: commands of the batch-norm schedule (labkit's ``schedules.batchnorm``; quantizer commands do not apply)
+BN_COMMANDS = ("freeze", "thaw", "verbose_on", "verbose_off")
 _CONTROLLERS = Section({
     "schedules": Section({"linear": Section(each=ANY, each_key=_epoch_key),
-                          "activation": Section(each=ANY, each_key=_epoch_key)}, required=True),
+                          "activation": Section(each=ANY, each_key=_epoch_key),
+                          "batchnorm": Section(each=ANY, each_key=_epoch_key)}, required=True),
     "kwargs_linear": _START_KWARGS, "kwargs_activation": _START_KWARGS,
+    "kwargs_batchnorm": Section({"recalibration_batches": Value((int,), check=_range(0))}),
 })
 
 _SCHEDULER_KWARGS = {
@@ -295,7 +299,7 @@ def check_controllers(quantize: Any, where: str = "training.quantize") -> None:
     _walk(quantize, _CONTROLLERS, where)
     for group, schedule in quantize["schedules"].items():
         for epoch, cmds in schedule.items():
-            _commands(cmds, f"{where}.schedules.{group}.{epoch}")
+            _commands(cmds, f"{where}.schedules.{group}.{epoch}", BN_COMMANDS if group == "batchnorm" else COMMANDS)
 
 
 def bits_of(n_levels: int) -> int:

@@ -7,7 +7,8 @@ the algorithm's training notebook (``04_tqt_training`` for ``tqt*``, else ``03_p
 ``"weight_bytes=uniform:3,BOPs=uniform:3"``) the plan :func:`labkit.precision.allocate.propose` finds for that budget
 (sensitivity of the config's ``network.pretrained`` checkpoint, cached beside it), written as
 ``plans/<algorithm>-<budget>.json`` in the sweep folder. Every executed notebook is kept; each row carries
-the plan's weight bytes, activation bytes and BOPs. A failing run is recorded with its notebook, cell and
+the plan's weight bytes, activation bytes and BOPs. With budgets and bits in one grid, ``paired.csv`` pairs each
+budget plan with the uniform run of the same seed (:func:`labkit.precision.pareto.paired_table`). A failing run is recorded with its notebook, cell and
 error; the others go on.
 """
 
@@ -27,7 +28,7 @@ from labkit.config.tables import Table
 from labkit.lab.notebooks import execute_notebook
 from labkit.lab.steps import ensure_pretrained, run_config
 from labkit.precision.allocate import propose
-from labkit.precision.pareto import describe_plan
+from labkit.precision.pareto import describe_plan, paired_table
 from labkit.precision.sensitivity import DEFAULT_BITS
 from labkit.train.runs import RunFolder, read_history
 
@@ -134,6 +135,10 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     table = Table(rows, COLUMNS, title=f"sweep: {len(rows)} runs, {sum(r['status'] == 'ok' for r in rows)} ok")
     table.to_csv(out / "results.csv")
     _plot(rows, out / "results.png")
+    paired = paired_table(out)  # budget plans against the uniform run of the same seed
+    if paired.rows:
+        paired.to_csv(out / "paired.csv")
+        log(str(paired))
     return table
 
 
