@@ -15,7 +15,14 @@ from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe
 from labkit.config.loading import load_config
 from labkit.lab.plots import pareto_front, plot_pareto
 from labkit.models import MobileNetV2
-from labkit.precision.allocate import allocate, predicted_increase, propose, resolve_budget, uniform_totals
+from labkit.precision.allocate import (
+    allocate,
+    predicted_increase,
+    propose,
+    resolve_budget,
+    uniform_totals,
+    with_default_floors,
+)
 from labkit.precision.bitplan import BitPlan
 from labkit.precision.pareto import collect_points, late_drop, paired_table
 from labkit.precision.sensitivity import CACHE, Sensitivity, cache_key
@@ -124,8 +131,12 @@ def test_a_budget_no_plan_meets_is_refused_before_anything_is_measured(monkeypat
     monkeypatch.setattr("labkit.precision.allocate.measure_sensitivity", measure)
     cfg = load_config(PACT4, {"network.pretrained": "no/such/run/best.ckpt"}, check_files=False)
     cheapest = uniform_totals(BitPlan.from_config(cfg), 2, 2)["weight_bytes"]
+    without_floors = {"min_bits:first": 2, "min_bits:last": 2}  # the default structural limits lowered
     with pytest.raises(BudgetError, match=f"weight_bytes <= {cheapest - 1:,} cannot be met: even every weight at 2"):
-        propose(cfg, {"weight_bytes": cheapest - 1})
+        propose(cfg, {"weight_bytes": cheapest - 1, **without_floors})
+    with pytest.raises(BudgetError, match=r"cannot be met: even the fewest allowed bits everywhere \(weights 2, "
+                       r"activations 2\) with the structural limits \(min_bits; lower one by stating it"):
+        propose(cfg, {"weight_bytes": cheapest})  # the default limits cost more than all at 2 bits
     with pytest.raises(BudgetError, match="cannot be met: even the fewest allowed bits everywhere .*structural limits"):
         propose(cfg, "weight_bytes=uniform:3,min_bits:features=8")
     with pytest.raises(BudgetError, match="min_bits:nothing names no layer or activation of this network"):
@@ -242,7 +253,9 @@ def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
     plan = BitPlan.from_config(proposed)
     limits = resolve_budget(plan, {"weight_bytes": "uniform:3", "act_bytes": "uniform:3"})
     assert all(plan.totals()[k] <= v for k, v in limits.items())
-    expected = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
+    expected = allocate(BitPlan.from_config(cfg), sens,  # with the default structural limits, which it keeps
+                        with_default_floors(parse_budget("weight_bytes=uniform:3,act_bytes=uniform:3")))
+    assert plan.w_bits["pilot.0"] == 8 and plan.w_bits["classifier.1"] >= 4 and plan.a_bits["avgpool_act"] >= 4
     assert plan.w_bits == expected.plan.w_bits and plan.a_bits == expected.plan.a_bits
     # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the description
     # changed or added, and only in network.quantize
@@ -290,6 +303,7 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert set(rows) == {"PACT W4/A4", "PACT proposed, weight_bytes<=uniform:3", "FP32"}
     u = rows["PACT W4/A4"]
     assert (u["kind"], u["n"], u["top1"], u["top1_min"], u["top1_max"], u["seeds"]) == ("uniform", 2, 97.5, 97, 98, "0 1")
+    assert u["top1s"] == [97.0, 98.0]
     assert u["weight_bytes"] == BitPlan.from_config(cfg).totals()["weight_bytes"]
     p = rows["PACT proposed, weight_bytes<=uniform:3"]
     assert p["kind"] == "proposed" and p["weight_bytes"] <= resolve_budget(
@@ -298,6 +312,8 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert [r["label"] for r in pareto_front([u, p], "weight_bytes")] == [p["label"]]  # cheaper and better
     fig = plot_pareto(table, "weight_bytes")
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed", "FP32 99.50% (n=1)"}
+    ticks = [c.get_offsets().tolist() for c in fig.axes[0].collections if len(c.get_offsets()) == 2]
+    assert [[u["weight_bytes"], 97.0], [u["weight_bytes"], 98.0]] in ticks  # a tick per seed of the 2-seed plan
 
 
 def test_paired_table_compares_plan_and_uniform_seed_by_seed(tmp_path):

@@ -41,6 +41,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from labkit.config.budget import (
+    MIN_BITS_KEY,
     BudgetError,
     bit_choices,
     budget_floors,
@@ -55,6 +56,10 @@ from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sens
 
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
+#: structural limits :func:`propose` adds unless the budget states them: the first conv's weights at 8 bits (it
+#: reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the activations it
+#: reads (the last feature activation and the pool requantizer) at 4 bits at least
+DEFAULT_FLOORS = {"first": 8, "last": 4}
 
 
 @dataclass
@@ -115,16 +120,24 @@ def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAUL
             n_calib: int = 256, progress: bool = False) -> Allocation:
     """Measure (or read the cached) sensitivity of PACT/TQT config ``cfg`` with the weights of ``checkpoint``
     (default ``network.pretrained``) at ``bits``, and allocate bits (``w_bits`` / ``a_bits``: the allowed
-    choices, default ``bits``) under ``budget`` (:func:`labkit.config.budget.parse_budget`). A budget that no
-    plan of the allowed bits meets is refused (:class:`BudgetError`) before anything is measured."""
-    spec = parse_budget(budget)
-    plan = BitPlan.from_config(cfg)
+    choices, default ``bits``) under ``budget`` (:func:`labkit.config.budget.parse_budget`) and the structural
+    limits of :data:`DEFAULT_FLOORS` that the budget does not set itself. A budget that no plan of the allowed
+    bits meets is refused (:class:`BudgetError`) before anything is measured."""
     bits = bit_choices(bits)
     w_choices = _choices(w_bits, bits, "weight")
     a_choices = _choices(a_bits, bits, "activation")
+    spec = with_default_floors(parse_budget(budget), max(w_choices + a_choices))
+    plan = BitPlan.from_config(cfg)
     _check_feasible(plan, resolve_budget(plan, spec), *allowed_bits(plan, spec, w_choices, a_choices))
     sensitivity = measure_sensitivity(cfg, checkpoint, bits, n_calib, progress=progress)
     return allocate(plan, sensitivity, spec, w_bits, a_bits)
+
+
+def with_default_floors(spec: dict, most_bits: int = max(DEFAULT_BITS)) -> dict:
+    """``spec`` with each structural limit of :data:`DEFAULT_FLOORS` it does not state (at most ``most_bits``,
+    the most any choice allows); a budget overrides a default by stating it, e.g. ``min_bits:last=2``."""
+    stated = budget_floors(spec)
+    return {**spec, **{f"{MIN_BITS_KEY}{k}": min(b, most_bits) for k, b in DEFAULT_FLOORS.items() if k not in stated}}
 
 
 def resolve_budget(plan: BitPlan, spec: dict) -> dict[str, int]:
@@ -237,8 +250,9 @@ def _check_feasible(plan: BitPlan, limits: dict, w_allowed: dict, a_allowed: dic
     floors = any(c[0] != w_low for c in w_allowed.values()) or any(c[0] != a_low for c in a_allowed.values())
     for metric, limit in limits.items():
         if totals[metric] > limit:
-            fewest = (f"the fewest allowed bits everywhere (weights {w_low}, activations {a_low}, the structural "
-                      "limits kept)" if floors else f"every weight at {w_low} and every activation at {a_low} bits")
+            fewest = (f"the fewest allowed bits everywhere (weights {w_low}, activations {a_low}) with the "
+                      f"structural limits (min_bits; lower one by stating it, e.g. min_bits:last={w_low})"
+                      if floors else f"every weight at {w_low} and every activation at {a_low} bits")
             raise BudgetError(f"budget {metric} <= {limit:,} cannot be met: even {fewest} costs "
                               f"{totals[metric]:,}; raise the budget or allow fewer bits")
 

@@ -2,7 +2,9 @@
 
 :func:`collect_points` reads run folders (or folders of runs: a sweep's output, ``runs/``), groups the runs
 whose configs differ only in ``training.seed`` (one plan, several seeds; a run that has not reached its
-``training.n_epochs`` is left out and named in the title), and gives per group the final validation top-1 (mean, worst and best seed) and the plan's ``weight_bytes``, ``act_bytes`` and ``BOPs``
+``training.n_epochs`` is left out and named in the title), and gives per group the final validation top-1
+(mean, worst and best seed; every seed's in ``top1s``, not a column) and the plan's ``weight_bytes``,
+``act_bytes`` and ``BOPs``
 (:meth:`labkit.precision.bitplan.BitPlan.totals`). Kinds: ``fp32``; ``uniform`` (one weight and one activation
 bit-width everywhere); ``proposed`` (a config written by :mod:`labkit.precision.allocate`); ``mixed`` (any other
 per-layer plan, e.g. from the bit-width editor). :func:`labkit.lab.plots.plot_pareto` draws them.
@@ -61,7 +63,8 @@ def collect_points(paths) -> Table:
     for g in groups.values():
         top1s = g.pop("top1s")
         rows.append({**g, "n": len(top1s), "top1": sum(top1s) / len(top1s), "top1_min": min(top1s),
-                     "top1_max": max(top1s), "seeds": " ".join(map(str, g["seeds"])), "runs": " ".join(g["runs"])})
+                     "top1_max": max(top1s), "seeds": " ".join(map(str, g["seeds"])), "runs": " ".join(g["runs"]),
+                     "top1s": top1s})
     rows.sort(key=lambda r: (r["kind"] == "fp32", r.get("weight_bytes") or 0))
     left_out = f"; left out, unfinished: {', '.join(unfinished)}" if unfinished else ""
     return Table(rows, COLUMNS, title=f"{len(rows)} plans from {sum(r['n'] for r in rows)} runs "
