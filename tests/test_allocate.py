@@ -2,6 +2,7 @@
 ties respected, clear errors; and its torch-free budget parser."""
 
 import copy
+import csv
 import itertools
 import json
 import random
@@ -10,13 +11,20 @@ import pytest
 import torch
 
 from labkit.cli import main
-from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe_budget, parse_budget
+from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe_budget, format_budget, parse_budget
 from labkit.config.loading import load_config
 from labkit.lab.plots import pareto_front, plot_pareto
 from labkit.models import MobileNetV2
-from labkit.precision.allocate import allocate, predicted_increase, resolve_budget, uniform_totals
+from labkit.precision.allocate import (
+    allocate,
+    predicted_increase,
+    propose,
+    resolve_budget,
+    uniform_totals,
+    with_default_floors,
+)
 from labkit.precision.bitplan import BitPlan
-from labkit.precision.pareto import collect_points
+from labkit.precision.pareto import collect_points, late_drop, paired_table
 from labkit.precision.sensitivity import CACHE, Sensitivity, cache_key
 from labkit.quant.recipe import pact_recipe
 from labkit.train.build import build_float_network
@@ -94,6 +102,51 @@ def test_allocation_equals_brute_force_on_a_small_network():
     assert set(plan.w_bits.values()) == {8}  # the input plan is not changed
 
 
+def test_structural_limits_equal_brute_force_over_the_plans_that_keep_them():
+    """``min_bits``: a named layer's weights and the group it reads take at least B bits (``last``: fc, which
+    reads the pool requantizer of act3's group; ``conv2`` reads act1), a named activation's group too."""
+    plan = small_plan()
+    w_choices, a_choices = (2, 4, 8), (2, 3, 8)
+    floors = {"fc": 4, "act3": 4, "conv2": 8, "act1": 8, "integer_add": 3}
+    plans = [(bits, t) for bits, t in all_plans(plan, w_choices, a_choices)
+             if all(bits[name] >= b for name, b in floors.items())]
+    budget = {"weight_bytes": sorted(t["weight_bytes"] for _, t in plans)[len(plans) // 3]}
+    spec = {**budget, "min_bits:last": 4, "min_bits:conv2": 8, "min_bits:integer_add$": 3}
+    for seed in range(4):
+        sens = random_sensitivity(plan, (2, 3, 4, 8), seed)
+        best = min(predicted(bits, sens) for bits, t in plans if t["weight_bytes"] <= budget["weight_bytes"])
+        result = allocate(plan, sens, spec, w_choices, a_choices)
+        assert result.objective == pytest.approx(best, abs=1e-9)
+        assert result.plan.w_bits["fc"] >= 4 and result.plan.a_bits["pool_act"] >= 4
+        assert result.plan.w_bits["conv2"] == 8 and result.plan.a_bits["act1"] == 8
+        assert result.plan.a_bits["integer_add"] >= 3
+    first = allocate(plan, random_sensitivity(plan, (2, 3, 4, 8), 9), {**budget, "min_bits:first": 8})
+    assert first.plan.w_bits["conv1"] == 8 and first.plan.a_bits["input_quant"] == 8  # the input keeps its bits
+
+
+def test_a_budget_no_plan_meets_is_refused_before_anything_is_measured(monkeypatch):
+    def measure(*args, **kwargs):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr("labkit.precision.allocate.measure_sensitivity", measure)
+    cfg = load_config(PACT4, {"network.pretrained": "no/such/run/best.ckpt"}, check_files=False)
+    cheapest = uniform_totals(BitPlan.from_config(cfg), 2, 2)["weight_bytes"]
+    without_floors = {"min_bits:first": 2, "min_bits:last": 2}  # the default structural limits lowered
+    with pytest.raises(BudgetError, match=f"weight_bytes <= {cheapest - 1:,} cannot be met: even every weight at 2"):
+        propose(cfg, {"weight_bytes": cheapest - 1, **without_floors})
+    with pytest.raises(BudgetError, match=r"cannot be met: even the fewest allowed bits everywhere \(weights 2, "
+                       r"activations 2\) with the structural limits \(min_bits; lower one by stating it"):
+        propose(cfg, {"weight_bytes": cheapest})  # the default limits cost more than all at 2 bits
+    with pytest.raises(BudgetError, match="cannot be met: even the fewest allowed bits everywhere .*structural limits"):
+        propose(cfg, "weight_bytes=uniform:3,min_bits:features=8")
+    with pytest.raises(BudgetError, match="min_bits:nothing names no layer or activation of this network"):
+        propose(cfg, "weight_bytes=uniform:3,min_bits:nothing=4")
+    with pytest.raises(BudgetError, match="must take at least 8 bits, but the allowed bits are 2, 3, 4"):
+        propose(cfg, "weight_bytes=uniform:3,min_bits:last=8", bits=(2, 3, 4))
+    with pytest.raises(AssertionError, match="measured"):  # a feasible budget goes on to the measurement
+        propose(cfg, "weight_bytes=uniform:3,min_bits:last=8")
+
+
 def test_uniform_budgets_and_monotone_objective():
     plan = small_plan()
     sens = random_sensitivity(plan, (2, 3, 4, 8), 1)
@@ -151,13 +204,22 @@ def test_parse_budget():
     assert parse_budget("weight_bytes=uniform:3, BOPs=2.5e8") == {"weight_bytes": (3, 3), "BOPs": 2.5e8}
     assert parse_budget(["act_bytes=uniform:2/4", "weight_bytes=1000"]) == {"act_bytes": (2, 4), "weight_bytes": 1000}
     assert parse_budget({"BOPs": "uniform:4"}) == {"BOPs": (4, 4)}
+    limited = parse_budget(r"BOPs=uniform:3, min_bits:last=4, min_bits:features\.17\.2$ = 8")
+    assert limited == {"BOPs": (3, 3), "min_bits:last": 4, "min_bits:features\\.17\\.2$": 8}
+    assert parse_budget(format_budget(limited)) == limited
+    assert describe_budget(limited) == r"BOPs<=uniform:3, last>=4 bits, features\.17\.2$>=8 bits"
+    assert budget_slug(limited) == "BOPs-u3_min-last-4_min-features.17.2-8"
     spec = parse_budget("weight_bytes=uniform:3,act_bytes=uniform:2/4,BOPs=250000000")
     assert budget_slug(spec) == "weight_bytes-u3_act_bytes-u2-4_BOPs-250000000"
     assert describe_budget(spec) == "weight_bytes<=uniform:3, act_bytes<=uniform:2/4, BOPs<=250,000,000"
     for bad, message in (("weight_byte=100", "did you mean 'weight_bytes'"), ("weight_bytes", "has no '='"),
                          ("weight_bytes=-5", "not a limit"), ("BOPs=uniform:1", "not a bit-width from 2 to 16"),
                          ("BOPs=uniform:2/3/4", "uniform:B or uniform:W/A"), ("", "empty"),
-                         ("BOPs=1,BOPs=2", "given twice"), ("act_bytes=lots", "not a limit")):
+                         ("BOPs=1,BOPs=2", "given twice"), ("act_bytes=lots", "not a limit"),
+                         ("min_bits:last=4", "structural limits only"), ("BOPs=1,min_bits:=4", "names no layer"),
+                         ("BOPs=1,min_bits:last=1", "not a bit-width from 2 to 16"),
+                         ("BOPs=1,min_bits:(=4", "is not a regex"),
+                         ("BOPs=1,min_bits:last=4,min_bits:last=8", "given twice")):
         with pytest.raises(BudgetError, match=message):
             parse_budget(bad)
     assert bit_choices([8, 2, 4]) == (2, 4, 8) and bit_choices(3) == (3,)
@@ -191,7 +253,9 @@ def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
     plan = BitPlan.from_config(proposed)
     limits = resolve_budget(plan, {"weight_bytes": "uniform:3", "act_bytes": "uniform:3"})
     assert all(plan.totals()[k] <= v for k, v in limits.items())
-    expected = allocate(BitPlan.from_config(cfg), sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
+    expected = allocate(BitPlan.from_config(cfg), sens,  # with the default structural limits, which it keeps
+                        with_default_floors(parse_budget("weight_bytes=uniform:3,act_bytes=uniform:3")))
+    assert plan.w_bits["pilot.0"] == 8 and plan.w_bits["classifier.1"] >= 4 and plan.a_bits["avgpool_act"] >= 4
     assert plan.w_bits == expected.plan.w_bits and plan.a_bits == expected.plan.a_bits
     # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the description
     # changed or added, and only in network.quantize
@@ -239,6 +303,7 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert set(rows) == {"PACT W4/A4", "PACT proposed, weight_bytes<=uniform:3", "FP32"}
     u = rows["PACT W4/A4"]
     assert (u["kind"], u["n"], u["top1"], u["top1_min"], u["top1_max"], u["seeds"]) == ("uniform", 2, 97.5, 97, 98, "0 1")
+    assert u["top1s"] == [97.0, 98.0]
     assert u["weight_bytes"] == BitPlan.from_config(cfg).totals()["weight_bytes"]
     p = rows["PACT proposed, weight_bytes<=uniform:3"]
     assert p["kind"] == "proposed" and p["weight_bytes"] <= resolve_budget(
@@ -247,6 +312,39 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert [r["label"] for r in pareto_front([u, p], "weight_bytes")] == [p["label"]]  # cheaper and better
     fig = plot_pareto(table, "weight_bytes")
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed", "FP32 99.50% (n=1)"}
+    ticks = [c.get_offsets().tolist() for c in fig.axes[0].collections if len(c.get_offsets()) == 2]
+    assert [[u["weight_bytes"], 97.0], [u["weight_bytes"], 98.0]] in ticks  # a tick per seed of the 2-seed plan
+
+
+def test_paired_table_compares_plan_and_uniform_seed_by_seed(tmp_path):
+    cfg = load_config(PACT4, check_files=False)  # activations start in epoch 1 (0-based)
+    budget = "weight_bytes=uniform:3,act_bytes=uniform:3"
+    finals = {("w3a3", 0): [99.0, 90.0, 93.0, 92.0], ("w3a3", 1): [99.0, 95.0, 96.0, 95.0],
+              ("plan", 0): [99.0, 94.0, 97.0, 96.5], ("plan", 1): [99.0, 96.0, 94.0, 94.5],
+              ("w4a4", 0): [99.0, 98.0, 98.0, 98.0]}
+    rows = []
+    for (name, seed), top1s in finals.items():
+        run = f"{name}-s{seed}"
+        with RunFolder(tmp_path / run).writing() as folder:
+            folder.write_config(cfg)
+            folder.write_history([{"epoch": e, "valid": {"top1": t}} for e, t in enumerate(top1s)])
+        rows.append({"run": run, "algorithm": "pact.4b", "bits": {"w3a3": 3, "w4a4": 4}.get(name, ""),
+                     "budget": budget if name == "plan" else "", "seed": seed, "status": "ok",
+                     "final_top1": top1s[-1]})
+    rows.append({**rows[0], "run": "w3a3-s2", "seed": 2, "status": "failed", "final_top1": ""})  # no pair
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = paired_table(tmp_path)
+    (row,) = table.rows  # paired with W3/A3 (the budget's uniform:3), not W4/A4
+    assert (row["reference"], row["n"], row["wins"]) == ("pact.4b W3/A3", 2, "1/2")
+    assert row["plan_top1"] == pytest.approx(95.5) and row["reference_top1"] == pytest.approx(93.5)
+    assert row["diff"] == pytest.approx(2.0) and row["diff_min"] == pytest.approx(-0.5)
+    assert row["diff_std"] == pytest.approx(((4.5 - 2) ** 2 + (-0.5 - 2) ** 2) ** 0.5)
+    assert row["worst_drop"] == pytest.approx(1.5)  # plan-s1: best 96 (epoch 1) -> 94.5 final
+    assert row["per_seed"] == "s0: 96.50 vs 92.00 (+4.50); s1: 94.50 vs 95.00 (-0.50)"
+    assert late_drop(tmp_path / "w3a3-s0") == pytest.approx(1.0)  # epoch 0 (weights only) is not counted
 
 
 def test_pareto_plot_without_runs_says_so_and_warns_nothing(tmp_path):

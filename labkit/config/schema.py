@@ -23,6 +23,8 @@ from labkit.config.spec import SPECS, QuantSpec, describe_error
 __all__ = ["ConfigError", "RunConfig", "validate", "check_quantize", "COMMANDS", "RECIPE_KWARGS"]
 
 COMMANDS = ("start", "freeze", "thaw", "stop", "verbose_on", "verbose_off")
+#: commands of the batch-norm schedule (``schedules.batchnorm``; quantizer commands do not apply)
+BN_COMMANDS = ("freeze", "thaw", "verbose_on", "verbose_off")
 #: ``network.quantize`` class keys and the quantizer role of what they build
 QUANTIZE_CLASSES = {"PACTConv2d": "weights", "PACTLinear": "weights", "PACTUnsignedAct": "unsigned_act"}
 #: keyword arguments of the reference's ``pact_recipe`` (beside ``config``), as in its MobileNet recipes
@@ -359,28 +361,35 @@ class StartKwargs(Section):
 class Schedules(Section):
     linear: dict[str, Any] = Field(default_factory=dict)
     activation: dict[str, Any] = Field(default_factory=dict)
+    batchnorm: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("linear", "activation")
+    @field_validator("linear", "activation", "batchnorm")
     @classmethod
-    def _commands(cls, schedule: dict[str, Any]) -> dict[str, Any]:
+    def _commands(cls, schedule: dict[str, Any], info) -> dict[str, Any]:
+        allowed = BN_COMMANDS if info.field_name == "batchnorm" else COMMANDS
         for epoch, cmds in schedule.items():
             _epoch_key(epoch)
             listed = [cmds] if isinstance(cmds, str) else cmds
             if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
                 raise problem(f"expected a command or a list of commands, got {cmds!r}", epoch,
-                              f"Commands: {', '.join(COMMANDS)}")
+                              f"Commands: {', '.join(allowed)}")
             for c in listed:
-                if c not in COMMANDS:
-                    close = difflib.get_close_matches(c, COMMANDS, n=1, cutoff=0.6)
+                if c not in allowed:
+                    close = difflib.get_close_matches(c, allowed, n=1, cutoff=0.6)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise problem(f"unknown command {c!r}{hint}", epoch, f"Commands: {', '.join(COMMANDS)}")
+                    raise problem(f"unknown command {c!r}{hint}", epoch, f"Commands: {', '.join(allowed)}")
         return schedule
+
+
+class BatchNormKwargs(Section):
+    recalibration_batches: int = Field(16, ge=0)
 
 
 class Controllers(Section):
     schedules: Schedules
     kwargs_linear: StartKwargs = Field(default_factory=StartKwargs)
     kwargs_activation: StartKwargs = Field(default_factory=StartKwargs)
+    kwargs_batchnorm: BatchNormKwargs = Field(default_factory=BatchNormKwargs)
 
 
 class ControllersCall(Section):

@@ -265,8 +265,9 @@ PARETO_STYLE = {"uniform": ("o", "#4c72b0"), "proposed": ("*", "#c44e52"), "mixe
 
 def plot_pareto(points, x: str = "weight_bytes", ax=None):
     """Top-1 against a cost total (``weight_bytes``, ``act_bytes`` or ``BOPs``) of measured plans: rows of
-    :func:`labkit.precision.pareto.collect_points` (mean over seeds, bars from the worst to the best seed), the front of
-    plans no other beats in both, and FP32 runs as a dashed line. Returns the figure."""
+    :func:`labkit.precision.pareto.collect_points` (mean over seeds, bars from the worst to the best seed, a
+    tick per seed), the front of plans no other beats in both, and FP32 runs as a dashed line. Returns the
+    figure."""
     rows = list(getattr(points, "rows", points))
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
@@ -279,6 +280,9 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
         spread = [[r["top1"] - r["top1_min"] for r in mine], [r["top1_max"] - r["top1"] for r in mine]]
         ax.errorbar(xs, ys, yerr=spread, fmt=marker, color=colour, ms=11 if marker == "*" else 7, capsize=3,
                     label=kind)
+        seeds = [(r[x], t) for r in mine if r.get("n", 1) > 1 for t in r.get("top1s", ())]
+        if seeds:  # every seed's run, beside its plan's mean
+            ax.scatter(*zip(*seeds), s=12, color=colour, alpha=0.45, marker="_", linewidths=1.5, zorder=3)
         for r in mine:
             ax.annotate(textwrap.fill(f"{r['label']} (n={r['n']})", 34), (r[x], r["top1"]), textcoords="offset points",
                         xytext=(6, 4), fontsize=7)

@@ -72,7 +72,7 @@ from labkit.lab.sweep_jobs import (
     write_record,
 )
 from labkit.precision.allocate import propose
-from labkit.precision.pareto import describe_plan
+from labkit.precision.pareto import describe_plan, paired_table
 from labkit.precision.sensitivity import DEFAULT_BITS
 from labkit.train.loop import train
 from labkit.train.runs import RunFolder, read_history
@@ -413,6 +413,10 @@ def _results(out: Path, tasks: list[dict], record: dict) -> Table:
     table = Table(rows, COLUMNS, title=title)
     table.to_csv(out / "results.csv")
     _plot(rows, out / "results.png")
+    paired = paired_table(out)  # budget plans against the uniform run of the same seed
+    if paired.rows:
+        paired.to_csv(out / "paired.csv")
+        log(str(paired))
     return table
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +40,26 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from labkit.config.budget import BudgetError, describe_budget, parse_budget
+from labkit.config.budget import (
+    MIN_BITS_KEY,
+    BudgetError,
+    bit_choices,
+    budget_floors,
+    budget_limits,
+    describe_budget,
+    parse_budget,
+)
 from labkit.config.tables import Table
-from labkit.precision.bitplan import INPUT, BitPlan
+from labkit.precision.bitplan import FLOAT, INPUT, BitPlan
 from labkit.precision.costs import act_bytes, bops, weight_bytes
 from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sensitivity
 
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
+#: structural limits :func:`propose` adds unless the budget states them: the first conv's weights at 8 bits (it
+#: reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the activations it
+#: reads (the last feature activation and the pool requantizer) at 4 bits at least
+DEFAULT_FLOORS = {"first": 8, "last": 4}
 
 
 @dataclass
@@ -107,16 +120,64 @@ def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAUL
             n_calib: int = 256, progress: bool = False) -> Allocation:
     """Measure (or read the cached) sensitivity of PACT/TQT config ``cfg`` with the weights of ``checkpoint``
     (default ``network.pretrained``) at ``bits``, and allocate bits (``w_bits`` / ``a_bits``: the allowed
-    choices, default ``bits``) under ``budget`` (:func:`labkit.config.budget.parse_budget`)."""
-    spec = parse_budget(budget)
+    choices, default ``bits``) under ``budget`` (:func:`labkit.config.budget.parse_budget`) and the structural
+    limits of :data:`DEFAULT_FLOORS` that the budget does not set itself. A budget that no plan of the allowed
+    bits meets is refused (:class:`BudgetError`) before anything is measured."""
+    bits = bit_choices(bits)
+    w_choices = _choices(w_bits, bits, "weight")
+    a_choices = _choices(a_bits, bits, "activation")
+    spec = with_default_floors(parse_budget(budget), max(w_choices + a_choices))
+    plan = BitPlan.from_config(cfg)
+    _check_feasible(plan, resolve_budget(plan, spec), *allowed_bits(plan, spec, w_choices, a_choices))
     sensitivity = measure_sensitivity(cfg, checkpoint, bits, n_calib, progress=progress)
-    return allocate(BitPlan.from_config(cfg), sensitivity, spec, w_bits, a_bits)
+    return allocate(plan, sensitivity, spec, w_bits, a_bits)
+
+
+def with_default_floors(spec: dict, most_bits: int = max(DEFAULT_BITS)) -> dict:
+    """``spec`` with each structural limit of :data:`DEFAULT_FLOORS` it does not state (at most ``most_bits``,
+    the most any choice allows); a budget overrides a default by stating it, e.g. ``min_bits:last=2``."""
+    stated = budget_floors(spec)
+    return {**spec, **{f"{MIN_BITS_KEY}{k}": min(b, most_bits) for k, b in DEFAULT_FLOORS.items() if k not in stated}}
 
 
 def resolve_budget(plan: BitPlan, spec: dict) -> dict[str, int]:
     """Limits as numbers: ``uniform:W/A`` becomes the total of ``plan`` with every layer at W/A bits."""
     return {metric: int(uniform_totals(plan, *limit)[metric] if isinstance(limit, tuple) else limit)
-            for metric, limit in parse_budget(spec).items()}
+            for metric, limit in budget_limits(parse_budget(spec)).items()}
+
+
+def allowed_bits(plan: BitPlan, spec: dict, w_choices: tuple, a_choices: tuple) -> tuple[dict, dict]:
+    """``(per layer, per activation group)``: the allowed bits that meet the budget's structural limits
+    (:func:`labkit.config.budget.budget_floors`; ``first``: the first layer, ``last``: the last, else layers and
+    activation quantizers whose names the regex matches from the start). A named layer's weights and the group of
+    the quantizer it reads (not the input) take at least the limit; so does a named quantizer's group."""
+    groups = plan.activation_groups()
+    w_min = dict.fromkeys(plan.w_bits, 0)
+    a_min = dict.fromkeys(groups, 0)
+    layers = [g.name for g in plan.layers]
+    for selector, b in budget_floors(parse_budget(spec)).items():
+        named = {"first": layers[:1], "last": layers[-1:]}.get(selector)
+        quantizers = []
+        if named is None:
+            named = [n for n in layers if re.match(selector, n)]
+            quantizers = [q for q in plan.a_bits if q not in (INPUT, FLOAT) and re.match(selector, q)]
+        if not named and not quantizers:
+            raise BudgetError(f"budget min_bits:{selector} names no layer or activation of this network (layers "
+                              f"{layers[0]} ... {layers[-1]}): use first, last or a module name regex")
+        reads = [g.input for g in plan.layers if g.name in named and g.input not in (INPUT, FLOAT)]
+        for n in named:
+            w_min[n] = max(w_min[n], b)
+        for q in reads + quantizers:
+            a_min[plan.leader(q)] = max(a_min[plan.leader(q)], b)
+    w_allowed = {n: tuple(c for c in w_choices if c >= m) for n, m in w_min.items()}
+    a_allowed = {g: tuple(c for c in a_choices if c >= m) for g, m in a_min.items()}
+    for what, allowed, minimum, choices in (("weights of", w_allowed, w_min, w_choices),
+                                             ("activation", a_allowed, a_min, a_choices)):
+        empty = next((n for n, c in allowed.items() if not c), None)
+        if empty is not None:
+            raise BudgetError(f"budget: the {what} '{empty}' must take at least {minimum[empty]} bits, but the "
+                              f"allowed bits are {', '.join(map(str, choices))}: allow more bits or lower the limit")
+    return w_allowed, a_allowed
 
 
 def uniform_totals(plan: BitPlan, w_bits: int, a_bits: int) -> dict:
@@ -136,12 +197,13 @@ def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bit
     """The optimal plan (module docstring) for ``budget``; ``plan`` is not changed (the result holds a copy)."""
     spec = parse_budget(budget)
     limits = resolve_budget(plan, spec)
-    w_choices = _choices(w_bits, sensitivity, "weight")
-    a_choices = _choices(a_bits, sensitivity, "activation")
+    w_choices = _choices(w_bits, sensitivity.bits, "weight")
+    a_choices = _choices(a_bits, sensitivity.bits, "activation")
     groups = plan.activation_groups()
     _check_covered(plan, sensitivity, groups)
-    _check_feasible(plan, limits, w_choices, a_choices)
-    program = _Program(plan, sensitivity, groups, limits, w_choices, a_choices)
+    w_allowed, a_allowed = allowed_bits(plan, spec, w_choices, a_choices)
+    _check_feasible(plan, limits, w_allowed, a_allowed)
+    program = _Program(plan, sensitivity, groups, limits, w_choices, a_choices, (w_allowed, a_allowed))
     result = copy.deepcopy(plan)
     for _ in range(MAX_CUTS):
         chosen = program.solve()
@@ -157,12 +219,12 @@ def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bit
     raise RuntimeError(f"no plan within the budget after {MAX_CUTS} solver tolerance cuts: report this budget")
 
 
-def _choices(bits, sensitivity: Sensitivity, what: str) -> tuple[int, ...]:
-    out = tuple(sorted(set(sensitivity.bits if bits is None else bits)))
-    missing = [b for b in out if b not in sensitivity.bits]
+def _choices(bits, measured: tuple[int, ...], what: str) -> tuple[int, ...]:
+    out = tuple(sorted(set(measured if bits is None else bits)))
+    missing = [b for b in out if b not in measured]
     if not out or missing:
         raise BudgetError(f"{what} bits {missing or list(out)}: the sensitivity was measured at "
-                          f"{', '.join(map(str, sensitivity.bits))} bits only; allow those or measure it at these too")
+                          f"{', '.join(map(str, measured))} bits only; allow those or measure it at these too")
     return out
 
 
@@ -175,20 +237,31 @@ def _check_covered(plan: BitPlan, sensitivity: Sensitivity, groups: dict) -> Non
                               "measured on another network; measure it with this config")
 
 
-def _check_feasible(plan: BitPlan, limits: dict, w_choices: tuple, a_choices: tuple) -> None:
-    """The plan with the fewest allowed bits everywhere is the cheapest in every total: it must fit."""
-    totals = uniform_totals(plan, w_choices[0], a_choices[0])
+def _check_feasible(plan: BitPlan, limits: dict, w_allowed: dict, a_allowed: dict) -> None:
+    """The plan with the fewest allowed bits everywhere is the cheapest in every total (each total grows with
+    every layer's and group's bits): it must fit."""
+    cheapest = copy.deepcopy(plan)
+    for name, choices in w_allowed.items():
+        cheapest.set(name, w_bits=choices[0])
+    for group, choices in a_allowed.items():
+        cheapest.set_quantizer(group, choices[0])
+    totals = cheapest.totals()
+    w_low, a_low = min(c[0] for c in w_allowed.values()), min((c[0] for c in a_allowed.values()), default=None)
+    floors = any(c[0] != w_low for c in w_allowed.values()) or any(c[0] != a_low for c in a_allowed.values())
     for metric, limit in limits.items():
         if totals[metric] > limit:
-            raise BudgetError(f"budget {metric} <= {limit:,} cannot be met: even every weight at {w_choices[0]} and "
-                              f"every activation at {a_choices[0]} bits costs {totals[metric]:,}; raise the budget or "
-                              "allow fewer bits")
+            fewest = (f"the fewest allowed bits everywhere (weights {w_low}, activations {a_low}) with the "
+                      f"structural limits (min_bits; lower one by stating it, e.g. min_bits:last={w_low})"
+                      if floors else f"every weight at {w_low} and every activation at {a_low} bits")
+            raise BudgetError(f"budget {metric} <= {limit:,} cannot be met: even {fewest} costs "
+                              f"{totals[metric]:,}; raise the budget or allow fewer bits")
 
 
 class _Program:
     """The 0/1 program of the module docstring, with cuts added by :meth:`cut`."""
 
-    def __init__(self, plan: BitPlan, s: Sensitivity, groups: dict, limits: dict, w_choices, a_choices):
+    def __init__(self, plan: BitPlan, s: Sensitivity, groups: dict, limits: dict, w_choices, a_choices,
+                 allowed: tuple[dict, dict]):
         self.x = [(g.name, b) for g in plan.layers for b in w_choices]
         self.y = [(leader, b) for leader in groups for b in a_choices]
         index = {("w", *v): i for i, v in enumerate(self.x)}
@@ -236,6 +309,12 @@ class _Program:
         scale = OBJECTIVE_SCALE / max(max(abs(c) for c in cost), 1e-300)
         self.c = np.array([c * scale for c in cost] + z)
         self.rows, self.index = rows, index
+        self.upper = self._upper(*allowed)
+
+    def _upper(self, w_allowed: dict, a_allowed: dict) -> np.ndarray:
+        """Upper bounds of the columns: 0 for a choice below a structural limit, else 1."""
+        allowed = [b in w_allowed[n] for n, b in self.x] + [b in a_allowed[n] for n, b in self.y]
+        return np.r_[np.array(allowed, dtype=float), np.ones(len(self.c) - len(allowed))]
 
     def solve(self) -> dict:
         n = len(self.c)
@@ -244,7 +323,7 @@ class _Program:
         matrix = coo_array((v, (r, c)), shape=(len(self.rows), n))
         constraint = LinearConstraint(matrix, [lo for _, lo, _ in self.rows], [hi for _, _, hi in self.rows])
         integrality = np.r_[np.ones(self.n_int), np.zeros(n - self.n_int)]
-        res = milp(self.c, integrality=integrality, bounds=Bounds(0, 1), constraints=constraint,
+        res = milp(self.c, integrality=integrality, bounds=Bounds(0, self.upper), constraints=constraint,
                    options={"mip_rel_gap": 0.0, "presolve": True})
         if res.x is None:
             raise BudgetError(f"the bit allocation found no plan ({res.message}): raise the budget or allow fewer bits")

@@ -229,9 +229,11 @@ def measure(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tenso
     (every quantizer off, eval mode; ``plan``: its :class:`BitPlan`) on images ``x`` with labels ``y``.
 
     Per batch (of at most ``batch_size`` images, fewer when its recorded values would exceed
-    :data:`RECORD_BYTES`) the float run is recorded once; each layer/group at each bit-width then re-runs only
-    the graph nodes downstream of what it quantized (the others keep their recorded values: the same numbers as
-    a full forward pass, at about half the cost; so no module may work in place)."""
+    :data:`RECORD_BYTES`) the float run is recorded once; each layer/group then re-runs only the graph nodes
+    downstream of what it quantized (the others keep their recorded values), once for all bit-widths: the
+    quantized modules run each bit-width's copy of their input with that bit-width's settings, and the float
+    nodes below them one batch of ``len(bits)`` copies (the same numbers as one full forward pass per
+    bit-width, up to float rounding; so no module may work in place)."""
     modules = dict(qnet.named_modules())
     inplace = [n for n, m in modules.items() if getattr(m, "inplace", False)]
     if inplace:
@@ -241,40 +243,53 @@ def measure(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tenso
     groups = {leader: [q for name in names for q in _quantizers(name, modules)] for leader, names in members.items()}
     samples = _activation_samples(qnet, [q for qs in groups.values() for q in qs], x, batch_size)
     clips = {(q, b): _mse_clip(modules[q], samples[q], 2 ** b) for qs in groups.values() for q in qs for b in bits}
-    adders = {leader: [modules[n] for n in names if isinstance(modules[n], PACTIntegerAdd)]
-              for leader, names in members.items()}
-    jobs = [("weights", g.name, [g.name]) for g in plan.layers] + [("activations", k, v) for k, v in members.items()]
-    dirty = {name: _downstream(qnet.graph, targets) for _, name, targets in jobs}
-    sums = {(part, name, b): 0.0 for part, name, _ in jobs for b in bits}
+    jobs = [_Job("weights", g.name, [g.name], [g.name]) for g in plan.layers] + \
+        [_Job("activations", k, v, groups[k], [modules[n] for n in v if isinstance(modules[n], PACTIntegerAdd)])
+         for k, v in members.items()]
+    sums = {(job.part, job.name, b): 0.0 for job in jobs for b in bits}
     base = 0.0
-    record, rerun = _Record(qnet), _Rerun(qnet)
+    record, rerun = _Record(qnet), _Rerun(qnet, bits)
     per_image = sum(v.numel() * v.element_size() for v in record.record(x[:1]).values() if torch.is_tensor(v))
     batch_size = max(1, min(batch_size, RECORD_BYTES // per_image))
-    bar = tqdm(total=len(sums) * -(-len(x) // batch_size), desc="sensitivity", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=len(jobs) * -(-len(x) // batch_size), desc="sensitivity", disable=not progress, mininterval=1.0)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         rerun.recorded = record.record(xb)
         base += _ce_sum(rerun.recorded["output"], yb)
-        for part, name, _ in jobs:
-            quantizers = [name] if part == "weights" else groups[name]
-            rerun.dirty = dirty[name]
-            for b in bits:
-                for q in quantizers:
-                    if part == "weights":
-                        _restart(modules[q], n_levels=2 ** b)
-                    else:
-                        _start_at(modules[q], *clips[q, b])
-                for adder in adders.get(name, []) if part == "activations" else []:
-                    adder.sync_eps()  # the inputs share one eps, as in training
-                sums[part, name, b] += _ce_sum(rerun.run(xb), yb)
-                bar.update()
-            for q in quantizers:
+        for job in jobs:
+            logits = rerun.run_job(xb, job, lambda b, job=job: job.configure(modules, clips, b))
+            for b, chunk in zip(bits, logits.chunk(len(bits))):
+                sums[job.part, job.name, b] += _ce_sum(chunk, yb)
+            for q in job.quantizers:
                 modules[q].stop()
+            bar.update()
     bar.close()
     out: dict[str, dict] = {"weights": {}, "activations": {}}
     for (part, name, b), total in sums.items():
         out[part].setdefault(name, {})[b] = (total - base) / len(x)
     return base / len(x), out["weights"], out["activations"]
+
+
+@dataclass
+class _Job:
+    """One weight layer or activation group: the graph modules it quantizes (``targets``), its quantizers and
+    the adders whose inputs share one eps."""
+
+    part: str
+    name: str
+    targets: list[str]
+    quantizers: list[str]
+    adders: list = field(default_factory=list)
+
+    def configure(self, modules: dict, clips: dict, bits: int) -> None:
+        """Start the job's quantizers at ``bits``: weights by the layer's own rule, activations at their clip."""
+        for q in self.quantizers:
+            if self.part == "weights":
+                _restart(modules[q], n_levels=2 ** bits)
+            else:
+                _start_at(modules[q], *clips[q, bits])
+        for adder in self.adders:
+            adder.sync_eps()  # the inputs share one eps, as in training
 
 
 class _Record(fx.Interpreter):
@@ -292,15 +307,46 @@ class _Record(fx.Interpreter):
 
 
 class _Rerun(fx.Interpreter):
-    """Runs only the nodes named in ``dirty``; every other node gives its value in ``recorded``."""
+    """Re-runs one job for every bit-width at once: nodes outside ``dirty`` give their value in ``recorded``
+    (``len(bits)`` copies along the batch where a float node below the job reads them); the job's own modules
+    run each bit-width's part of the batch after ``configure(bits)``; the other dirty nodes the whole batch."""
 
-    recorded: dict[str, torch.Tensor] = {}
-    dirty: set[str] = set()
+    def __init__(self, module: fx.GraphModule, bits):
+        super().__init__(module)
+        self.bits = tuple(bits)
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.downstream: dict[str, tuple[set[str], set[str]]] = {}
+
+    def run_job(self, x: torch.Tensor, job: _Job, configure) -> torch.Tensor:
+        if job.name not in self.downstream:
+            dirty = _downstream(self.graph, job.targets)
+            tiled = {a.name for n in self.graph.nodes if n.name in dirty and not self._is_target(n, job.targets)
+                     for a in n.all_input_nodes if a.name not in dirty}
+            self.downstream[job.name] = dirty, tiled
+        self.dirty, self.tiled = self.downstream[job.name]
+        self.targets, self.configure, self.batch = job.targets, configure, len(x)
+        return self.run(x)
+
+    @staticmethod
+    def _is_target(n: fx.Node, targets) -> bool:
+        return n.op == "call_module" and n.target in targets
 
     def run_node(self, n: fx.Node):
         if n.op != "output" and n.name not in self.dirty:
-            return self.recorded[n.name]
-        return super().run_node(n)
+            value = self.recorded[n.name]
+            if n.name in self.tiled and torch.is_tensor(value):
+                return value.repeat(len(self.bits), *[1] * (value.dim() - 1))
+            return value
+        if not self._is_target(n, self.targets):
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        outputs = []
+        for i, b in enumerate(self.bits):
+            self.configure(b)
+            part = tuple(a[i * self.batch:(i + 1) * self.batch] if torch.is_tensor(a) and len(a) > self.batch
+                         else a for a in args)
+            outputs.append(self.call_module(n.target, part, kwargs))
+        return torch.cat(outputs)
 
 
 def _downstream(graph: fx.Graph, targets: list[str]) -> set[str]:

@@ -124,15 +124,100 @@ class PACTController:
         self.apply("verbose_on" if state.get("verbose", False) else "verbose_off")
 
 
+class BatchNormController:
+    """Drives the batch-norm layers of ``net`` by an epoch schedule (``schedules.batchnorm``). ``freeze``
+    re-estimates every layer's running mean and variance as the plain average over the next
+    ``recalibration_batches`` training batches (the network as it then is, quantizers included; 0: keep the
+    running statistics as they are), then normalises with those fixed statistics in training too, so that
+    training optimises the network that evaluation runs (standard QAT practice: batch statistics frozen for the
+    last epochs); ``thaw`` returns to batch statistics and running averages. The affine parameters keep
+    training. It acts through the trainer's hooks: before every training batch (after the loop's
+    ``model.train()``) it puts the layers in the mode the state asks for; layers are looked up then, so a
+    SyncBatchNorm conversion after construction is followed. Each command is one line in ``log``."""
+
+    COMMANDS = ("freeze", "thaw", "verbose_on", "verbose_off")
+
+    def __init__(self, net: nn.Module, schedule: dict | None, recalibration_batches: int = 16,
+                 name: str = "batchnorm"):
+        if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, int) \
+                or recalibration_batches < 0:
+            raise ValueError(f"{name} controller: recalibration_batches {recalibration_batches!r} is not a "
+                             "number of batches (>= 0)")
+        self.net, self.name = net, name
+        self.schedule = parse_schedule(schedule, f"{name} schedule")
+        for epoch, cmds in self.schedule.items():
+            wrong = [c for c in cmds if c not in self.COMMANDS]
+            if wrong:
+                raise ValueError(f"{name} schedule[{str(epoch)!r}]: command {wrong[0]!r} does not apply to batch "
+                                 f"norm; use {', '.join(self.COMMANDS)}")
+        self.recalibration_batches = recalibration_batches
+        self.momenta = {n: m.momentum for n, m in self.layers()}
+        self.frozen = False
+        self.to_average = 0  # training batches still to average into the running statistics before freezing
+        self.last_epoch = -1
+        self.log = print
+        self.detail = False
+        self.events: list[dict] = []  # nothing for quantizers.jsonl: batch norm has no bounds
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def apply(self, command: str) -> None:
+        if command not in self.COMMANDS:
+            raise ValueError(f"unknown batch-norm command {command!r}; allowed: {', '.join(self.COMMANDS)}")
+        if command.startswith("verbose"):
+            return  # batch-norm commands are always reported
+        self.frozen = command == "freeze"
+        self.to_average = self.recalibration_batches if self.frozen else 0
+        for _, m in self.layers() if self.to_average else ():
+            m.reset_running_stats()
+        how = f" after averaging the statistics of {self.to_average} training batches" if self.to_average else ""
+        self.log(f"[{self.name} controller] {command}: {len(self.momenta)} layers{how}")
+
+    def step_pre_training_epoch(self, epoch: int) -> None:
+        epoch = int(epoch)
+        for e, cmds in self.schedule.items():
+            if self.last_epoch < e <= epoch:
+                for c in cmds:
+                    self.apply(c)
+        self.last_epoch = max(self.last_epoch, epoch)
+
+    def step_pre_training_batch(self) -> None:
+        """Frozen: running statistics (eval mode), after ``to_average`` batches of plain averaging."""
+        averaging = self.frozen and self.to_average > 0
+        for n, m in self.layers():
+            m.momentum = None if averaging else self.momenta.get(n, m.momentum)  # None: the plain average
+            if self.frozen and not averaging:
+                m.eval()
+        self.to_average -= averaging
+
+    def step_pre_validation_epoch(self, epoch: int | None = None) -> None:
+        for n, m in self.layers():
+            m.momentum = self.momenta.get(n, m.momentum)
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "frozen": self.frozen, "to_average": self.to_average,
+                "schedule": {str(k): v for k, v in self.schedule.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state.get("last_epoch", -1))
+        self.frozen = bool(state.get("frozen", False))
+        self.to_average = int(state.get("to_average", 0))
+
+
 def get_pact_controllers(net: nn.Module, schedules: dict, kwargs_linear: dict | None = None,
-                         kwargs_activation: dict | None = None) -> list[PACTController]:
-    """Controllers for ``schedules = {"linear": {...}, "activation": {...}}`` (either key may be missing):
-    ``linear`` drives PACTConv2d/PACTLinear weight quantizers; ``activation`` drives activation quantizers
-    (adders' included) and syncs adder eps. ``kwargs_*`` (``init_clip_hi``/``init_clip_lo``) go to ``start``."""
+                         kwargs_activation: dict | None = None, kwargs_batchnorm: dict | None = None) -> list:
+    """Controllers for ``schedules = {"linear": {...}, "activation": {...}, "batchnorm": {...}}`` (any key may
+    be missing): ``linear`` drives PACTConv2d/PACTLinear weight quantizers; ``activation`` drives activation
+    quantizers (adders' included) and syncs adder eps; ``batchnorm`` (labkit's, not the reference's) freezes and
+    thaws the batch-norm statistics (:class:`BatchNormController`). ``kwargs_linear``/``kwargs_activation``
+    (``init_clip_hi``/``init_clip_lo``) go to ``start``; ``kwargs_batchnorm`` (``recalibration_batches``) to the
+    batch-norm controller."""
     schedules = dict(schedules or {})
-    unknown = set(schedules) - {"linear", "activation"}
+    unknown = set(schedules) - {"linear", "activation", "batchnorm"}
     if unknown:
-        raise ValueError(f"schedules: unknown key(s) {sorted(unknown)}; allowed: 'linear', 'activation'")
+        raise ValueError(f"schedules: unknown key(s) {sorted(unknown)}; allowed: 'linear', 'activation', "
+                         "'batchnorm'")
     named = [(n, m) for n, m in net.named_modules() if isinstance(m, QuantizerBase)]
     out = []
     if "linear" in schedules:
@@ -143,4 +228,6 @@ def get_pact_controllers(net: nn.Module, schedules: dict, kwargs_linear: dict | 
         adders = [m for m in net.modules() if isinstance(m, PACTIntegerAdd)]
         out.append(PACTController(mods, schedules["activation"], adders=adders, name="activation",
                                   **dict(kwargs_activation or {})))
+    if "batchnorm" in schedules:
+        out.append(BatchNormController(net, schedules["batchnorm"], **dict(kwargs_batchnorm or {})))
     return out
