@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from labkit.cli import main
 from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe_budget, format_budget, parse_budget
 from labkit.config.loading import load_config
+from labkit.config.paths import resolve
 from labkit.lab.plots import pareto_front, plot_pareto
 from labkit.models import MobileNetV2
 from labkit.precision.allocate import (
@@ -263,7 +265,10 @@ def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
     assert set(base) <= set(written)
     edits = {p for p in written if written[p] != base.get(p, object())}
     assert ("description",) in edits and written["description",].startswith("Proposed mixed precision")
-    assert all(p[:2] == ("network", "quantize") and p[-1] in ("n_levels", "quantize") for p in edits - {("description",)})
+    assert Path(written["network", "pretrained"]).is_absolute()  # config paths are recorded absolute
+    assert Path(written["network", "pretrained"]) == resolve(base["network", "pretrained"])
+    assert all(p[:2] == ("network", "quantize") and p[-1] in ("n_levels", "quantize")
+               for p in edits - {("description",), ("network", "pretrained")})
     assert any(p[-1] == "n_levels" for p in edits)
 
 
