@@ -1,7 +1,7 @@
 """Deeploy's own test flow (v0.2.1 ``DeeployTest``: generateNetwork.py, its CMake project, its test harness)
 on a labkit Deeploy export, and every logit it computes compared with ``outputs.npz``:
 
-    python tests/deeploy_flow.py EXPORT_DIR FLOW [--chunk N] [--json OUT.json]
+    python tests/deeploy_flow.py EXPORT_DIR FLOW [--chunk N] [--timeout S] [--json OUT.json]
 
 FLOW (the runner is Deeploy's ``deeployRunner_generic.py`` or ``deeployRunner_cortexm.py``, toolchain GCC):
 
@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ MISMATCH = re.compile(
 )
 ERRORS = re.compile(r"Errors:\s*(\d+)\s*out\s*of\s*(\d+)")
 STAGES = [
+    ("Timed out after", "timeout (a board run that never ends: out of heap? use a smaller --chunk)"),
     ("Network generation failed", "generate"),
     ("CMake configuration failed", "configure"),
     ("Build failed", "build"),
@@ -76,8 +78,14 @@ def _environment() -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return done.stdout + done.stderr
+    """``cmd``'s output; after ``timeout`` seconds its whole process group (cmake, qemu) is ended."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        try:
+            return proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.communicate()[0] + f"\nTimed out after {timeout} s\n"
 
 
 def deeploy_run(export_dir: Path, flow: str, timeout: int = 1800) -> tuple[str, Path]:
@@ -227,11 +235,10 @@ def main(argv=None) -> None:
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("flow", choices=sorted(FLOWS))
     parser.add_argument("--chunk", type=int, default=None, help="samples per Deeploy run (default: all)")
-    parser.add_argument(
-        "--json", type=Path, default=None, help="write the summary with every logit seen here"
-    )
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per Deeploy run (process group)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary with every logit seen")
     args = parser.parse_args(argv)
-    result = compare_chunked(args.export_dir.resolve(), args.flow, args.chunk)
+    result = compare_chunked(args.export_dir.resolve(), args.flow, args.chunk, args.timeout)
     if args.json:
         args.json.write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k != "logits_seen"}))
