@@ -11,8 +11,8 @@ FLOW (the runner is Deeploy's ``deeployRunner_generic.py`` or ``deeployRunner_co
 ``cmsis``                 the CMSIS (Cortex-M) platform unmodified: Deeploy's QEMU-ARM target (cortex-m4,
                           CMSIS-NN, Debian's arm-none-eabi-gcc and picolibc, qemu-system-arm mps2-an386 with
                           semihosting).
-``cmsis-fixed``           the same on the export rewritten by deeploy_graphs.for_cmsis, with
-                          deeploy_generate.py ``--cmsis-dw-fix`` (both say why).
+``cmsis-rewritten``       the same (Deeploy unmodified) on a copy of the export rewritten by
+                          deeploy_graphs.for_cmsis for the CMSIS mapping (it says why).
 
 Deeploy's harness compares each output with the golden data it was given (``testoutputs.h``, made from
 ``outputs.npz``) and prints every mismatch with its index (Generic: per int32 logit; QEMU-ARM: per byte); the
@@ -46,7 +46,7 @@ FLOWS = {
     "generic": ("Generic", "deeployRunner_generic.py", None),
     "generic-no-emulation": ("Generic", "deeployRunner_generic.py", ["--no-emulation"]),
     "cmsis": ("QEMU-ARM", "deeployRunner_cortexm.py", None),
-    "cmsis-fixed": ("QEMU-ARM", "deeployRunner_cortexm.py", ["--cmsis-dw-fix"]),
+    "cmsis-rewritten": ("QEMU-ARM", "deeployRunner_cortexm.py", None),
 }
 
 
@@ -210,7 +210,7 @@ def compare_chunked(export_dir: Path, flow: str, chunk: int | None = None, timeo
                 source = samples(
                     export_dir, Path(tmp) / f"{export_dir.name}-{start}", start, min(chunk, n - start)
                 )
-            if flow == "cmsis-fixed":
+            if flow == "cmsis-rewritten":
                 source = for_cmsis(source, Path(tmp) / f"{export_dir.name}-cmsis-{start}")
             parts.append(compare(source, flow, timeout))
             if not parts[-1]["completed"]:

@@ -5,8 +5,8 @@ deeploy_flow.py) on labkit's Deeploy export, every logit checked against a model
   ``round(add / (mul + 1e-3)) * mul`` (a whole number of ``mul``: the bias enters before the multiply, as in
   CMSIS-NN); the model is the export with that rewrite, run by onnxruntime in Deeploy's semantics;
 * Generic without that pass: ``outputs.npz`` itself;
-* the CMSIS platform under qemu-system-arm (the export rewritten by deeploy_graphs.for_cmsis, Deeploy's
-  depthwise parser fixed in-process): the same model as Generic as released.
+* the CMSIS platform under qemu-system-arm, Deeploy unmodified, on the export rewritten by
+  deeploy_graphs.for_cmsis: the same model as Generic as released.
 
 Needs Deeploy's source (deeploy_env.source_dir: ``$LABKIT_DEEPLOY_GIT``, ``$LABKIT_CMSIS_NN_GIT``), cmake,
 ccache and gcc, and for the CMSIS test Debian's gcc-arm-none-eabi, picolibc-arm-none-eabi and qemu-system-arm;
@@ -92,7 +92,7 @@ def test_generic_flow_without_the_emulation_pass_is_exact(exported, one_thread):
 
 def test_cmsis_flow_under_qemu_equals_the_bias_first_model(exported, one_thread):
     folder, emulated = exported
-    result = run(folder, "cmsis-fixed", chunk=2)
+    result = run(folder, "cmsis-rewritten", chunk=2)
     assert result["chunks"] == 2
     assert np.array_equal(np.array(result["logits_seen"]), emulated)
 
