@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,9 +169,18 @@ def _stage(log: str) -> str:
     return next((stage for marker, stage in STAGES if marker in log), "run")
 
 
-def compare(export_dir: Path, flow: str, timeout: int = 1800) -> dict:
-    """Run ``flow`` on the whole export; the measured result (see the module docstring)."""
+def compare(export_dir: Path, flow: str, timeout: int = 1800, keep: bool = True) -> dict:
+    """Run ``flow`` on the whole export; the measured result (see the module docstring). Without ``keep``,
+    Deeploy's generation folder for it (C sources and Deeploy's graph states, ~30 MB) is deleted after."""
     log, gen_dir = deeploy_run(export_dir, flow, timeout)
+    try:
+        return _summary(export_dir, flow, log, gen_dir)
+    finally:
+        if not keep:
+            shutil.rmtree(gen_dir, ignore_errors=True)
+
+
+def _summary(export_dir: Path, flow: str, log: str, gen_dir: Path) -> dict:
     reported = ERRORS.search(log)
     with np.load(export_dir / "outputs.npz") as z:
         want = z[z.files[0]].astype(np.int64)
@@ -212,7 +222,7 @@ def compare_chunked(export_dir: Path, flow: str, chunk: int | None = None, timeo
                 )
             if flow == "cmsis-rewritten":
                 source = for_cmsis(source, Path(tmp) / f"{export_dir.name}-cmsis-{start}")
-            parts.append(compare(source, flow, timeout))
+            parts.append(compare(source, flow, timeout, keep=source == export_dir))
             if not parts[-1]["completed"]:
                 return {**parts[-1], "samples": n, "chunk_start": start}
     total = {
