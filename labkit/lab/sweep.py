@@ -138,7 +138,7 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
         finally:
             record["pid"] = None
             write_record(out, record)
-        return _results(out, tasks, record)
+        return _results(out, tasks, record, log)
 
 
 def sweep_status(output_dir: str | Path) -> Table:
@@ -396,9 +396,10 @@ def _wait_slurm(out: Path, record: dict, log) -> None:
 
 
 # ------------------------------------------------------------------------------------------ results
-def _results(out: Path, tasks: list[dict], record: dict) -> Table:
+def _results(out: Path, tasks: list[dict], record: dict, log) -> Table:
     """The results table of ``tasks``, written as ``results.csv`` and ``results.png``: one row per point, from
-    its outcome, or its state and error when it has none (interrupted)."""
+    its outcome, or its state and error when it has none (interrupted); with budget and uniform points, the
+    paired table (plan vs uniform, same seed) as ``paired.csv``, also shown in ``log``."""
     rows = []
     for task in tasks:
         outcome = read_outcome(out, task["name"])
