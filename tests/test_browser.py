@@ -36,7 +36,7 @@ def expected_editor():
 
 
 @pytest.mark.slow
-def test_widget_editor_in_jupyterlab(tmp_path):
+def test_widget_editor_in_jupyterlab(tmp_path):  # noqa: PLR0915 (one browser session, step by step)
     import browser
 
     missing = browser.missing_requirements()

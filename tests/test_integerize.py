@@ -144,7 +144,7 @@ def test_tqt_pow2_requantizations_become_shifts(one_thread):
     shifts = [n for n, r in requant_layers(inet) if r.shift is not None]
     # code-to-code requantizations between power-of-two grids (adder inputs/outputs, the pool) are shifts
     assert "avgpool_act" in shifts and any(".integer_add." in n for n in shifts)
-    for name, r in requant_layers(inet):
+    for _name, r in requant_layers(inet):
         if r.shift is not None:
             assert r.mul.reshape(-1).unique().numel() == 1
     result = compare(qnet, inet, digits(48))

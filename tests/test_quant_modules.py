@@ -276,9 +276,9 @@ def test_conv_per_channel_weight_quantization_and_gradients():
     wq = conv.quantized_weight()
     up = torch.randn_like(wq)
     wq.backward(up)
-    h, l = conv.clip_hi.detach().view(6, 1, 1, 1), conv.clip_lo.detach().view(6, 1, 1, 1)
-    torch.testing.assert_close(conv.clip_hi.grad, (up * (w >= h)).sum((1, 2, 3), keepdim=True))
-    torch.testing.assert_close(conv.clip_lo.grad, (up * (w < l)).sum((1, 2, 3), keepdim=True))
+    hi, lo = conv.clip_hi.detach().view(6, 1, 1, 1), conv.clip_lo.detach().view(6, 1, 1, 1)
+    torch.testing.assert_close(conv.clip_hi.grad, (up * (w >= hi)).sum((1, 2, 3), keepdim=True))
+    torch.testing.assert_close(conv.clip_lo.grad, (up * (w < lo)).sum((1, 2, 3), keepdim=True))
     torch.testing.assert_close(conv.weight.grad, up * ((w >= l) & (w < h)))
 
 

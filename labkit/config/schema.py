@@ -36,7 +36,8 @@ Count = Annotated[int, Field(ge=1)]
 
 def tagged(pick, **members: Any) -> Any:
     """A union whose member ``pick(value)`` names (errors then come from that member alone)."""
-    return Annotated[Union[tuple(Annotated[m, Tag(name)] for name, m in members.items())], Discriminator(pick)]
+    union = Union[tuple(Annotated[m, Tag(name)] for name, m in members.items())]  # noqa: UP007 (runtime tuple)
+    return Annotated[union, Discriminator(pick)]
 
 
 def problem(message: str, path: str = "", fix: str = "") -> PydanticCustomError:

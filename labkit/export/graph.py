@@ -109,32 +109,7 @@ class GraphWriter:
                 continue
             base, shape = str(node.target), self.shape_of(node)
             if node.op == "call_module":
-                m = self.mods[node.target]
-                arg = env[node.args[0]]
-                if isinstance(m, QuantizeInput):
-                    self.shapes["input"] = shape
-                    self.dtypes["input"] = finn_type(m.lo, m.hi)
-                    env[node] = arg
-                elif isinstance(m, IntConv2d):
-                    env[node] = self.conv(arg, m, base, shape)
-                elif isinstance(m, IntLinear):
-                    env[node] = self.linear(arg, m, base, shape)
-                elif isinstance(m, Requant):
-                    env[node] = self.requant(arg, m, base, shape)
-                elif isinstance(m, IntAdd):
-                    parts = [self.requant(env[a], r, f"{base}.acts.{i}", shape)
-                             for i, (a, r) in enumerate(zip(node.args, m.acts))]
-                    total = self.add(parts, base, shape, sum(r.lo for r in m.acts), sum(r.hi for r in m.acts))
-                    env[node] = self.requant(total, m.act_out, f"{base}.act_out", shape)
-                elif isinstance(m, IntSumPool):
-                    if m.kernel_size is not None:
-                        raise ExportError(f"export: pool '{base}' is a windowed sum; only global average pools are "
-                                          "exported")
-                    env[node] = self.pool(arg, base, self.shape_of(node.args[0]), shape)
-                elif isinstance(m, torch.nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-                    env[node] = self.flatten(arg, base, shape)
-                else:
-                    raise ExportError(f"export: no ONNX form for module '{node.target}' ({type(m).__name__})")
+                env[node] = self.module(node, env, base, shape)
             elif (node.op == "call_function" and node.target is torch.flatten and node.args[1:] in ((1,), ())) \
                     or (node.op == "call_method" and node.target == "flatten" and node.args[1:] in ((1,), ())):
                 env[node] = self.flatten(env[node.args[0]], base, shape)
@@ -144,6 +119,34 @@ class GraphWriter:
                 not isinstance(self.mods[output.target], (IntConv2d, IntLinear)):
             raise ExportError("export: the network must end with a conv/linear layer (its int logits are the output)")
         return env[output], self.shape_of(output)
+
+    def module(self, node: fx.Node, env: dict, base: str, shape: tuple) -> Value:
+        """The ONNX value of one integer module of the graph."""
+        m = self.mods[node.target]
+        arg = env[node.args[0]]
+        if isinstance(m, QuantizeInput):
+            self.shapes["input"] = shape
+            self.dtypes["input"] = finn_type(m.lo, m.hi)
+            return arg
+        if isinstance(m, IntConv2d):
+            return self.conv(arg, m, base, shape)
+        if isinstance(m, IntLinear):
+            return self.linear(arg, m, base, shape)
+        if isinstance(m, Requant):
+            return self.requant(arg, m, base, shape)
+        if isinstance(m, IntAdd):
+            parts = [self.requant(env[a], r, f"{base}.acts.{i}", shape)
+                     for i, (a, r) in enumerate(zip(node.args, m.acts))]
+            total = self.add(parts, base, shape, sum(r.lo for r in m.acts), sum(r.hi for r in m.acts))
+            return self.requant(total, m.act_out, f"{base}.act_out", shape)
+        if isinstance(m, IntSumPool):
+            if m.kernel_size is not None:
+                raise ExportError(f"export: pool '{base}' is a windowed sum; only global average pools are "
+                                  "exported")
+            return self.pool(arg, base, self.shape_of(node.args[0]), shape)
+        if isinstance(m, torch.nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            return self.flatten(arg, base, shape)
+        raise ExportError(f"export: no ONNX form for module '{node.target}' ({type(m).__name__})")
 
     def flatten(self, value: Value, base: str, shape: tuple) -> Value:
         return self.node("Flatten", [value[0]], base, shape, dtype=self.dtypes.get(value[0]), axis=1), value[1]

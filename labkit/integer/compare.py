@@ -130,34 +130,11 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
     if missing:
         raise IntegerizeError(f"compare: the fake-quant network has no module '{missing[0]}': was inet made from it "
                               "by integerize()?")
-    local = {n: _Tally() for n, _ in layers}
-    e2e = {n: _Tally() for n, _ in layers}
+    integer_ref = _is_integer(qnet)
+    codes = _LayerCodes(qmods, layers, integer_ref)
     out_local, out_e2e = _Tally(), _Tally()
     agree = total = correct_q = correct_i = 0
     labelled = True
-    fq: dict[str, torch.Tensor] = {}
-    forcing = [True]
-
-    integer_ref = _is_integer(qnet)
-
-    def q_hook(name, eps):
-        def hook(_m, _inputs, output):
-            fq[name] = output if integer_ref else torch.round(output.double() / eps).to(torch.int64)
-        return hook
-
-    def i_hook(name):
-        def hook(_m, _inputs, output):
-            if forcing[0]:
-                local[name].add(fq[name], output)
-                return fq[name]
-            e2e[name].add(fq[name], output)
-            return None
-        return hook
-
-    hooks = []
-    for name, req in layers:
-        hooks.append(qmods[name].register_forward_hook(q_hook(name, req.eps_out)))
-        hooks.append(req.register_forward_hook(i_hook(name)))
     was = qnet.training
     qnet.eval()
     param = next(qnet.parameters(), None)
@@ -168,13 +145,12 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
             if integer_ref:
                 lq = logits_q = qnet(x)
             else:
-                codes = inet.input_quant(x)
-                logits_q = qnet((codes.double() * inet.eps_in).to(dtype))
+                logits_q = qnet((inet.input_quant(x).double() * inet.eps_in).to(dtype))
                 scale = _channel_view(inet.output_scale.to(device).double(), logits_q)
                 lq = torch.round(logits_q.double() / scale).to(torch.int64)
-            forcing[0] = True
+            codes.forcing = True
             out_local.add(lq, inet(x))
-            forcing[0] = False
+            codes.forcing = False
             logits_i = inet(x)
             out_e2e.add(lq, logits_i)
             pq, pi = logits_q.argmax(1), logits_i.argmax(1)
@@ -187,16 +163,49 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
                 correct_q += int((pq == y).sum())
                 correct_i += int((pi == y).sum())
     finally:
-        for h in hooks:
-            h.remove()
+        codes.remove()
         qnet.train(was)
-    rows = [_row(name, "shift" if req.shift is not None else "requant", local[name], e2e[name])
+    rows = [_row(name, "shift" if req.shift is not None else "requant", codes.local[name], codes.e2e[name])
             for name, req in layers]
     rows.append(_row("output (logits, in LSB)", "logits", out_local, out_e2e))
     return Comparison(rows, total, 100.0 * agree / max(total, 1),
                       100.0 * correct_q / total if labelled and total else None,
                       100.0 * correct_i / total if labelled and total else None,
                       "integer reference" if integer_ref else "fake-quant")
+
+
+class _LayerCodes:
+    """Forward hooks on both networks: the reference's output codes per requantization (``round(y / eps)``,
+    or the codes of an integer reference), and each requantization of the integer network compared with them:
+    fed them while ``forcing`` (layer by layer, ``local``), left alone otherwise (end to end, ``e2e``)."""
+
+    def __init__(self, qmods: dict, layers: list, integer_ref: bool):
+        self.local = {n: _Tally() for n, _ in layers}
+        self.e2e = {n: _Tally() for n, _ in layers}
+        self.ref: dict[str, torch.Tensor] = {}
+        self.forcing = True
+        self.handles = []
+        for name, req in layers:
+            self.handles.append(qmods[name].register_forward_hook(self._ref_hook(name, req.eps_out, integer_ref)))
+            self.handles.append(req.register_forward_hook(self._int_hook(name)))
+
+    def _ref_hook(self, name: str, eps, integer_ref: bool):
+        def hook(_m, _inputs, output):
+            self.ref[name] = output if integer_ref else torch.round(output.double() / eps).to(torch.int64)
+        return hook
+
+    def _int_hook(self, name: str):
+        def hook(_m, _inputs, output):
+            if self.forcing:
+                self.local[name].add(self.ref[name], output)
+                return self.ref[name]
+            self.e2e[name].add(self.ref[name], output)
+            return None
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _row(name: str, kind: str, local: _Tally, e2e: _Tally) -> dict:

@@ -212,28 +212,7 @@ class _Builder:
             raise IntegerizeError(f"integerize: {self._describe(node)} reads a float tensor attribute inside the "
                                   "graph; fold it into a layer")
         if node.op == "call_module":
-            m = self.qmods[node.target]
-            if isinstance(m, (PACTConv2d, PACTLinear)):
-                return self._linear_op(node, m)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                return self._batchnorm(node, m)
-            if isinstance(m, _ACTS):
-                return self._act(node, m)
-            if isinstance(m, PACTIntegerAdd):
-                return self._integer_add(node, m)
-            if isinstance(m, _POOLS):
-                return self._pool(node, m)
-            if isinstance(m, IDENTITY_MODULES):
-                return self._arg(node, node.args[0])
-            if isinstance(m, SHAPE_MODULES):
-                v = self._arg(node, node.args[0])
-                new = self._add_module(node.target, type(m)(*_flatten_args(m)), (v.node,))
-                return _replace(v, new)
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                raise IntegerizeError(
-                    f"integerize: {self._describe(node)} is not quantized: add it to network.quantize "
-                    f"({'PACTConv2d' if isinstance(m, nn.Conv2d) else 'PACTLinear'}) and fine-tune")
-            raise self._float_op(node)
+            return self._module(node, self.qmods[node.target])
         if node.op == "call_function" and node.target in ADD_FUNCTIONS:
             raise IntegerizeError(
                 f"integerize: {self._describe(node)} in '{node.meta.get('labkit_scope') or 'the root'}' adds two "
@@ -248,6 +227,29 @@ class _Builder:
                                       "shape arguments are supported")
             fn = self.graph.call_function if node.op == "call_function" else self.graph.call_method
             return _replace(v, fn(node.target, args=(v.node, *rest), kwargs=dict(node.kwargs)))
+        raise self._float_op(node)
+
+    def _module(self, node: fx.Node, m: nn.Module):
+        if isinstance(m, (PACTConv2d, PACTLinear)):
+            return self._linear_op(node, m)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return self._batchnorm(node, m)
+        if isinstance(m, _ACTS):
+            return self._act(node, m)
+        if isinstance(m, PACTIntegerAdd):
+            return self._integer_add(node, m)
+        if isinstance(m, _POOLS):
+            return self._pool(node, m)
+        if isinstance(m, IDENTITY_MODULES):
+            return self._arg(node, node.args[0])
+        if isinstance(m, SHAPE_MODULES):
+            v = self._arg(node, node.args[0])
+            new = self._add_module(node.target, type(m)(*_flatten_args(m)), (v.node,))
+            return _replace(v, new)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise IntegerizeError(
+                f"integerize: {self._describe(node)} is not quantized: add it to network.quantize "
+                f"({'PACTConv2d' if isinstance(m, nn.Conv2d) else 'PACTLinear'}) and fine-tune")
         raise self._float_op(node)
 
     def _float_op(self, node: fx.Node) -> IntegerizeError:

@@ -257,6 +257,30 @@ def _check_feasible(plan: BitPlan, limits: dict, w_allowed: dict, a_allowed: dic
                               f"{totals[metric]:,}; raise the budget or allow fewer bits")
 
 
+def _bops_row(plan: BitPlan, index: dict, w_choices, a_choices, rows: list, z: list, n_cost: int) -> dict:
+    """The BOPs row: products of a layer's weight bits and the bits of the group it reads, linearised with
+    one 0/1 column ``z[b, a]`` per pair (appended to ``z``; ``sum_a z[b, a] = x[b]``, ``sum_b z[b, a] = y[a]``
+    appended to ``rows``)."""
+    row: dict[int, float] = {}
+    for g in plan.layers:
+        if g.input == INPUT:
+            for b in w_choices:
+                row[index["w", g.name, b]] = bops(g.macs, b, plan.a_bits[INPUT])
+            continue
+        group = plan.leader(g.input)
+        cols = {}
+        for b in w_choices:
+            for a in a_choices:
+                cols[b, a] = n_cost + len(z)
+                z.append(0.0)
+                row[cols[b, a]] = bops(g.macs, b, a)
+        for b in w_choices:
+            rows.append(({index["w", g.name, b]: -1.0, **{cols[b, a]: 1.0 for a in a_choices}}, 0.0, 0.0))
+        for a in a_choices:
+            rows.append(({index["a", group, a]: -1.0, **{cols[b, a]: 1.0 for b in w_choices}}, 0.0, 0.0))
+    return row
+
+
 class _Program:
     """The 0/1 program of the module docstring, with cuts added by :meth:`cut`."""
 
@@ -286,23 +310,8 @@ class _Program:
                 for leader, members in groups.items():
                     for b in a_choices:
                         row[index["a", leader, b]] = sum(act_bytes(math.prod(geometry[q].shape), b) for q in members)
-            else:  # BOPs: products of a layer's weight bits and the bits of the group it reads
-                for g in plan.layers:
-                    if g.input == INPUT:
-                        for b in w_choices:
-                            row[index["w", g.name, b]] = bops(g.macs, b, plan.a_bits[INPUT])
-                        continue
-                    group = plan.leader(g.input)
-                    cols = {}
-                    for b in w_choices:
-                        for a in a_choices:
-                            cols[b, a] = len(cost) + len(z)
-                            z.append(0.0)
-                            row[cols[b, a]] = bops(g.macs, b, a)
-                    for b in w_choices:  # sum_a z[b, a] = x[b]
-                        rows.append(({index["w", g.name, b]: -1.0, **{cols[b, a]: 1.0 for a in a_choices}}, 0.0, 0.0))
-                    for a in a_choices:  # sum_b z[b, a] = y[a]
-                        rows.append(({index["a", group, a]: -1.0, **{cols[b, a]: 1.0 for b in w_choices}}, 0.0, 0.0))
+            else:
+                row = _bops_row(plan, index, w_choices, a_choices, rows, z, len(cost))
             rows.append(({c: v / (limit - fixed) for c, v in row.items()}, -np.inf, 1.0))
         self.n_int = len(cost)
         # the solver's optimality gap is absolute (1e-6): the largest sensitivity becomes OBJECTIVE_SCALE

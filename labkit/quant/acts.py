@@ -58,7 +58,8 @@ class _ActQuantizer(QuantizerBase):
         mode = self.init_clip
         if mode != "const" and int(self.n_stat_batches) == 0:
             warnings.warn(f"{type(self).__name__}: start() with init_clip={mode!r} but no statistics were gathered "
-                          f"(no training batch before start): using const [{self.init_clip_lo}, {self.init_clip_hi}]")
+                          f"(no training batch before start): using const [{self.init_clip_lo}, {self.init_clip_hi}]",
+                          stacklevel=3)
             mode = "const"
         return qinit.act_clip(self.stats(), mode, self.nb_std, self.init_clip_lo, self.init_clip_hi)
 
