@@ -279,7 +279,7 @@ def test_conv_per_channel_weight_quantization_and_gradients():
     hi, lo = conv.clip_hi.detach().view(6, 1, 1, 1), conv.clip_lo.detach().view(6, 1, 1, 1)
     torch.testing.assert_close(conv.clip_hi.grad, (up * (w >= hi)).sum((1, 2, 3), keepdim=True))
     torch.testing.assert_close(conv.clip_lo.grad, (up * (w < lo)).sum((1, 2, 3), keepdim=True))
-    torch.testing.assert_close(conv.weight.grad, up * ((w >= l) & (w < h)))
+    torch.testing.assert_close(conv.weight.grad, up * ((w >= lo) & (w < hi)))
 
 
 def test_conv_sawb_symmetric_per_layer():
