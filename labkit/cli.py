@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "operators, requantization as Mul-Add-Div-Floor-Clip, symbolic batch), qonnx (the same with the "
                     "batch fixed to --n-inputs and a shape on every tensor, for qonnx's execute_onnx), deeploy "
                     "(the int32 twin: one RequantShift node per requantization, as Deeploy's Generic platform reads "
-                    "it; writes int32.csv, the per-layer shift, bound and headroom). docs/export.md says which "
+                    "it; writes int32.csv, the per-layer shifts, bound, headroom, proven error and the share of codes "
+                    "identical to the exact twin on the exported images). docs/export.md says which "
                     "tools and versions were run on each.")
     ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
     ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy"), default="onnx",
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export[-<target>]")
     ex.add_argument("--n-inputs", type=int, default=8, metavar="N", help="validation images in the golden data "
                     "(default 8; the static batch of the qonnx and deeploy targets)")
+    ex.add_argument("--batch", type=int, metavar="B", help="qonnx and deeploy: the network's static batch (default "
+                    "--n-inputs; it must divide --n-inputs: the golden data then holds several runs)")
     ex.add_argument("--activations", action="store_true", help="also write activations.npz (every layer)")
     ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer of the exact twin; "
                     "default: the most exact per layer")
@@ -368,7 +371,7 @@ def cmd_export(args) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from labkit.export import check_export, export
-    from labkit.integer import int32_twin
+    from labkit.integer import compare, int32_twin
 
     _, inet, train, val = _integer_run(args)
     n = max(1, min(args.n_inputs, len(val)))
@@ -376,8 +379,9 @@ def cmd_export(args) -> None:
     if args.target == "deeploy":
         calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
                                                     batch_size=64)
-        inet, plan = int32_twin(inet, calibration or None, args.margin)
-    paths = export(inet, out, inputs, target=args.target, activations=args.activations)
+        exact, (inet, plan) = inet, int32_twin(inet, calibration or None, args.margin)
+        plan.add_agreement(compare(exact, inet, inputs), f"the {n} exported images")
+    paths = export(inet, out, inputs, target=args.target, activations=args.activations, batch=args.batch)
     if args.target == "deeploy":
         paths["int32"] = out / "int32.csv"
         plan.table().to_csv(paths["int32"])
