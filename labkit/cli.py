@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "for every input")
     ex.add_argument("--margin", type=float, default=2.0, metavar="M", help="deeploy with --calibrate: factor on "
                     "the largest values seen (default 2)")
+    ex.add_argument("--max-groups", type=int, default=None, metavar="K", help="deeploy: the most shift groups "
+                    "(RequantShift nodes) per requantization (default 2; 1: one shift each)")
+    ex.add_argument("--no-preclip", action="store_true", help="deeploy: no pre-clip (fewer nodes, no Mul "
+                    "constants; less precise on 8-bit networks: docs/export.md)")
     ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
     ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
     return parser
@@ -365,6 +369,8 @@ def cmd_export(args) -> None:
     run = resolve(args.run)
     out = _writable_folder(Path(args.output_dir) if args.output_dir else (run if run.is_dir() else run.parent) /
                            ("export" if args.target == "onnx" else f"export-{args.target}"), "export folder")
+    if (args.max_groups is not None or args.no_preclip) and args.target != "deeploy":
+        raise UsageError("--max-groups and --no-preclip set the int32 twin of --target deeploy only")
     if args.calibrate is not None and (args.target != "deeploy" or args.calibrate < 1):
         raise UsageError("--calibrate N (N >= 1 training images) sets the int32 shifts of --target deeploy only")
     import torch
@@ -379,7 +385,10 @@ def cmd_export(args) -> None:
     if args.target == "deeploy":
         calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
                                                     batch_size=64)
-        exact, (inet, plan) = inet, int32_twin(inet, calibration or None, args.margin)
+        forms = {"preclip": False} if args.no_preclip else {}
+        if args.max_groups is not None:
+            forms["max_groups"] = args.max_groups
+        exact, (inet, plan) = inet, int32_twin(inet, calibration or None, args.margin, **forms)
         plan.add_agreement(compare(exact, inet, inputs), f"the {n} exported images")
     paths = export(inet, out, inputs, target=args.target, activations=args.activations, batch=args.batch)
     if args.target == "deeploy":

@@ -26,7 +26,7 @@ def nets(pact8):
         # pact32: the plain int32 twin, one RequantShift per requantization (test_int32 and test_deeploy check
         # the default twin's shift groups and pre-clips)
         yield {"pact": inet, "tqt_pow2": integerize(tqt, eps_in_for(bits=8, pow2=True), SHAPE),
-               "pact32": int32_twin(inet, max_groups=1, preclip=False)[0]}
+               "pact32": int32_twin(inet, max_groups=1, preclip=False, flat=False)[0]}
     finally:
         torch.set_num_threads(n)
 

@@ -28,9 +28,9 @@ from test_integerize import digits, qat_runs  # noqa: F401 - the trained runs fi
 
 @pytest.fixture(scope="module")
 def twins(pact8, one_thread):
-    """The plain int32 twin: one shift per requantization, no pre-clip."""
+    """The plain int32 twin: one shift per requantization, no pre-clip, the constants rounded."""
     qnet, inet = pact8
-    return qnet, inet, *int32_twin(inet, max_groups=1, preclip=False)
+    return qnet, inet, *int32_twin(inet, max_groups=1, preclip=False, flat=False)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,13 @@ def test_int32_requant_is_the_kernel_arithmetic_and_catches_overflow():
 def test_calibrated_shifts_are_larger_and_an_input_beyond_them_is_caught(twins):
     _, inet, _, proven = twins
     images = digits(16)
-    inet_cal, plan = int32_twin(inet, calibration=[images], margin=1.5, max_groups=1, preclip=False)
+    inet_cal, plan = int32_twin(inet, calibration=[images], margin=1.5, max_groups=1, preclip=False, flat=False)
     assert plan.margin == 1.5 and all(r["bounds"] == "calibrated" for r in plan.layers)
     gains = [c["d32"] - p["d32"] for c, p in zip(plan.layers, proven.layers)]
     assert min(gains) >= 0 and max(gains) >= 1
     inet_cal(images)  # within the calibrated bounds
-    blank, _ = int32_twin(inet, calibration=[torch.zeros(2, 3, 32, 32)], margin=1.0, max_groups=1, preclip=False)
+    blank, _ = int32_twin(inet, calibration=[torch.zeros(2, 3, 32, 32)], margin=1.0, max_groups=1, preclip=False,
+                          flat=False)
     with pytest.raises(IntegerizeError, match="calibrated bound does not hold"):
         blank(images)
     with pytest.raises(IntegerizeError, match="margin must be >= 1"):
@@ -238,33 +239,40 @@ def test_groups_give_the_small_ratio_channels_their_own_shift():
         int32_requant(r, lo, hi, max_groups=0)
 
 
-def test_default_twin_every_layer_in_int32_and_never_less_precise(twins, precise):
-    """The default twin: per channel mul/add rounded at its group's shift, every partial sum of its Deeploy nodes
-    inside int32 on the proven interval (checked from the plan and, on real inputs, by emulating the nodes) and
-    the proven error never above the plain twin's."""
-    _, inet, _, plain = twins
+def test_default_twin_every_layer_in_int32_and_exact_on_constant_images(pact8, precise):
+    """The default twin: per channel mul within 2 of the exact one rounded at its group's shift, every partial sum
+    of its Deeploy nodes inside int32 (the plan's bound on the proven interval and, on real inputs, the nodes
+    emulated), and on the constant images (every input code) the centre codes identical to the exact twin's in
+    every layer whose flat_pct is 100."""
+    inet = pact8[1]
     inet32, plan = precise
     exact = dict(requant_layers(inet))
     seen = {}
-    hooks = [r.register_forward_pre_hook(lambda _m, a, name=name: seen.__setitem__(name, a[0]))
+    hooks = [r.register_forward_hook(lambda _m, a, y, name=name: seen.setdefault(name, []).append((a[0], y)))
              for name, r in requant_layers(inet)]
+    q = inet.input_quant
     with torch.no_grad():
         inet(digits(8))
+        inet((torch.arange(q.lo, q.hi + 1).double() * q.eps).view(-1, 1, 1, 1).expand(-1, *q.out_shape))
     for h in hooks:
         h.remove()
     assert any(row["preclip"] for row in plan.layers) and any(row["groups"] > 1 for row in plan.layers)
-    for (name, r32), row, row0 in zip(requant_layers(inet32), plan.layers, plain.layers):
+    assert sum(row["flat_pct"] == 100.0 for row in plan.layers) > len(plan.layers) / 2
+    for (name, r32), row in zip(requant_layers(inet32), plan.layers):
         r = exact[name]
         n = r32.mul.numel()
         shifts = r32.shifts.expand(n) if r32.shifts.dim() == 0 else r32.shifts
         for c in range(n):
             k = r.d - int(shifts[c])
-            for v32, v in ((r32.mul, r.mul), (r32.add, r.add)):
-                v = int(v.reshape(-1)[c if v.numel() > 1 else 0])
-                assert int(v32.reshape(-1)[c]) == ((v + (1 << (k - 1))) >> k if k else v), (name, c)
-        assert row["bound"] <= INT32_MAX and row["error"] <= row0["error"] and row["nodes"] >= 1
-        x = seen[name].transpose(0, 1).flatten(1).transpose(0, 1)  # (elements, channels)
+            m = int(r.mul.reshape(-1)[c if r.mul.numel() > 1 else 0])
+            assert abs(int(r32.mul.reshape(-1)[c]) - ((m + (1 << (k - 1))) >> k if k else m)) <= 2, (name, c)
+        assert row["bound"] <= INT32_MAX and row["error"] < 1 and row["nodes"] >= 1
+        (x, _), (flat_x, flat_y) = seen[name]
+        x = x.transpose(0, 1).flatten(1).transpose(0, 1)  # (elements, channels)
         assert torch.equal(deeploy_int32(r32, x), r32(x)), name
+        centre = (slice(None), slice(None), *[size // 2 for size in flat_x.shape[2:]])
+        if row["flat_pct"] == 100.0:
+            assert torch.equal(r32(flat_x[centre]), flat_y[centre]), name
 
 
 def test_precise_deeploy_export_reproduced_by_onnxruntime(precise, tmp_path):
@@ -311,3 +319,11 @@ def test_trained_nets_default_twin_precision(qat_runs, name, one_thread):
         assert result.min_identical >= 99.9 and result.predictions == 100.0, plan.agreement
     else:
         assert result.min_identical >= 99.99, plan.agreement
+
+
+def test_cli_refuses_int32_forms_outside_the_deeploy_target(tmp_path, capsys):
+    from labkit.cli import main
+
+    for flag in (["--no-preclip"], ["--max-groups", "1"]):
+        assert main(["export", str(tmp_path / "run"), "--target", "onnx", *flag, "-o", str(tmp_path / "out")]) == 2
+        assert "--max-groups and --no-preclip set the int32 twin of --target deeploy only" in capsys.readouterr().err

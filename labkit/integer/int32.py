@@ -25,6 +25,7 @@ from labkit.integer.int32_layer import (
     PRECLIP,
     TOLERANCE,
     Int32Requant,
+    Points,
     PreClip,
     int32_requant,
 )
@@ -48,15 +49,16 @@ class Int32Plan:
     """Per requantization (graph order): its input interval (``acc_lo..acc_hi``), the int64 twin's shift ``d``,
     the int32 shifts ``d32..d32_max`` in ``groups`` shift groups, the pre-clip sides, the Deeploy ``nodes``, the
     smallest multiplier in bits, the proven ``error`` (codes: how far the int32 value before the floor can be
-    from the exact one inside the window where the output is not clipped), the int32 ``bound`` (largest partial
-    sum), the headroom ``2^31 - 1 - bound`` (also in bits) and, after :meth:`add_agreement`, ``identical_pct``."""
+    from the exact one inside the window where the output is not clipped), ``flat_pct`` (the share of the
+    constant images' centre codes that are the exact ones), the int32 ``bound`` (largest partial sum), the
+    headroom ``2^31 - 1 - bound`` (also in bits) and, after :meth:`add_agreement`, ``identical_pct``."""
 
     layers: list[dict]
     margin: float | None  # None: proven bounds
     agreement: str = ""  # what identical_pct was measured on
 
     COLUMNS = ("layer", "bounds", "acc_lo", "acc_hi", "d", "d32", "d32_max", "groups", "preclip", "nodes", "mul_bits",
-               "error", "bound", "headroom", "headroom_bits")
+               "error", "flat_pct", "bound", "headroom", "headroom_bits")
 
     @property
     def worst(self) -> dict:
@@ -195,29 +197,59 @@ def calibrated_intervals(inet: fx.GraphModule, batches, margin: float) -> dict[s
     return out
 
 
+@torch.no_grad()
+def constant_image_points(inet: fx.GraphModule) -> dict[str, Points]:
+    """Requantization name -> ``(channel, input value, exact output code)`` of the exact twin on every constant
+    input image (every input code), at the centre of the image: the values of flat image regions (a digit's
+    background), where one rounding difference repeats over many codes."""
+    q = inet.input_quant
+    codes = torch.arange(q.lo, q.hi + 1, dtype=torch.float64).view(-1, *[1] * len(q.out_shape))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def centre(t: torch.Tensor) -> torch.Tensor:  # samples x channels
+        return t[(slice(None), slice(None), *[n // 2 for n in t.shape[2:]])]
+
+    hooks = [r.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name, (centre(a[0]), centre(y))))
+             for name, r in requant_layers(inet)]
+    try:
+        inet((codes * q.eps).expand(-1, *q.out_shape))  # the input quantizer gives back the codes
+    finally:
+        for h in hooks:
+            h.remove()
+    points = {}
+    for name, (x, y) in seen.items():
+        channel = torch.arange(x.shape[1]).expand_as(x)
+        points[name] = (channel.reshape(-1), x.reshape(-1), y.reshape(-1))
+    return points
+
+
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     (root.get_submodule(parent) if parent else root)._modules[child] = new
 
 
 def int32_twin(inet: fx.GraphModule, calibration=None, margin: float = 2.0, max_groups: int = MAX_GROUPS,
-               preclip: bool = PRECLIP, tolerance: float = TOLERANCE) -> tuple[fx.GraphModule, Int32Plan]:
-    """A copy of ``inet`` whose requantizations run in int32 (module docstring), and its per-layer plan.
+               preclip: bool = PRECLIP, tolerance: float = TOLERANCE,
+               flat: bool = True) -> tuple[fx.GraphModule, Int32Plan]:
+    """A copy of ``inet`` whose requantizations run in int32 (:func:`labkit.integer.int32_layer.int32_requant`
+    per requantization), and its per-layer plan.
 
     ``calibration``: None for bounds proven on the whole input grid; or images / ``(images, labels)`` batches
     (e.g. a DataLoader) for the calibrated interval ``margin * max |x|``, not proven. ``max_groups``: the most
-    shifts one requantization may use (1: one shift per requantization); ``precision``: multiplier bits beyond
-    which a channel gains nothing from a larger shift; ``preclip``: saturate the input outside the window where
-    the output clips anyway (:class:`PreClip`) where that lowers the proven error.
+    shift groups per requantization (1: one shift each); ``preclip``: allow the pre-clip; ``tolerance``: the
+    proven error (codes) within which the form with the fewest Deeploy nodes is taken; ``flat``: move each
+    channel's constants within their rounding so that the constant images (every input code) give the exact
+    codes at their centre wherever possible (:func:`constant_image_points`).
     """
     proven = calibration is None
     intervals = input_intervals(inet) if proven else calibrated_intervals(inet, calibration, margin)
+    points = constant_image_points(inet) if flat else {}
     twin = copy.deepcopy(inet)
     rows = []
     for name, r in requant_layers(twin):
         lo, hi = intervals[name]
         new, row = int32_requant(r, lo, hi, name=name, proven=proven, max_groups=max_groups, preclip=preclip,
-                                 tolerance=tolerance)
+                                 tolerance=tolerance, points=points.get(name))
         _set_module(twin, name, new)
         rows.append(row)
     twin.eps_in, twin.output_scale = inet.eps_in, inet.output_scale

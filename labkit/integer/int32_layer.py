@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -316,18 +317,27 @@ def _choice(ch: _Channels, name: str, sides: str, top, bot, max_groups: int, pre
         m, a = cc.at([c], s)
         mul32 += m
         add32 += a
-    columns = zip(ch.mul, ch.add, mul32, add32, shifts, lo_c, hi_c, top, bot)
-    error = max(_error(m, a, m32, a32, ch.d, s, max(x, b), min(y, t))
-                for m, a, m32, a32, s, x, y, t, b in columns)
+    error = _max_error(ch, mul32, add32, shifts, cc, top, bot)
     return _Choice(sides, k, top, bot, ch, cc, shifts, mul32, add32, error, ".acts." in name)
 
 
+def _max_error(ch: _Channels, mul32, add32, shifts, clipped: _Channels, top, bot) -> float:
+    """The proven error (module docstring) over every channel's window."""
+    columns = zip(ch.mul, ch.add, mul32, add32, shifts, clipped.lo, clipped.hi, top, bot)
+    return max(_error(m, a, m32, a32, ch.d, s, max(x, b), min(y, t)) for m, a, m32, a32, s, x, y, t, b in columns)
+
+
+#: ``(channel, input value, exact output code)`` per point, int64 tensors (:func:`_match`)
+Points = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def int32_requant(r: Requant, lo: torch.Tensor, hi: torch.Tensor, *, name: str = "", proven: bool = True,
-                  max_groups: int = MAX_GROUPS, preclip: bool = PRECLIP,
-                  tolerance: float = TOLERANCE) -> tuple[Int32Requant, dict]:
+                  max_groups: int = MAX_GROUPS, preclip: bool = PRECLIP, tolerance: float = TOLERANCE,
+                  points: Points | None = None) -> tuple[Int32Requant, dict]:
     """One requantization ``r`` in int32 for inputs ``lo..hi`` (per channel or scalar), and its plan row: of
     the forms (module docstring; pre-clip sides only with ``preclip``, up to ``max_groups`` shift groups)
-    whose proven error is at most ``tolerance`` the one with the fewest Deeploy nodes, else the most precise."""
+    whose proven error is at most ``tolerance`` the one with the fewest Deeploy nodes, else the most precise;
+    then, with ``points``, each channel's constants moved within their rounding (:func:`_match`)."""
     if max_groups < 1:
         raise IntegerizeError(f"int32: max_groups must be >= 1 (shifts per requantization), got {max_groups}")
     n = max(r.mul.numel(), r.add.numel(), lo.numel(), hi.numel())
@@ -350,7 +360,60 @@ def int32_requant(r: Requant, lo: torch.Tensor, hi: torch.Tensor, *, name: str =
     if not any(best.mul32):
         raise IntegerizeError(f"int32: requantization '{name}' rounds every multiplier to 0 (its input "
                               f"reaches {min(ch.lo)}..{max(ch.hi)}): use fewer bits for the layers before it")
-    return _module(name, r, best, proven), _plan_row(name, r, best, proven)
+    flat = _match(best, points, r.lo, r.hi) if points is not None else None
+    return _module(name, r, best, proven), {**_plan_row(name, r, best, proven), "flat_pct": flat}
+
+
+def _match(best: _Choice, points: Points, lo: int, hi: int) -> float:
+    """Move each channel's ``mul32`` (by at most 2) and ``add32`` (within the int32 bound, the error below one
+    code) so that its int32 codes equal the exact ones at as many ``points`` inside its window as possible
+    (outside it both saturate alike), then as close to the rounded constants as possible; the proven error is
+    recomputed. Returns the share (%) of the points matched."""
+    chan, vals, codes = (t.numpy() for t in points)
+    order = np.argsort(chan, kind="stable")
+    starts = np.searchsorted(chan[order], np.arange(len(best.mul32) + 1))
+    big, hits, total = 1 << 45, 0, 0
+    for c, (m0, a0, s) in enumerate(zip(best.mul32, best.add32, best.shifts)):
+        at = order[starts[c]:starts[c + 1]]
+        v, y = vals[at], codes[at]
+        keep = (v >= best.bot[c]) & (v <= best.top[c])
+        v, y = v[keep], y[keep]
+        low = np.where(y > lo, y << s, -big)  # x m + a >= y 2^s (unless y is the lowest code)
+        high = np.where(y < hi, (y + 1) << s, big) - 1  # x m + a < (y + 1) 2^s (unless the highest)
+        total += len(v)
+        now = int(((v * m0 + a0 >= low) & (v * m0 + a0 <= high)).sum())
+        if now == len(v):
+            hits += now
+            continue
+        x_lo, x_hi = best.clipped.lo[c], best.clipped.hi[c]
+        options = [(-now, 0, 0, m0, a0)]
+        for m in range(m0 - 2, m0 + 3):
+            count, a = _most_covered(low - v * m, high - v * m, a0)
+            if _bound([m], [a], s, [x_lo], [x_hi]) <= INT32_MAX and _error(
+                    best.ch.mul[c], best.ch.add[c], m, a, best.ch.d, s, max(x_lo, best.bot[c]),
+                    min(x_hi, best.top[c])) < 1:  # the saturation beyond the window stays exact
+                options.append((-count, abs(m - m0), abs(a - a0), m, a))
+        count, _, _, best.mul32[c], best.add32[c] = min(options)
+        hits -= count
+    best.error = _max_error(best.ch, best.mul32, best.add32, best.shifts, best.clipped, best.top, best.bot)
+    return 100.0 * hits / total if total else 100.0
+
+
+def _most_covered(starts: np.ndarray, ends: np.ndarray, near: int) -> tuple[int, int]:
+    """``(n, a)``: the most intervals ``starts[i]..ends[i]`` that one integer lies in, and the integer closest
+    to ``near`` among those lying in ``n`` (``near`` itself with no interval)."""
+    keep = starts <= ends
+    starts, ends = starts[keep], ends[keep]
+    if not len(starts):
+        return 0, near
+    edges = np.concatenate([starts, ends + 1])
+    steps = np.concatenate([np.ones_like(starts), -np.ones_like(ends)])
+    order = np.lexsort((steps, edges))  # at one edge: closings before openings
+    edges, cover = edges[order], np.cumsum(steps[order])
+    n = int(cover.max())
+    at = np.flatnonzero(cover == n)  # the segments edges[i] .. edges[i + 1] - 1 covered n times
+    a = np.minimum(np.maximum(near, edges[at]), edges[at + 1] - 1)
+    return n, int(a[np.abs(a - near).argmin()])
 
 
 def _module(name: str, r: Requant, best: _Choice, proven: bool) -> Int32Requant:
@@ -359,7 +422,8 @@ def _module(name: str, r: Requant, best: _Choice, proven: bool) -> Int32Requant:
         clip = PreClip(best.k, torch.tensor(best.top) if "hi" in best.sides else None,
                        torch.tensor(best.bot) if "lo" in best.sides else None)
     one = len(set(best.shifts)) == 1
-    if one and r.mul.dim() == 0 and r.add.dim() == 0 and clip is None:  # scalar stays scalar
+    if one and len(set(best.mul32)) == len(set(best.add32)) == 1 and r.mul.dim() == 0 and r.add.dim() == 0 \
+            and clip is None:  # scalar stays scalar
         return Int32Requant(torch.tensor(best.mul32[0]), torch.tensor(best.add32[0]), best.shifts[0], r.lo,
                             r.hi, r.eps_out, r.signed, r.n_levels, name=name, proven=proven)
     return Int32Requant(torch.tensor(best.mul32), torch.tensor(best.add32),
