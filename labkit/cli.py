@@ -224,7 +224,8 @@ def _export_parser(sub) -> None:
                     "operators, requantization as Mul-Add-Div-Floor-Clip, symbolic batch), qonnx (the same with the "
                     "batch fixed to --n-inputs and a shape on every tensor, for qonnx's execute_onnx), deeploy "
                     "(the int32 twin: one RequantShift node per requantization, as Deeploy's Generic platform reads "
-                    "it; writes int32.csv, the per-layer shift, bound and headroom). docs/export.md says which "
+                    "it; writes int32.csv, the per-layer shifts, bound, headroom, proven error and the share of codes "
+                    "identical to the exact twin on the exported images). docs/export.md says which "
                     "tools and versions were run on each.")
     ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
     ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy"), default="onnx",
@@ -232,6 +233,8 @@ def _export_parser(sub) -> None:
     ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export[-<target>]")
     ex.add_argument("--n-inputs", type=int, default=8, metavar="N", help="validation images in the golden data "
                     "(default 8; the static batch of the qonnx and deeploy targets)")
+    ex.add_argument("--batch", type=int, metavar="B", help="qonnx and deeploy: the network's static batch (default "
+                    "--n-inputs; it must divide --n-inputs: the golden data then holds several runs)")
     ex.add_argument("--activations", action="store_true", help="also write activations.npz (every layer)")
     ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer of the exact twin; "
                     "default: the most exact per layer")
@@ -240,6 +243,10 @@ def _export_parser(sub) -> None:
                     "for every input")
     ex.add_argument("--margin", type=float, metavar="M", help="deeploy with --calibrate: factor on "
                     "the largest values seen (default 2)")
+    ex.add_argument("--max-groups", type=int, default=None, metavar="K", help="deeploy: the most shift groups "
+                    "(RequantShift nodes) per requantization (default 2; 1: one shift each)")
+    ex.add_argument("--no-preclip", action="store_true", help="deeploy: no pre-clip (fewer nodes, no Mul "
+                    "constants; less precise on 8-bit networks: docs/export.md)")
     ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
     ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
 
@@ -471,6 +478,15 @@ def _export_args(args) -> Path:
     elif args.margin is not None:
         raise ArgumentError("--margin is the factor of --calibrate: without --calibrate N the int32 bounds are "
                             "proven for every input and take no margin")
+    if (args.max_groups is not None or args.no_preclip) and args.target != "deeploy":
+        raise ArgumentError("--max-groups and --no-preclip set the int32 twin of --target deeploy only")
+    if args.max_groups is not None:
+        integer(args.max_groups, "--max-groups", 1, fix="shift groups per requantization, 2 by default")
+    if args.batch is not None:
+        integer(args.batch, "--batch", 1, fix="the static batch of the exported graph")
+        if args.n_inputs % args.batch:
+            raise ArgumentError(f"--batch {args.batch} does not divide --n-inputs {args.n_inputs}: the golden data "
+                                "holds whole runs of the static batch")
     default = (run if run.is_dir() else run.parent) / ("export" if args.target == "onnx" else f"export-{args.target}")
     return writable_folder(default if args.output_dir is None else args.output_dir, "export folder")
 
@@ -481,7 +497,7 @@ def cmd_export(args) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from labkit.export import check_export, export
-    from labkit.integer import int32_twin
+    from labkit.integer import compare, int32_twin
     from labkit.train.data import build_datasets
 
     twin = _twin(args)
@@ -493,8 +509,12 @@ def cmd_export(args) -> None:
     if args.target == "deeploy":
         calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
                                                     batch_size=64)
-        inet, plan = int32_twin(inet, calibration or None, args.margin or 2.0)
-    paths = export(inet, out, inputs, target=args.target, activations=args.activations)
+        forms = {"preclip": False} if args.no_preclip else {}
+        if args.max_groups is not None:
+            forms["max_groups"] = args.max_groups
+        exact, (inet, plan) = inet, int32_twin(inet, calibration or None, args.margin or 2.0, **forms)
+        plan.add_agreement(compare(exact, inet, inputs), f"the {args.n_inputs} exported images")
+    paths = export(inet, out, inputs, target=args.target, activations=args.activations, batch=args.batch)
     if args.target == "deeploy":
         paths["int32"] = out / "int32.csv"
         plan.table().to_csv(paths["int32"])

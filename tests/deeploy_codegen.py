@@ -6,7 +6,7 @@ Runs in Deeploy's own virtual environment (``deeploy_env.deeploy_python()`` make
 
 Writes ``OUT_DIR/Network.h`` and ``OUT_DIR/Network.c`` (``InitNetwork``/``RunNetwork`` calling Deeploy's Generic
 kernel library, which the wheel does not ship) and prints one JSON line: the operators after Deeploy's lowering,
-the C types of the network input and output, and the kernel calls in ``Network.c``.
+the C types of the network input and output, the input's length, and the kernel calls in ``Network.c``.
 """
 
 import json
@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from Deeploy.AbstractDataTypes import PointerClass
@@ -55,6 +56,7 @@ def generate(export_dir: Path, out_dir: Path) -> dict:
     return {"ops": dict(Counter(n.op for n in deployer.graph.nodes)),
             "input_type": deployer.ctxt.lookup("input_0")._type.referencedType.typeName,
             "output_type": deployer.ctxt.lookup("output_0")._type.referencedType.typeName,
+            "input_len": int(np.prod(deployer.ctxt.lookup("input_0").shape)),
             "kernels": dict(kernels), "c_lines": source.count("\n")}
 
 

@@ -23,8 +23,10 @@ def nets(pact8):
     try:
         tqt = started_net(w_bits=4, a_bits=4, tqt=True, pow2=True, seed=1)
         inet = pact8[1]
+        # pact32: the plain int32 twin, one RequantShift per requantization (test_int32 and test_deeploy check
+        # the default twin's shift groups and pre-clips)
         yield {"pact": inet, "tqt_pow2": integerize(tqt, eps_in_for(bits=8, pow2=True), SHAPE),
-               "pact32": int32_twin(inet)[0]}
+               "pact32": int32_twin(inet, max_groups=1, preclip=False, flat=False)[0]}
     finally:
         torch.set_num_threads(n)
 

@@ -35,11 +35,11 @@ from helpers import EMBEDDED_FP32, ROOT, default_quantize_config
 SHAPE = (1, 3, 32, 32)
 
 
-def started_net(w_bits=8, a_bits=8, tqt=False, pow2=False, harmonized=True, seed=0):
+def started_net(w_bits=8, a_bits=8, tqt=False, pow2=False, harmonized=True, seed=0, overrides=None):
     """A small MobileNetV2 with every quantizer started on real digits (BN statistics of one batch)."""
     torch.manual_seed(seed)
     net = MobileNetV2(capacity=0.35, num_classes=10, config="small")
-    cfg = default_quantize_config(net, w_bits, a_bits, tqt=tqt, pow2=pow2)
+    cfg = default_quantize_config(net, w_bits, a_bits, tqt=tqt, pow2=pow2, overrides=overrides)
     if not harmonized:
         cfg["harmonize"] = False
     qnet, _ = pact_recipe(net, cfg)

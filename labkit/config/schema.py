@@ -36,7 +36,7 @@ Count = Annotated[int, Field(ge=1)]
 
 def tagged(pick, **members: Any) -> Any:
     """A union whose member ``pick(value)`` names (errors then come from that member alone)."""
-    union = Union[tuple(Annotated[m, Tag(name)] for name, m in members.items())]  # noqa: UP007 (runtime tuple)
+    union = Union[tuple(Annotated[m, Tag(k)] for k, m in members.items())]  # noqa: UP007 (a runtime tuple)
     return Annotated[union, Discriminator(pick)]
 
 

@@ -22,12 +22,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from labkit.export.graph import CUSTOM_DOMAIN, ExportError, GraphWriter, Value, weight_codes
 from labkit.integer import INT32_MAX, Int32Requant, IntConv2d, IntLinear, Requant, requant_layers
+from labkit.integer.int32 import PreClip
 
 DEEPLOY_OPSET = 13
 
 
 def _half(d: int) -> int:
     return 1 << (d - 1) if d > 0 else 0
+
+
+def _full_range(n_levels: int, signed: bool) -> tuple[int, int]:
+    return (-(n_levels // 2), n_levels // 2 - 1) if signed else (0, n_levels - 1)
 
 
 def _tensor_attr(value) -> onnx.TensorProto:
@@ -37,23 +42,90 @@ def _tensor_attr(value) -> onnx.TensorProto:
 class DeeployWriter(GraphWriter):
     """The Deeploy form (module docstring); ``batch``: the static batch."""
 
+    def __init__(self, inet, batch: int | None):
+        super().__init__(inet, batch)
+        self._groups: dict[str, tuple[list[str], tuple]] = {}  # a grouped requantization: its parts, how to sum
+        self._summed: dict[str, str] = {}
+        self._steps: dict[tuple, str] = {}
+
     def requant(self, value: Value, req: Requant, base: str, shape: tuple) -> Value:
-        full = (-(req.n_levels // 2), req.n_levels // 2 - 1) if req.signed else (0, req.n_levels - 1)
+        full = _full_range(req.n_levels, req.signed)
         if (req.lo, req.hi) != full:
             raise ExportError(f"export --target deeploy: requantization '{base}' clips to {req.lo}..{req.hi}, but "
                               f"Deeploy's RequantShift clips to the full range {full[0]}..{full[1]} of its "
                               f"{req.n_levels} levels")
+        x = self.resolve(value)[0]
+        groups = req.groups if isinstance(req, Int32Requant) else [(req.d, [])]
+        if isinstance(req, Int32Requant) and req.clip is not None:
+            x = self.preclip(x, req.clip, base, shape)
+        mul, add = req.mul.cpu().numpy(), req.add.cpu().numpy()
+        if len(groups) == 1:
+            return self.requant_shift(x, mul, add, req.d, req.n_levels, req.signed, base, shape), "f"
+        parts = []
+        for i, (d, members) in enumerate(groups):  # the other channels: mul = add = 0, output code 0
+            keep = np.zeros(mul.shape, dtype=bool)
+            keep[members] = True
+            parts.append(self.requant_shift(x, np.where(keep, mul, 0), np.where(keep, add, 0), d, req.n_levels,
+                                            req.signed, f"{base}.group{i}", shape))
+        key = f"{base}:groups"
+        self._groups[key] = (parts, (req.n_levels, req.signed, base, shape))
+        return key, "f"
+
+    def resolve(self, value: Value) -> Value:
+        """A grouped requantization's output as one int8 tensor: its parts (each group's codes, 0 elsewhere)
+        added, then a unit RequantShift back to int8; emitted once, where first needed."""
+        if value[0] not in self._groups:
+            return value
+        if value[0] not in self._summed:
+            parts, (n_levels, signed, base, shape) = self._groups[value[0]]
+            total = self.sum(parts, base, shape)
+            self._summed[value[0]] = self.requant_shift(total, np.int32(1), np.int32(0), 0, n_levels, signed,
+                                                        f"{base}.sum", shape)
+        return self._summed[value[0]], "f"
+
+    def sum(self, names: list[str], base: str, shape: tuple) -> str:
+        total = names[0]
+        for name in names[1:]:
+            total = self.node("Add", [total, name], base, shape)
+        return total
+
+    def requant_shift(self, x: str, mul, add, d: int, n_levels: int, signed: bool, base: str, shape: tuple) -> str:
+        """One RequantShift node: ``clip(floor((x mul + add) / 2^d))`` (``add`` with the half step, which the
+        kernel adds itself: written as ``add - 2^(d-1)``)."""
         view = (-1,) + (1,) * (len(shape) - 2)
-        mul = req.mul.cpu().numpy().astype(np.int32)
-        add = (req.add.cpu().numpy() - _half(req.d)).astype(np.int32)
+        mul = np.asarray(mul).astype(np.int32)
+        add = (np.asarray(add) - _half(d)).astype(np.int32)
         if mul.ndim:
             mul = mul.reshape(view)
         if add.ndim:
             add = add.reshape(view)
-        out = self.node("RequantShift", [value[0], self.const(f"{base}_mul", mul), self.const(f"{base}_add", add)],
-                        base, shape, domain=CUSTOM_DOMAIN, div=_tensor_attr(2.0 ** req.d),
-                        n_levels_out=_tensor_attr([req.n_levels]), signed=_tensor_attr([int(req.signed)]))
-        return out, "f"
+        return self.node("RequantShift", [x, self.const(f"{base}_mul", mul), self.const(f"{base}_add", add)],
+                         base, shape, domain=CUSTOM_DOMAIN, div=_tensor_attr(2.0 ** d),
+                         n_levels_out=_tensor_attr([n_levels]), signed=_tensor_attr([int(signed)]))
+
+    def step(self, value: int, shape: tuple) -> str:
+        """The Mul constant ``value`` of a pre-clip, one per value and tensor shape: Deeploy's Generic Mul does not
+        broadcast, so Deeploy stores it at the size of the tensor (shared by the Mul nodes of that shape)."""
+        key = (value, tuple(shape))
+        if key not in self._steps:
+            self._steps[key] = self.const(f"preclip_step_{'m' if value < 0 else ''}{abs(value)}",
+                                          np.array([value], dtype=np.float32))
+        return self._steps[key]
+
+    def preclip(self, x: str, clip: PreClip, base: str, shape: tuple) -> str:
+        """The pre-clip (:class:`labkit.integer.int32.PreClip`) as Deeploy nodes: per side a RequantShift
+        ``e = clip(floor((+-x + c) / 2^k), 0, 255)`` (mul +-1, 256 unsigned levels), a Mul ``e * -+2^k`` and an Add;
+        both sides read the unclipped ``x`` (they never act on the same value)."""
+        out, step = x, 1 << clip.k
+        for side, edge, sign in (("hi", clip.top, 1), ("lo", clip.bot, -1)):
+            if edge is None:
+                continue
+            edge = edge.cpu().numpy().astype(np.int64)  # e = floor((x - top) / 2^k) or floor((bot - x) / 2^k)
+            e = self.requant_shift(x, np.full(edge.shape, sign), -sign * edge, clip.k, 256, False,
+                                   f"{base}.preclip_{side}", shape)
+            scaled = self.node("Mul", [e, self.step(-sign * step, shape)], f"{base}.preclip_{side}", shape)
+            out = self.node("Add", [out, scaled], f"{base}.preclip_{side}", shape)
+        return out
 
     def conv(self, value: Value, m: IntConv2d, base: str, shape: tuple) -> Value:
         if m.bias is not None:
@@ -63,7 +135,7 @@ class DeeployWriter(GraphWriter):
             raise ExportError(f"export --target deeploy: the accumulator of conv '{base}' can reach {m.acc_bound} "
                               ">= 2^31, beyond Deeploy's int32 accumulator; quantize its weights or inputs to fewer bits")
         pad = tuple(m.padding)
-        return self.node("Conv", [value[0], self.const(f"{base}_weight", weight_codes(m)[0])], base, shape,
+        return self.node("Conv", [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0])], base, shape,
                          kernel_shape=list(m.weight.shape[2:]), strides=list(m.stride),
                          pads=[pad[0], pad[1], pad[0], pad[1]], dilations=list(m.dilation), group=int(m.groups)), "f"
 
@@ -72,21 +144,24 @@ class DeeployWriter(GraphWriter):
             raise ExportError(f"export --target deeploy: the accumulator of '{base}' can reach {m.acc_bound} >= 2^31, "
                               "beyond Deeploy's int32 Gemm; quantize its weights or inputs to fewer bits")
         bias = m.bias.cpu().numpy() if m.bias is not None else np.zeros(m.weight.shape[0], dtype=np.int64)
-        inputs = [value[0], self.const(f"{base}_weight", weight_codes(m)[0]),
+        inputs = [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0]),
                   self.const(f"{base}_bias", bias.astype(np.float32 if np.abs(bias).max() < 2 ** 24 else np.int32))]
         return self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0, transB=1), "f"
 
     def pool(self, value: Value, base: str, in_shape: tuple, shape: tuple) -> Value:
         _, c, h, w = in_shape
         ones = self.const(f"{base}_ones", np.ones((c, 1, h, w), dtype=np.float32))
-        return self.node("Conv", [value[0], ones], base, shape, kernel_shape=[h, w], strides=[1, 1],
+        return self.node("Conv", [self.resolve(value)[0], ones], base, shape, kernel_shape=[h, w], strides=[1, 1],
                          pads=[0, 0, 0, 0], dilations=[1, 1], group=int(c)), "f"
 
     def add(self, parts: list[Value], base: str, shape: tuple, lo: int, hi: int) -> Value:
-        total = parts[0]
-        for p in parts[1:]:
-            total = (self.node("Add", [total[0], p[0]], base, shape), "f")
-        return total
+        names = []  # a grouped input joins the sum with its parts
+        for name, _ in parts:
+            names += self._groups[name][0] if name in self._groups and name not in self._summed else [name]
+        return self.sum(names, base, shape), "f"
+
+    def flatten(self, value: Value, base: str, shape: tuple) -> Value:
+        return super().flatten(self.resolve(value), base, shape)
 
     def build(self) -> onnx.ModelProto:
         not_int32 = [n for n, r in requant_layers(self.inet) if not isinstance(r, Int32Requant)]
@@ -106,9 +181,24 @@ class DeeployWriter(GraphWriter):
                           {"requant": "RequantShift (int32, Deeploy)", "target": "deeploy"}, value_info)
 
 
+def _in_float64(n: onnx.NodeProto, inits: dict) -> list[onnx.NodeProto]:
+    """Node ``n`` computed in float64 (its constants converted, its other inputs cast; its output float64)."""
+    nodes, ins = [], []
+    for i, name in enumerate(n.input):
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float64),
+                                                         name))
+            ins.append(name)
+        else:
+            nodes.append(helper.make_node("Cast", [name], [f"{n.name}_in{i}"], to=TensorProto.DOUBLE))
+            ins.append(f"{n.name}_in{i}")
+    return nodes + [helper.make_node(n.op_type, ins, list(n.output), name=n.name)]
+
+
 def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a Deeploy export whose RequantShift nodes are standard operators with Deeploy's semantics
-    (module docstring; float64, exact) and whose Gemm runs in float64, so onnxruntime can run it."""
+    (module docstring; float64, exact) and whose Gemm and pre-clip Mul/Add run in float64, so onnxruntime can
+    run it."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -133,6 +223,9 @@ def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
             else:
                 gemm.output[0] = f"{n.name}_out64"
                 nodes.append(helper.make_node("Cast", [f"{n.name}_out64"], list(n.output), to=TensorProto.FLOAT))
+            continue
+        if n.op_type in ("Mul", "Add") and "_preclip_" in n.name:  # accumulator arithmetic: float64
+            nodes += _in_float64(n, inits)
             continue
         if n.op_type != "RequantShift":
             nodes.append(n)

@@ -45,16 +45,19 @@ def to_onnx(inet: fx.GraphModule, path: str | Path | None = None, *, target: str
 
 @torch.no_grad()
 def export(inet: fx.GraphModule, out_dir: str | Path, inputs: torch.Tensor, *, target: str = "onnx",
-           activations: bool = False) -> dict[str, Path]:
+           activations: bool = False, batch: int | None = None) -> dict[str, Path]:
     """Write ``network.onnx``, ``inputs.npz``, ``outputs.npz`` (and ``activations.npz``) into ``out_dir``.
 
     ``inputs``: a float batch of normalised images (quantized here by ``inet.input_quant``); the qonnx and deeploy
-    targets fix the batch to its size. Returns the paths.
+    targets fix the network's batch to ``batch`` (default: all the inputs; it must divide their number: the
+    golden data then holds several runs of the network). Returns the paths.
     """
+    if batch is not None and (batch < 1 or len(inputs) % batch):
+        raise ExportError(f"export: the batch ({batch}) must divide the number of inputs ({len(inputs)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"network": out / "network.onnx", "inputs": out / "inputs.npz", "outputs": out / "outputs.npz"}
-    to_onnx(inet, paths["network"], target=target, batch=len(inputs))
+    to_onnx(inet, paths["network"], target=target, batch=batch or len(inputs))
     captured: dict[str, np.ndarray] = {}
     hooks = []
     if activations:
@@ -105,7 +108,9 @@ def check_export(out_dir: str | Path) -> dict:
         x = f["input"]
     with np.load(out / "outputs.npz") as f:
         expected = f["output"]
-    got = session.run(["output"], {"input": x})[0]
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    step = dim.dim_value if dim.HasField("dim_value") and dim.dim_value else len(x)  # a static batch: in runs
+    got = np.concatenate([session.run(["output"], {"input": x[i:i + step]})[0] for i in range(0, len(x), step)])
     exact = np.array_equal(got, expected) and (deeploy or got.dtype == expected.dtype)  # deeploy: float64 logits
     diff = int(np.abs(got.astype(np.int64) - expected).max()) if expected.size else 0
     return {"samples": int(x.shape[0]), "exact": bool(exact),

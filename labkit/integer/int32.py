@@ -1,16 +1,7 @@
-"""int32 requantization: the integer twin as a 32-bit integer device computes it.
+"""The int32 twin: every requantization of an integer network in int32 (:mod:`labkit.integer.int32_layer` says how
+one is computed and chosen), from input intervals that are **proven** by default and the per-layer plan.
 
-A device kernel such as Deeploy's RequantShift (Generic platform) runs ``y = clip(floor((x mul + add) / 2^d))`` as
-
-    t = x * mul;  t += add - h;  t += h;  y = clip(t >> d, lo, hi)        (h = 2^(d-1), 0 when d = 0)
-
-with every partial sum in int32. It is exact when, for every input ``x`` the layer can receive,
-
-    bound = max |x mul| + |add - h| + h  <=  2^31 - 1                      (covers |x mul| + |add| as well)
-
-For each requantization :func:`int32_twin` takes the largest shift ``d32 <= d`` for which this holds,
-``mul32 = round(mul 2^(d32 - d))``, ``add32 = round(add 2^(d32 - d))`` (exact integer rounding, half up).
-The interval of ``x`` is **proven** by default: propagated through the integer graph from the input grid
+The interval of each requantization's input is propagated through the integer graph from the input grid
 (conv/linear per output channel ``sum_k min(w_k lo, w_k hi) .. sum_k max(w_k lo, w_k hi)`` + bias over the
 input codes ``lo..hi``; a sum pool multiplies by the window; an adder's output requantization sees the sum
 of its inputs' code ranges), so no input on the grid can overflow. With ``calibration`` data the interval is
@@ -21,13 +12,23 @@ then checks every partial sum as it runs and raises on an overflow.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from labkit.config.tables import Table
+from labkit.integer.compare import Comparison
+from labkit.integer.int32_layer import (
+    INT32_MAX,
+    MAX_GROUPS,
+    PRECLIP,
+    TOLERANCE,
+    Int32Requant,
+    Points,
+    PreClip,
+    int32_requant,
+)
 from labkit.integer.modules import (
     IntAdd,
     IntConv2d,
@@ -36,62 +37,62 @@ from labkit.integer.modules import (
     IntSumPool,
     QuantizeInput,
     Requant,
-    _channel_view,
     requant_layers,
 )
 
-__all__ = ["INT32_MAX", "Int32Requant", "Int32Plan", "int32_twin", "input_intervals", "calibrated_intervals"]
-
-INT32_MAX = 2 ** 31 - 1
-
-
-def _half(d: int) -> int:
-    return 1 << (d - 1) if d > 0 else 0
-
-
-class Int32Requant(Requant):
-    """:class:`Requant` computed as a 32-bit device does (module docstring); raises on an int32 overflow."""
-
-    def __init__(self, mul, add, d, lo, hi, eps_out, signed, n_levels, name: str = "", proven: bool = True):
-        super().__init__(mul, add, d, lo, hi, eps_out, signed, n_levels, reduce=False)  # d: the shift chosen
-        self.name, self.proven = name, proven
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = x * _channel_view(self.mul, x)
-        t = p + _channel_view(self.add, x)
-        if x.numel():
-            peak = max(int(p.abs().max()), int(t.abs().max()), int((t - _half(self.d)).abs().max()))
-            if peak > INT32_MAX:
-                raise IntegerizeError(
-                    f"int32 requantization '{self.name}' overflows: a partial sum reached {peak} > 2^31-1 "
-                    + ("(a proven bound was violated: the input is not on the network's input grid)" if self.proven
-                       else "(its calibrated bound does not hold for this input): use a larger margin, or no "
-                            "calibration for bounds proven on the whole input grid"))
-        return (t >> self.d).clamp_(self.lo, self.hi)
+__all__ = ["INT32_MAX", "Int32Requant", "Int32Plan", "PreClip", "int32_requant", "int32_twin", "input_intervals",
+           "calibrated_intervals"]
 
 
 @dataclass
 class Int32Plan:
-    """Per requantization (graph order): interval of its input, shifts (int64 twin ``d``, int32 ``d32``),
-    the int32 ``bound`` and the headroom ``2^31 - 1 - bound`` (also in bits)."""
+    """Per requantization (graph order): its input interval (``acc_lo..acc_hi``), the int64 twin's shift ``d``,
+    the int32 shifts ``d32..d32_max`` in ``groups`` shift groups, the pre-clip sides, the Deeploy ``nodes``, the
+    smallest multiplier in bits, the proven ``error`` (codes: how far the int32 value before the floor can be
+    from the exact one inside the window where the output is not clipped), ``flat_pct`` (the share of the
+    constant images' centre codes that are the exact ones), the int32 ``bound`` (largest partial sum), the
+    headroom ``2^31 - 1 - bound`` (also in bits) and, after :meth:`add_agreement`, ``identical_pct``."""
 
     layers: list[dict]
     margin: float | None  # None: proven bounds
+    agreement: str = ""  # what identical_pct was measured on
 
-    COLUMNS = ("layer", "bounds", "acc_lo", "acc_hi", "d", "d32", "mul_bits", "bound", "headroom", "headroom_bits")
+    COLUMNS = ("layer", "bounds", "acc_lo", "acc_hi", "d", "d32", "d32_max", "groups", "preclip", "nodes", "mul_bits",
+               "error", "flat_pct", "bound", "headroom", "headroom_bits")
 
     @property
     def worst(self) -> dict:
         return min(self.layers, key=lambda r: r["headroom"])
 
+    def add_agreement(self, result: Comparison, what: str) -> None:
+        """``identical_pct`` per layer: the int32 twin's codes identical to the exact twin's, layer by layer (each
+        int32 layer fed the exact twin's input), from ``compare(inet, inet32, images)``; ``what``: the images."""
+        by_layer = {r["layer"]: r["identical"] for r in result.code_layers}
+        missing = [r["layer"] for r in self.layers if r["layer"] not in by_layer]
+        if missing or result.reference != "integer reference":
+            raise IntegerizeError("int32 plan: the comparison must be compare(inet, inet32, ...) of this plan's "
+                                  f"networks (no row for '{missing[0] if missing else result.reference}')")
+        for r in self.layers:
+            r["identical_pct"] = by_layer[r["layer"]]
+        self.agreement = f"{what}: worst layer '{result.worst['layer']}' {result.worst['identical']:.4f}% " \
+                         f"identical codes, predictions {result.predictions:.2f}% identical"
+
     def summary(self) -> str:
         how = "proven on the input grid" if self.margin is None else f"calibrated, margin x{self.margin:g}"
         d32 = [r["d32"] for r in self.layers]
-        return (f"{len(self.layers)} int32 requantizations ({how}): d32 {min(d32)}..{max(d32)}, least headroom "
-                f"{self.worst['headroom_bits']:.3f} bits in '{self.worst['layer']}'")
+        extra = [f"{sum(r['groups'] > 1 for r in self.layers)} with shift groups"] * any(r["groups"] > 1 for r in
+                                                                                          self.layers)
+        extra += [f"{sum(bool(r['preclip']) for r in self.layers)} pre-clipped"] * any(r["preclip"] for r in
+                                                                                        self.layers)
+        worst = max(self.layers, key=lambda r: r["error"])
+        return (f"{len(self.layers)} int32 requantizations ({how}{''.join(', ' + e for e in extra)}): d32 "
+                f"{min(d32)}..{max(d32)}, {sum(r['nodes'] for r in self.layers)} Deeploy nodes, largest proven error "
+                f"{worst['error']:.2g} codes in '{worst['layer']}', least headroom {self.worst['headroom_bits']:.3f} "
+                f"bits in '{self.worst['layer']}'" + (f"; int32 vs exact twin on {self.agreement}" if self.agreement
+                                                      else ""))
 
     def table(self) -> Table:
-        return Table(self.layers, self.COLUMNS, title=self.summary())
+        return Table(self.layers, self.COLUMNS + ("identical_pct",) * bool(self.agreement), title=self.summary())
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
@@ -196,44 +197,30 @@ def calibrated_intervals(inet: fx.GraphModule, batches, margin: float) -> dict[s
     return out
 
 
-# ------------------------------------------------------------------------------------------ shifts
-def _round_shift(v: int, k: int) -> int:
-    """``round(v / 2^k)`` (half up) on exact integers; ``v 2^-k`` for ``k <= 0``."""
-    return v << -k if k <= 0 else (v + (1 << (k - 1))) >> k
+@torch.no_grad()
+def constant_image_points(inet: fx.GraphModule) -> dict[str, Points]:
+    """Requantization name -> ``(channel, input value, exact output code)`` of the exact twin on every constant
+    input image (every input code), at the centre of the image: the values of flat image regions (a digit's
+    background), where one rounding difference repeats over many codes."""
+    q = inet.input_quant
+    codes = torch.arange(q.lo, q.hi + 1, dtype=torch.float64).view(-1, *[1] * len(q.out_shape))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def centre(t: torch.Tensor) -> torch.Tensor:  # samples x channels
+        return t[(slice(None), slice(None), *[n // 2 for n in t.shape[2:]])]
 
-def _channels(t: torch.Tensor, n: int) -> list[int]:
-    values = [int(v) for v in t.reshape(-1).tolist()]
-    return values * n if len(values) == 1 else values
-
-
-def _bound(mul: list[int], add: list[int], d: int, lo: list[int], hi: list[int]) -> int:
-    h = _half(d)
-    return max(max(abs(a * m), abs(b * m)) + abs(s - h) + h for m, s, a, b in zip(mul, add, lo, hi))
-
-
-def _int32_layer(name: str, r: Requant, lo: torch.Tensor, hi: torch.Tensor, proven: bool) -> Int32Requant:
-    n = max(r.mul.numel(), r.add.numel(), lo.numel(), hi.numel())
-    mul, add, lo_c, hi_c = (_channels(t, n) for t in (r.mul, r.add, lo, hi))
-    peak = max(max(abs(a), abs(b)) * abs(m) + abs(s) for m, s, a, b in zip(mul, add, lo_c, hi_c))
-    start = min(r.d, max(0, r.d - (peak.bit_length() - 31) + 2))  # the bound halves with each step of d
-    for d32 in range(start, -1, -1):
-        mul32 = [_round_shift(m, r.d - d32) for m in mul]
-        add32 = [_round_shift(a, r.d - d32) for a in add]
-        if _bound(mul32, add32, d32, lo_c, hi_c) <= INT32_MAX:
-            break
-    else:
-        raise IntegerizeError(f"int32: requantization '{name}' overflows int32 even with d=0 (its input reaches "
-                              f"{min(lo_c)}..{max(hi_c)}): use fewer bits for the layers before it")
-    if not any(mul32):
-        raise IntegerizeError(f"int32: requantization '{name}' rounds every multiplier to 0 at d={d32} (its input "
-                              f"reaches {min(lo_c)}..{max(hi_c)}): use fewer bits for the layers before it")
-    if r.mul.dim() == 0 and r.add.dim() == 0:  # scalar stays scalar (per-channel intervals give equal values)
-        mul_t, add_t = torch.tensor(mul32[0]), torch.tensor(add32[0])
-    else:
-        shape = r.mul.shape if r.mul.dim() else r.add.shape
-        mul_t, add_t = torch.tensor(mul32).reshape(shape), torch.tensor(add32).reshape(shape)
-    return Int32Requant(mul_t, add_t, d32, r.lo, r.hi, r.eps_out, r.signed, r.n_levels, name=name, proven=proven)
+    hooks = [r.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name, (centre(a[0]), centre(y))))
+             for name, r in requant_layers(inet)]
+    try:
+        inet((codes * q.eps).expand(-1, *q.out_shape))  # the input quantizer gives back the codes
+    finally:
+        for h in hooks:
+            h.remove()
+    points = {}
+    for name, (x, y) in seen.items():
+        channel = torch.arange(x.shape[1]).expand_as(x)
+        points[name] = (channel.reshape(-1), x.reshape(-1), y.reshape(-1))
+    return points
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -241,26 +228,31 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     (root.get_submodule(parent) if parent else root)._modules[child] = new
 
 
-def int32_twin(inet: fx.GraphModule, calibration=None, margin: float = 2.0) -> tuple[fx.GraphModule, Int32Plan]:
-    """A copy of ``inet`` whose requantizations run in int32 (module docstring), and its per-layer plan.
+def int32_twin(inet: fx.GraphModule, calibration=None, margin: float = 2.0, max_groups: int = MAX_GROUPS,
+               preclip: bool = PRECLIP, tolerance: float = TOLERANCE,
+               flat: bool = True) -> tuple[fx.GraphModule, Int32Plan]:
+    """A copy of ``inet`` whose requantizations run in int32 (:func:`labkit.integer.int32_layer.int32_requant`
+    per requantization), and its per-layer plan.
 
     ``calibration``: None for bounds proven on the whole input grid; or images / ``(images, labels)`` batches
-    (e.g. a DataLoader) for the calibrated interval ``margin * max |x|``, not proven.
+    (e.g. a DataLoader) for the calibrated interval ``margin * max |x|``, not proven. ``max_groups``: the most
+    shift groups per requantization (1: one shift each); ``preclip``: allow the pre-clip; ``tolerance``: the
+    proven error (codes) within which the form with the fewest Deeploy nodes is taken; ``flat``: move each
+    channel's constants within their rounding so that the constant images (every input code) give the exact
+    codes at their centre wherever possible (:func:`constant_image_points`).
     """
     proven = calibration is None
     intervals = input_intervals(inet) if proven else calibrated_intervals(inet, calibration, margin)
+    points = constant_image_points(inet) if flat else {}
     twin = copy.deepcopy(inet)
     rows = []
     for name, r in requant_layers(twin):
         lo, hi = intervals[name]
-        new = _int32_layer(name, r, lo, hi, proven)
+        new, row = int32_requant(r, lo, hi, name=name, proven=proven, max_groups=max_groups, preclip=preclip,
+                                 tolerance=tolerance, points=points.get(name))
         _set_module(twin, name, new)
-        n = max(new.mul.numel(), new.add.numel(), lo.numel(), hi.numel())
-        lo_c, hi_c = _channels(lo, n), _channels(hi, n)
-        bound = _bound(_channels(new.mul, n), _channels(new.add, n), new.d, lo_c, hi_c)
-        rows.append({"layer": name, "bounds": "proven" if proven else "calibrated", "acc_lo": min(lo_c),
-                     "acc_hi": max(hi_c), "d": r.d, "d32": new.d,
-                     "mul_bits": round(math.log2(max(abs(int(new.mul.abs().max())), 1)), 2), "bound": bound,
-                     "headroom": INT32_MAX - bound, "headroom_bits": round(math.log2(INT32_MAX / max(bound, 1)), 3)})
+        rows.append(row)
     twin.eps_in, twin.output_scale = inet.eps_in, inet.output_scale
     return twin, Int32Plan(rows, None if proven else float(margin))
+
+
