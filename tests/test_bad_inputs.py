@@ -339,7 +339,7 @@ CASES = [
          r"--calib sets how budget points are planned, and this grid has none",
          cli=sweep_args("--algorithms", "pact", "--bits", "8", "--calib", "64")),
     Case("sweep-imagenet-no-checkpoint", "labkit sweep of ImageNet points without the FP32 checkpoint",
-         r"sweep point pact-w8a8-s0: network.pretrained 'pretrained/mnv2_1.0.ckpt' not found: convert "
+         r"sweep point pact-w8a8-s0: network.pretrained '.*/pretrained/mnv2_1.0.ckpt' not found: convert "
          r"torchvision weights", cli=sweep_args("--algorithms", "pact", "--bits", "8", "--data", "imagenet",
                                                "--data-root", lambda w: w.p("nowhere"))),
     Case("sweep-imagenet-no-root", "labkit sweep of ImageNet points with a missing --data-root",

@@ -324,6 +324,7 @@ def test_trained_nets_default_twin_precision(qat_runs, name, one_thread):
 def test_cli_refuses_int32_forms_outside_the_deeploy_target(tmp_path, capsys):
     from labkit.cli import main
 
+    (tmp_path / "run").mkdir()  # the run is checked first
     for flag in (["--no-preclip"], ["--max-groups", "1"]):
         assert main(["export", str(tmp_path / "run"), "--target", "onnx", *flag, "-o", str(tmp_path / "out")]) == 2
         assert "--max-groups and --no-preclip set the int32 twin of --target deeploy only" in capsys.readouterr().err
