@@ -7,7 +7,7 @@ import torch
 
 from labkit.config.loading import load_config
 
-from helpers import EMBEDDED_FP32, tiny_overrides
+from helpers import EMBEDDED_FP32, EMBEDDED_QAT, ROOT, tiny_overrides
 
 
 @pytest.fixture
@@ -43,3 +43,28 @@ def pact8():
     finally:
         torch.set_num_threads(n)  # restored before the session goes on: later tests train with their own threads
     yield qnet, inet
+
+
+@pytest.fixture(scope="session")
+def qat_runs(tmp_path_factory):
+    """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
+    configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
+    (~8-14 min; one session fixture for test_integerize and test_int32). Trained with one thread, as in the whole module's run
+    (``one_thread``), so that a selected test sees the same networks: the thread count changes float32 sums,
+    hence the trained weights."""
+    root = tmp_path_factory.mktemp("qat")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from labkit.train.loop import train  # noqa: PLC0415 - slow tests only
+
+        train(load_config(EMBEDDED_FP32), root / "fp32", progress=False, log=None)
+        runs = {}
+        for name, config in EMBEDDED_QAT.items():
+            cfg = load_config(ROOT / "configs" / "embedded" / f"config.{config}.json",
+                              {"network.pretrained": str(root / "fp32" / "best.ckpt")})
+            train(cfg, root / name, progress=False, log=None)
+            runs[name] = root / name
+    finally:
+        torch.set_num_threads(n)
+    return runs

@@ -18,6 +18,8 @@ from labkit.quant.recipe import CLASS_TARGETS, pact_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"
+#: the embedded QAT configs the integer tests train (configs/embedded/config.<value>.json)
+EMBEDDED_QAT = {"pact8": "pact", "tqt8": "tqt", "pact4": "pact.4b", "tqt4": "tqt.4b"}
 
 
 def tiny_overrides(**extra) -> dict:

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from labkit.export import export
-from labkit.integer import int32_twin, integerize, requant_layers
+from labkit.integer import int32_twin, integerize
 
 from deeploy_c import SourceMissing, generic_library, run_generated_c
 from deeploy_env import run_codegen

@@ -10,7 +10,6 @@ import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
 
-from labkit.config.loading import load_config
 from labkit.integer import (
     IntAdd,
     IntegerizeError,
@@ -28,9 +27,8 @@ from labkit.models import MobileNetV2
 from labkit.quant import PACTIntegerAdd, quantizers
 from labkit.quant.recipe import pact_recipe
 from labkit.train.data import EmbeddedDigits
-from labkit.train.loop import train
 
-from helpers import EMBEDDED_FP32, ROOT, default_quantize_config
+from helpers import EMBEDDED_QAT, default_quantize_config
 
 SHAPE = (1, 3, 32, 32)
 
@@ -224,30 +222,8 @@ def test_unstarted_quantizer_is_refused(one_thread):
 
 
 # ------------------------------------------------------------------------------------------ the issue's targets
-EMBEDDED_QAT = {"pact8": "pact", "tqt8": "tqt", "pact4": "pact.4b", "tqt4": "tqt.4b"}
 
 
-@pytest.fixture(scope="module")
-def qat_runs(tmp_path_factory):
-    """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
-    configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
-    (the four slow tests below take ~14 min with it). Trained with one thread, as in the whole module's run
-    (``one_thread``), so that a selected test sees the same networks: the thread count changes float32 sums,
-    hence the trained weights."""
-    root = tmp_path_factory.mktemp("qat")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config(EMBEDDED_FP32), root / "fp32", progress=False, log=None)
-        runs = {}
-        for name, config in EMBEDDED_QAT.items():
-            cfg = load_config(ROOT / "configs" / "embedded" / f"config.{config}.json",
-                              {"network.pretrained": str(root / "fp32" / "best.ckpt")})
-            train(cfg, root / name, progress=False, log=None)
-            runs[name] = root / name
-    finally:
-        torch.set_num_threads(n)
-    return runs
 
 
 _FLOAT32 = {}  # name -> (qnet, inet, Comparison against the float32 twin)
