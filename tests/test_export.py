@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from labkit.export import CUSTOM_DOMAIN, ExportError, check_export, export, finn_type, to_onnx
+from labkit.export.deeploy import KEEP_ADD
 from labkit.integer import int32_twin, integerize, requant_layers
 
 from test_integerize import SHAPE, digits, eps_in_for, started_net
@@ -98,7 +99,8 @@ def test_deeploy_export_is_what_deeploy_reads_and_onnxruntime_reproduces_it(nets
         attrs = {a.name: a for a in node.attribute}
         assert all(a.type == onnx.AttributeProto.TENSOR for a in attrs.values())
         values = {k: onnx.numpy_helper.to_array(a.t).reshape(-1)[0] for k, a in attrs.items()}
-        assert values == {"div": 2.0 ** req.d, "n_levels_out": req.n_levels, "signed": int(req.signed)}
+        assert values == {"div": 2.0 ** req.d, "n_levels_out": req.n_levels, "signed": int(req.signed),
+                          KEEP_ADD: 1}  # Deeploy's Generic flow keeps the add as written
         mul, add = (inits[i] for i in node.input[1:])
         assert mul.dtype == add.dtype == np.int32
         assert np.array_equal(mul.reshape(-1), req.mul.reshape(-1).numpy())

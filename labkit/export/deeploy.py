@@ -8,7 +8,8 @@ kernel computes, all in int32,
 
     y = clip(((x * mul + add) + 2^(d-1)) >> d)   over the full range of n_levels_out (signed, or 0..n-1)
 
-so ``add`` is written **without** labkit's rounding half-step (``add - 2^(d-1)``; the kernel adds it); the global
+so ``add`` is written **without** labkit's rounding half-step (``add - 2^(d-1)``; the kernel adds it), and each
+node carries :data:`KEEP_ADD`, so that Deeploy's Generic flow uses that ``add`` as written; the global
 average pool as a depthwise Conv of ones (Deeploy maps no GlobalAveragePool, and its ReduceSum is wrong for
 4-d sums); Gemm with explicit ``alpha``/``beta``; convs without bias. :func:`as_standard` rewrites each RequantShift
 into standard operators with exactly these semantics, so onnxruntime can check the whole graph.
@@ -33,6 +34,12 @@ def _half(d: int) -> int:
 
 def _full_range(n_levels: int, signed: bool) -> tuple[int, int]:
     return (-(n_levels // 2), n_levels // 2 - 1) if signed else (0, n_levels - 1)
+
+
+#: RequantShift attribute that Deeploy's EmulateCMSISRequantPass (v0.2.1, ``DebugPasses.py:35``) takes as "already
+#: in CMSIS form" and skips: without it the Generic flow rounds each ``add`` to a multiple of ``mul`` (the bias
+#: before the multiply, as CMSIS-NN computes) and no longer computes the twin's ``floor((x mul + add) / 2^d)``
+KEEP_ADD = "Emulate_CMSIS_RequantShift"
 
 
 def _tensor_attr(value) -> onnx.TensorProto:
@@ -101,7 +108,8 @@ class DeeployWriter(GraphWriter):
             add = add.reshape(view)
         return self.node("RequantShift", [x, self.const(f"{base}_mul", mul), self.const(f"{base}_add", add)],
                          base, shape, domain=CUSTOM_DOMAIN, div=_tensor_attr(2.0 ** d),
-                         n_levels_out=_tensor_attr([n_levels]), signed=_tensor_attr([int(signed)]))
+                         n_levels_out=_tensor_attr([n_levels]), signed=_tensor_attr([int(signed)]),
+                         **{KEEP_ADD: _tensor_attr([1])})
 
     def step(self, value: int, shape: tuple) -> str:
         """The Mul constant ``value`` of a pre-clip, one per value and tensor shape: Deeploy's Generic Mul does not
