@@ -24,12 +24,12 @@ EPILOG = """examples:
   labkit train configs/embedded/config.pact.json            # PACT QAT from runs/embedded-fp32/best.ckpt
   labkit train configs/imagenet/config.fp32.json --data-root /data/ILSVRC12
   torchrun --nproc_per_node 4 -m labkit.cli train configs/imagenet/config.pact.json --data-root /data/ILSVRC12
-  labkit convert --output pretrained/mnv2_1.0.ckpt          # from the torch hub cache, or --from FILE
+  labkit convert --output pretrained/mnv2_1.0.ckpt     # from the torch hub cache, or --from FILE
   labkit eval runs/embedded-fp32/best.ckpt
-  labkit plan configs/embedded/config.pact.4b.json --budget weight_bytes=uniform:3,act_bytes=uniform:3 -o plan.json
-  labkit integerize runs/embedded-pact                      # integer twin: per-layer code agreement, size report
-  labkit export runs/embedded-tqt -o runs/export-tqt        # network.onnx + inputs.npz/outputs.npz, onnxruntime check
-  labkit export runs/embedded-pact --target deeploy         # RequantShift (int32) for Deeploy's Generic platform
+  labkit plan configs/embedded/config.pact.4b.json -b weight_bytes=uniform:3,act_bytes=uniform:3 -o plan.json
+  labkit integerize runs/embedded-pact                 # integer twin: per-layer code agreement, size report
+  labkit export runs/embedded-tqt -o runs/export-tqt   # network.onnx, inputs/outputs.npz, onnxruntime check
+  labkit export runs/embedded-pact --target deeploy    # RequantShift (int32) for Deeploy's Generic platform
 """
 
 
@@ -55,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _convert_parser(sub) -> None:
     conv = sub.add_parser(
         "convert", help="torchvision mobilenet_v2 weights -> labkit checkpoint",
-        description="Write a labkit MobileNetV2 checkpoint from torchvision weights: a state-dict file (--from) "
-                    "or, without --from, torchvision's IMAGENET1K_V1 file in the local torch hub cache "
-                    "($TORCH_HOME/hub/checkpoints). Nothing is downloaded.")
-    conv.add_argument("--from", dest="source", metavar="FILE", help="torchvision mobilenet_v2 state-dict file "
-                      "(e.g. mobilenet_v2-b0353104.pth); default: the torch hub cache")
-    conv.add_argument("--output", "-o", required=True, metavar="FILE", help="checkpoint to write (atomically)")
-    conv.add_argument("--capacity", type=float, metavar="W", help="width multiplier; default: read from shapes")
+        description="Write a labkit MobileNetV2 checkpoint from torchvision weights: a state-dict file "
+                    "(--from) or, without --from, torchvision's IMAGENET1K_V1 file in the local torch hub "
+                    "cache ($TORCH_HOME/hub/checkpoints). Nothing is downloaded.")
+    conv.add_argument("--from", dest="source", metavar="FILE", help="torchvision mobilenet_v2 state-dict "
+                      "file (e.g. mobilenet_v2-b0353104.pth); default: the torch hub cache")
+    conv.add_argument("--output", "-o", required=True, metavar="FILE",
+                      help="checkpoint to write (atomically)")
+    conv.add_argument("--capacity", type=float, metavar="W", help="width multiplier; default: read from "
+                                                                  "shapes")
     conv.add_argument("--stride-config", default="standard", metavar="NAME",
                       help="stride table of the labkit model: standard (ImageNet) or small (32 px inputs)")
 
@@ -69,27 +71,28 @@ def _convert_parser(sub) -> None:
 def _train_parser(sub) -> None:
     tr = sub.add_parser(
         "train", help="train a network from a JSON config (FP32, PACT or TQT)",
-        description="Train from a QuantLab-shaped JSON config. The run folder gets config.json, history.jsonl "
-                    "(one record per epoch), last.ckpt and best.ckpt. Under torchrun it trains with "
-                    "DistributedDataParallel; on a GPU with AMP and channels_last.")
+        description="Train from a QuantLab-shaped JSON config. The run folder gets config.json, "
+                    "history.jsonl (one record per epoch), last.ckpt and best.ckpt. Under torchrun it trains "
+                    "with DistributedDataParallel; on a GPU with AMP and channels_last.")
     tr.add_argument("config", help="JSON config, e.g. configs/embedded/config.fp32.json")
-    tr.add_argument("--output-dir", "-o", metavar="DIR", help="run folder; default: runs/<folder>-<config name>, "
-                    "e.g. runs/embedded-fp32")
+    tr.add_argument("--output-dir", "-o", metavar="DIR", help="run folder; default: runs/<folder>-<config "
+                    "name>, e.g. runs/embedded-fp32")
     tr.add_argument("--epochs", type=int, metavar="N", help="override training.n_epochs")
-    tr.add_argument("--resume", action="store_true", help="continue the run in DIR from its last.ckpt (same config; "
-                    "a larger --epochs extends it where the schedule allows)")
-    tr.add_argument("--overwrite", action="store_true", help="replace the run that DIR holds (its config, history "
-                    "and checkpoints are deleted first)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in DIR from its last.ckpt (same "
+                    "config; a larger --epochs extends it where the schedule allows)")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run that DIR holds (its config, "
+                    "history and checkpoints are deleted first)")
     tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    tr.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet folder with train/ and val/)")
-    tr.add_argument("--pretrained", metavar="FILE", help="override network.pretrained (full-precision checkpoint); "
-                    "'none' to start from scratch")
+    tr.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet folder with train/ and "
+                                                       "val/)")
+    tr.add_argument("--pretrained", metavar="FILE", help="override network.pretrained (full-precision "
+                    "checkpoint); 'none' to start from scratch")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key by its dotted path, value as JSON, e.g. "
                          "--set data.train.dataloader.bs=128 (repeatable)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
-    tr.add_argument("--verbose", action="store_true", help="also print every quantizer's bounds at each controller "
-                    "command (always written to the run folder's quantizers.jsonl)")
+    tr.add_argument("--verbose", action="store_true", help="also print every quantizer's bounds at each "
+                    "controller command (always written to the run folder's quantizers.jsonl)")
 
 
 def _eval_parser(sub) -> None:
@@ -98,7 +101,8 @@ def _eval_parser(sub) -> None:
         description="Evaluate a run checkpoint on its validation set, with the config stored in it "
                     "(or --config).")
     ev.add_argument("checkpoint", help="checkpoint written by labkit train (last.ckpt / best.ckpt)")
-    ev.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the checkpoint")
+    ev.add_argument("--config", metavar="FILE", help="config to use instead of the one stored in the "
+                                                     "checkpoint")
     ev.add_argument("--data-root", metavar="DIR", help="override data.root")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -106,21 +110,28 @@ def _eval_parser(sub) -> None:
 def _plan_parser(sub) -> None:
     pl = sub.add_parser(
         "plan", help="propose per-layer bits for a budget (sensitivity + exact allocation) -> a config",
-        description="Measure each layer's sensitivity (calibration-loss increase with only that layer quantized, per "
-                    "bit-width; cached as sensitivity.json beside the checkpoint), choose the bits that minimise their "
-                    "sum under the budget (exact integer program), and write the base config with those bits.")
-    pl.add_argument("config", help="PACT/TQT base config, e.g. configs/embedded/config.pact.4b.json (SAWB weights)")
+        description="Measure each layer's sensitivity (calibration-loss increase with only that layer "
+                    "quantized, per bit-width; cached as sensitivity.json beside the checkpoint), choose the "
+                    "bits that minimise their sum under the budget (exact integer program), and write the "
+                    "base config with those bits.")
+    pl.add_argument("config", help="PACT/TQT base config, e.g. configs/embedded/config.pact.4b.json (SAWB "
+                                   "weights)")
     pl.add_argument("--budget", "-b", action="append", required=True, metavar="METRIC=LIMIT",
-                    help="weight_bytes, act_bytes or BOPs at most LIMIT: a number or uniform:B (what every layer at "
-                         "B bits costs), e.g. weight_bytes=uniform:3,act_bytes=uniform:3 (repeatable)")
-    pl.add_argument("--run", metavar="RUN", help="trained run (folder or .ckpt) whose float weights are measured; "
-                    "default: the config's network.pretrained")
+                    help="weight_bytes, act_bytes or BOPs at most LIMIT: a number or uniform:B (what every "
+                         "layer at B bits costs), e.g. weight_bytes=uniform:3,act_bytes=uniform:3 "
+                         "(repeatable)")
+    pl.add_argument("--run", metavar="RUN", help="trained run (folder or .ckpt) whose float weights are "
+                    "measured; default: the config's network.pretrained")
     pl.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8], metavar="B",
                     help="bit-widths to measure and choose from (default 2 3 4 8)")
-    pl.add_argument("--w-bits", nargs="+", type=int, metavar="B", help="weight bits to choose from (default --bits)")
-    pl.add_argument("--a-bits", nargs="+", type=int, metavar="B", help="activation bits to choose (default --bits)")
-    pl.add_argument("--calib", type=int, default=256, metavar="N", help="training images to measure on (default 256)")
-    pl.add_argument("--output", "-o", required=True, metavar="FILE", help="config to write, e.g. runs/plan/plan.json")
+    pl.add_argument("--w-bits", nargs="+", type=int, metavar="B",
+                    help="weight bits to choose from (default --bits)")
+    pl.add_argument("--a-bits", nargs="+", type=int, metavar="B",
+                    help="activation bits to choose (default --bits)")
+    pl.add_argument("--calib", type=int, default=256, metavar="N",
+                    help="training images to measure on (default 256)")
+    pl.add_argument("--output", "-o", required=True, metavar="FILE",
+                    help="config to write, e.g. runs/plan/plan.json")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the sensitivity heat map there")
     pl.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet)")
 
@@ -189,9 +200,9 @@ def _sweep_parser(sub) -> None:
 def _lab_parser(sub) -> None:
     lab = sub.add_parser(
         "lab", help="the whole flow on the embedded default: FP32 -> PACT -> TQT -> integerize/export",
-        description="Execute the lab notebooks in order with papermill (their default parameters: the embedded "
-                    "default), printing one line per training epoch, then a results table: FP32/PACT/TQT top-1, "
-                    "the integer networks' agreement, and where each run and export is.")
+        description="Execute the lab notebooks in order with papermill (their default parameters: the "
+                    "embedded default), printing one line per training epoch, then a results table: "
+                    "FP32/PACT/TQT top-1, the integer networks' agreement, and where each run and export is.")
     lab.add_argument("--output-dir", "-o", default="runs/lab", metavar="DIR",
                      help="where the executed notebooks go (default runs/lab); runs go to runs/embedded-*")
     lab.add_argument("--verbose", action="store_true", help="print every line the notebooks print")
@@ -201,14 +212,16 @@ def _integerize_parser(sub) -> None:
     ig = sub.add_parser(
         "integerize", help="integer network of a PACT/TQT run; per-layer check against fake quantization",
         description="Turn a trained PACT/TQT run into its integer twin (integer weight codes, BN folded into "
-                    "per-channel requantizations y = clip(floor((acc*mul + add) / 2^d)), integer adds and pool), run "
-                    "both on the validation set and print, per layer, the share of identical codes and the largest "
-                    "code difference, the prediction agreement and both top-1s; then the size report.")
-    ig.add_argument("run", help="run folder (uses best.ckpt, or last.ckpt when best.ckpt predates quantization) "
-                    "or checkpoint file, e.g. runs/embedded-pact")
+                    "per-channel requantizations y = clip(floor((acc*mul + add) / 2^d)), integer adds and "
+                    "pool), run both on the validation set and print, per layer, the share of identical "
+                    "codes and the largest code difference, the prediction agreement and both top-1s; then "
+                    "the size report.")
+    ig.add_argument("run", help="run folder (uses best.ckpt, or last.ckpt when best.ckpt predates "
+                    "quantization) or checkpoint file, e.g. runs/embedded-pact")
     ig.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer (e.g. 24); "
                     "default: the most exact per layer (worst case below 2^53)")
-    ig.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
+    ig.add_argument("--input-bits", type=int, default=8, metavar="B",
+                    help="bits of the input grid (default 8)")
     ig.add_argument("--limit", type=int, metavar="N", help="compare on the first N validation images only")
     ig.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
     ig.add_argument("--output-dir", "-o", metavar="DIR", help="also write comparison.csv and size.csv there")
@@ -216,38 +229,49 @@ def _integerize_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     ex = sub.add_parser(
-        "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data), for onnxruntime, "
-                       "qonnx or Deeploy",
-        description="Integerize a PACT/TQT run and write network.onnx for a target, inputs.npz (input codes) and "
-                    "outputs.npz (int64 logits) for the first validation images, and with --activations every "
-                    "layer's integer output; then check the export with onnxruntime. Targets: onnx (standard "
-                    "operators, requantization as Mul-Add-Div-Floor-Clip, symbolic batch), qonnx (the same with the "
-                    "batch fixed to --n-inputs and a shape on every tensor, for qonnx's execute_onnx), deeploy "
-                    "(the int32 twin: one RequantShift node per requantization, as Deeploy's Generic platform reads "
-                    "it; writes int32.csv, the per-layer shifts, bound, headroom, proven error and the share of codes "
-                    "identical to the exact twin on the exported images). docs/export.md says which "
-                    "tools and versions were run on each.")
+        "export", help="integer network as network.onnx + inputs.npz/outputs.npz (golden data), for "
+                       "onnxruntime, qonnx or Deeploy",
+        description="Integerize a PACT/TQT run and write network.onnx for a target, inputs.npz (input codes) "
+                    "and outputs.npz (int64 logits) for the first validation images, and with --activations "
+                    "every layer's integer output; then check the export with onnxruntime. Targets: onnx "
+                    "(standard operators, requantization as Mul-Add-Div-Floor-Clip, symbolic batch), qonnx "
+                    "(the same with the batch fixed to --n-inputs and a shape on every tensor, for qonnx's "
+                    "execute_onnx), deeploy (the int32 twin: one RequantShift node per requantization, as "
+                    "Deeploy's Generic platform reads it; writes int32.csv, the per-layer shifts, bound, "
+                    "headroom, proven error and the share of codes identical to the exact twin on the "
+                    "exported images). docs/export.md says which tools and versions were run on each.")
     ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
     ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy"), default="onnx",
                     help="onnx (default), qonnx or deeploy")
-    ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: <run>/export[-<target>]")
-    ex.add_argument("--n-inputs", type=int, default=8, metavar="N", help="validation images in the golden data "
+    ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: "
+                                                              "<run>/export[-<target>]")
+    ex.add_argument("--n-inputs", type=int, default=8, metavar="N",
+                    help="validation images in the golden data "
                     "(default 8; the static batch of the qonnx and deeploy targets)")
-    ex.add_argument("--batch", type=int, metavar="B", help="qonnx and deeploy: the network's static batch (default "
-                    "--n-inputs; it must divide --n-inputs: the golden data then holds several runs)")
+    ex.add_argument(
+        "--batch",
+        type=int,
+        metavar="B",
+        help=(
+            "qonnx and deeploy: the network's static batch "
+            "(default --n-inputs; it must divide --n-inputs: the golden data then holds several runs)"
+        ),
+    )
     ex.add_argument("--activations", action="store_true", help="also write activations.npz (every layer)")
-    ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer of the exact twin; "
-                    "default: the most exact per layer")
-    ex.add_argument("--calibrate", type=int, metavar="N", help="deeploy: int32 shifts from the largest values on the "
-                    "first N training images times --margin (larger shifts, not proven); default: bounds proven "
-                    "for every input")
+    ex.add_argument("--d", type=int, metavar="D", help="one requantization shift for every layer of the "
+                    "exact twin; default: the most exact per layer")
+    ex.add_argument("--calibrate", type=int, metavar="N", help="deeploy: int32 shifts from the largest "
+                    "values on the first N training images times --margin (larger shifts, not proven); "
+                    "default: bounds proven for every input")
     ex.add_argument("--margin", type=float, metavar="M", help="deeploy with --calibrate: factor on "
                     "the largest values seen (default 2)")
-    ex.add_argument("--max-groups", type=int, default=None, metavar="K", help="deeploy: the most shift groups "
+    ex.add_argument("--max-groups", type=int, default=None, metavar="K",
+                    help="deeploy: the most shift groups "
                     "(RequantShift nodes) per requantization (default 2; 1: one shift each)")
     ex.add_argument("--no-preclip", action="store_true", help="deeploy: no pre-clip (fewer nodes, no Mul "
                     "constants; less precise on 8-bit networks: docs/export.md)")
-    ex.add_argument("--input-bits", type=int, default=8, metavar="B", help="bits of the input grid (default 8)")
+    ex.add_argument("--input-bits", type=int, default=8, metavar="B",
+                    help="bits of the input grid (default 8)")
     ex.add_argument("--data-root", metavar="DIR", help="override data.root (ImageNet runs)")
 
 
@@ -264,12 +288,14 @@ def _overrides(args) -> dict:
 
 
 def _run_path(args) -> Path:
-    return existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a checkpoint")
+    return existing(args.run, "run", "pass a run folder of labkit train (e.g. runs/embedded-pact) or a "
+                                     "checkpoint")
 
 
 def _run_config(args, run: str) -> dict | None:
     """``--config`` (or the run's own config with ``--data-root``), validated; None: the run's own."""
-    if getattr(args, "config", None):  # the run's network.pretrained is not needed (the checkpoint has the weights)
+    # the run's network.pretrained is not needed (the checkpoint has the weights)
+    if getattr(args, "config", None):
         return load_config(args.config, _overrides(args), check_files=False)
     if not args.data_root:
         return None
@@ -279,16 +305,18 @@ def _run_config(args, run: str) -> dict | None:
 
 
 def _integer_args(args) -> None:
-    """The integer twin's arguments (integerize, export): the input grid's bits and the optional fixed shift."""
+    """The integer twin's arguments (integerize, export): the input grid's bits and the optional fixed
+    shift."""
     integer(args.input_bits, "--input-bits", MIN_BITS, MAX_BITS, "bits of the input grid, 8 by default")
     if args.d is not None:
-        integer(args.d, "--d", 1, D_MAX, "one requantization shift for every layer; leave it out for the most "
-                                        "exact shift per layer")
+        integer(args.d, "--d", 1, D_MAX, "one requantization shift for every layer; leave it out for the "
+                                        "most exact shift per layer")
 
 
 def cmd_convert(args) -> None:
     if args.source:
-        existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from", "file")
+        existing(args.source, "weights file", "pass a torchvision mobilenet_v2 state-dict file with --from",
+                 "file")
     if args.capacity is not None:
         number(args.capacity, "--capacity", 0.01, "the width multiplier, e.g. 0.35 or 1.0")
     out = writable_file(args.output, "output file", "-o FILE.ckpt")
@@ -296,14 +324,16 @@ def cmd_convert(args) -> None:
 
     path, net = convert_file(out, args.source, capacity=args.capacity, config=args.stride_config)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"wrote {path}: MobileNetV2 capacity {net.capacity}, {net.num_classes} classes, {n_params:,} parameters")
+    print(f"wrote {path}: MobileNetV2 capacity {net.capacity}, {net.num_classes} classes, {n_params:,} "
+          "parameters")
 
 
 def cmd_train(args) -> None:
     if args.resume and args.overwrite:
         raise ArgumentError("--resume and --overwrite exclude each other: continue the run, or replace it")
     cfg = load_config(args.config, _overrides(args))  # torch-free: a bad config answers at once
-    out = writable_folder(Path("runs") / cfg["name"] if args.output_dir is None else args.output_dir, "run folder")
+    out = writable_folder(Path("runs") / cfg["name"] if args.output_dir is None else args.output_dir,
+                          "run folder")
     from labkit.train.loop import train
 
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
@@ -331,7 +361,8 @@ SLURM_FLAGS = ("partition", "gpus", "time", "cpus", "mem_gb", "sbatch", "setup")
 
 def cmd_sweep(args) -> None:
     if args.status:
-        existing(args.status, "sweep folder", "pass the folder a sweep wrote (labkit sweep ... -o DIR)", "folder")
+        existing(args.status, "sweep folder", "pass the folder a sweep wrote (labkit sweep ... -o DIR)",
+                 "folder")
         from labkit.lab.sweep import sweep_status  # lazy: papermill and torch load only for a sweep
 
         print(sweep_status(args.status))
@@ -361,7 +392,8 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
     grid = {}
     if args.grid:
         grid = read_config_file(existing(args.grid, "grid file", "pass a JSON grid, e.g. "
-                                         '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}', "file"))
+                                         '{"algorithm": ["pact", "tqt"], "bits": [8, 4], "seed": [0]}',
+                                         "file"))
     given = (("algorithm", args.algorithms), ("bits", args.bits), ("budget", args.budgets))
     grid.update({k: v for k, v in given if v})
     for budget in grid.get("budget") or []:
@@ -378,7 +410,8 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
     if args.launcher == "slurm" and args.parallel is not None:
         raise ArgumentError("--parallel applies to --launcher local only (Slurm runs what its queue allows)")
     if args.pretrained:
-        existing(args.pretrained, "pretrained checkpoint", "pass the FP32 checkpoint the points start from", "file")
+        existing(args.pretrained, "pretrained checkpoint", "pass the FP32 checkpoint the points start from",
+                 "file")
     from labkit.lab import sweep_grid  # torch-free: the grid and settings answer before the heavy imports
 
     options = {"epochs": args.epochs, "calib": 256 if args.calib is None else args.calib,
@@ -392,10 +425,11 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
 
 
 def cmd_plan(args) -> None:
-    cfg = load_config(args.config, _overrides(args), check_files=False)  # torch-free: a bad config answers at once
+    # torch-free: a bad config answers at once
+    cfg = load_config(args.config, _overrides(args), check_files=False)
     if not cfg["network"].get("quantize"):
-        raise ArgumentError(f"config '{args.config}' has no network.quantize: pass the PACT/TQT config whose bits "
-                            "to plan, e.g. configs/embedded/config.pact.4b.json")
+        raise ArgumentError(f"config '{args.config}' has no network.quantize: pass the PACT/TQT config whose "
+                            "bits to plan, e.g. configs/embedded/config.pact.4b.json")
     spec = parse_budget(args.budget)
     for what, bits in (("--bits", args.bits), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
         if bits:
@@ -404,12 +438,14 @@ def cmd_plan(args) -> None:
     run = args.run or cfg["network"].get("pretrained")
     if not run:
         raise ArgumentError("no trained network to measure: pass --run (a run folder or checkpoint)")
-    existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another --run")
+    existing(run, "run", "train it first (labkit train configs/embedded/config.fp32.json) or pass another "
+                         "--run")
     output = writable_file(args.output, "output config", "-o FILE.json")
     plot = args.plot and writable_file(args.plot, "plot", "--plot FILE.png")
     from labkit.precision.allocate import propose
 
-    allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits, n_calib=args.calib,
+    allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits,
+                         n_calib=args.calib,
                          progress=True)
     print(allocation.sensitivity.summary())
     print(allocation.table())
@@ -441,7 +477,8 @@ def cmd_integerize(args) -> None:
     _run_path(args)
     _integer_args(args)
     if args.limit is not None:
-        integer(args.limit, "--limit", 1, fix="the number of validation images to compare on; leave it out for all")
+        integer(args.limit, "--limit", 1, fix="the number of validation images to compare on; leave it out "
+                                              "for all")
     out = args.output_dir and writable_folder(args.output_dir, "output folder")
     from torch.utils.data import DataLoader, Subset
 
@@ -471,13 +508,15 @@ def _export_args(args) -> Path:
     integer(args.n_inputs, "--n-inputs", 1, fix="validation images in the golden data")
     if args.calibrate is not None:
         if args.target != "deeploy":
-            raise ArgumentError(f"--calibrate sets the int32 shifts of --target deeploy only, not of {args.target}")
-        integer(args.calibrate, "--calibrate", 1, fix="training images whose largest values bound the int32 shifts")
+            raise ArgumentError("--calibrate sets the int32 shifts of --target deeploy only, not of "
+                                f"{args.target}")
+        integer(args.calibrate, "--calibrate", 1, fix="training images whose largest values bound the int32 "
+                                                      "shifts")
         args.margin = number(2.0 if args.margin is None else args.margin, "--margin", 1.0,
                              "the factor on the largest values seen; below 1 the int32 sums can overflow")
     elif args.margin is not None:
-        raise ArgumentError("--margin is the factor of --calibrate: without --calibrate N the int32 bounds are "
-                            "proven for every input and take no margin")
+        raise ArgumentError("--margin is the factor of --calibrate: without --calibrate N the int32 bounds "
+                            "are proven for every input and take no margin")
     if (args.max_groups is not None or args.no_preclip) and args.target != "deeploy":
         raise ArgumentError("--max-groups and --no-preclip set the int32 twin of --target deeploy only")
     if args.max_groups is not None:
@@ -485,9 +524,11 @@ def _export_args(args) -> Path:
     if args.batch is not None:
         integer(args.batch, "--batch", 1, fix="the static batch of the exported graph")
         if args.n_inputs % args.batch:
-            raise ArgumentError(f"--batch {args.batch} does not divide --n-inputs {args.n_inputs}: the golden data "
-                                "holds whole runs of the static batch")
-    default = (run if run.is_dir() else run.parent) / ("export" if args.target == "onnx" else f"export-{args.target}")
+            raise ArgumentError(f"--batch {args.batch} does not divide --n-inputs {args.n_inputs}: the "
+                                "golden data holds whole runs of the static batch")
+    default = (run if run.is_dir() else run.parent) / (
+        "export" if args.target == "onnx" else f"export-{args.target}"
+    )
     return writable_folder(default if args.output_dir is None else args.output_dir, "export folder")
 
 
@@ -524,13 +565,14 @@ def cmd_export(args) -> None:
     check = check_export(out)
     how = " (RequantShift in Deeploy's semantics)" if args.target == "deeploy" else ""
     print(f"onnxruntime{how} on {check['samples']} inputs: "
-          f"{'identical to outputs.npz' if check['exact'] else 'DIFFERS'} (max |difference| {check['max_abs_diff']}); "
-          f"{check['onnx_nodes']} nodes: {', '.join(check['ops'])}")
+          f"{'identical to outputs.npz' if check['exact'] else 'DIFFERS'} (max |difference| "
+          f"{check['max_abs_diff']}); {check['onnx_nodes']} nodes: {', '.join(check['ops'])}")
     if not check["exact"]:
         raise SystemExit(1)
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "sweep": cmd_sweep,
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "plan": cmd_plan,
+            "sweep": cmd_sweep,
             "lab": cmd_lab, "integerize": cmd_integerize, "export": cmd_export}
 
 
@@ -546,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"labkit {args.command}: interrupted (what finished is kept; labkit train --resume continues a run)",
+        print(f"labkit {args.command}: interrupted (what finished is kept; labkit train --resume continues a "
+              "run)",
               file=sys.stderr)
         return 130
     return 0

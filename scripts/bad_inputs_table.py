@@ -26,7 +26,9 @@ def message(case: bad.Case, ws: bad.Workspace) -> tuple[str, str, int | None]:
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(argv)
-        shown = " ".join(str(a) if not str(a).endswith(".json") or "configs" in str(a) else Path(a).name for a in argv)
+        shown = " ".join(
+            str(a) if not str(a).endswith(".json") or "configs" in str(a) else Path(a).name for a in argv
+        )
         return f"`labkit {shown}`", err.getvalue().strip(), rc
     try:
         case.api(ws)
@@ -44,24 +46,29 @@ def main_table() -> None:
             how, text, rc = message(case, ws)
             text = text.replace(tmp, "<tmp>").replace("|", "\\|")
             status = "API" if rc is None else f"exit {rc}" + (", early" if case.early else "")
-            rows.append(f"| `{case.id}` | {case.what} | {how.replace(tmp, '<tmp>').replace('|', '/')} | {status} | {text} |")
+            rows.append(f"| `{case.id}` | {case.what} | {how.replace(tmp, '<tmp>').replace('|', '/')} | "
+                        f"{status} | {text} |")
     out = ROOT / "docs" / "bad-inputs.md"
     out.write_text(
         "# Bad inputs and faults: what the user gets\n\n"
-        f"{len(rows)} cases, tried through the CLI (in-process `labkit.cli.main`) and the API, each with the message\n"
-        "as printed (`<tmp>`: the scratch folder the cases run in). Every CLI case exits with status 2 and prints one\n"
-        "line, no traceback (`labkit --debug ...` shows it). `tests/test_bad_inputs.py` runs the same cases and checks\n"
-        "status, the single line and the key words; this file is written by `python scripts/bad_inputs_table.py`.\n\n"
-        "Faults that are handled without an error: a run killed at any point (also during a checkpoint write) resumes\n"
-        "exactly with `--resume` (temporary files of the interrupted write are removed and `best.ckpt` is repaired);\n"
-        "a second `labkit lab` or a notebook re-run on a finished run with the same config retrains nothing.\n"
-        "A full disk, a read-only file system or a vanished folder during a write is one line (`cannot write '<file>'"
-        " (No space left on device): the disk is full: free space, then continue with --resume`), and the files "
-        "written before stay intact (tests/test_runs.py fails a checkpoint write as a full disk does, then resumes "
-        "to the uninterrupted run's weights). An output folder is probed by creating a folder in it before any work "
-        "(`/proc` passes a permission check but not the probe). Cases marked *early* answer before torch is "
-        "imported (checked in a fresh process by tests/test_bad_inputs.py).\n\n"
-        "| case | what | tried as | result | message |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        f"{len(rows)} cases, tried through the CLI (in-process `labkit.cli.main`) and the API, each with the "
+        "message\nas printed (`<tmp>`: the scratch folder the cases run in). Every CLI case exits with "
+        "status 2 and prints one\nline, no traceback (`labkit --debug ...` shows it). "
+        "`tests/test_bad_inputs.py` runs the same cases and checks\nstatus, the single line and the key "
+        "words; this file is written by `python scripts/bad_inputs_table.py`.\n\nFaults that are handled "
+        "without an error: a run killed at any point (also during a checkpoint write) resumes\nexactly with "
+        "`--resume` (temporary files of the interrupted write are removed and `best.ckpt` is repaired);\na "
+        "second `labkit lab` or a notebook re-run on a finished run with the same config retrains "
+        "nothing.\nA full disk, a read-only file system or a vanished folder during a write is one line "
+        "(`cannot write '<file>' (No space left on device): the disk is full: free space, then continue with "
+        "--resume`), and the files written before stay intact (tests/test_runs.py fails a checkpoint write "
+        "as a full disk does, then resumes to the uninterrupted run's weights). An output folder is probed "
+        "by creating a folder in it before any work (`/proc` passes a permission check but not the probe). "
+        "Cases marked *early* answer before torch is imported (checked in a fresh process by "
+        "tests/test_bad_inputs.py).\n\n| case | what | tried as | result | message |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
     print(f"wrote {out} ({len(rows)} cases)")
 
 

@@ -1,12 +1,13 @@
 """Make the README's pictures from the browser test (tests/test_browser.py): it runs notebooks 03 and 06 in
-JupyterLab in headless Chromium and leaves screenshots in ``test-artifacts/``; this copies them to ``docs/img``.
+JupyterLab in headless Chromium and leaves screenshots in ``test-artifacts/``; this copies them to
+``docs/img``.
 
     python scripts/make_screenshots.py                 # both notebooks
     python scripts/make_screenshots.py --only widget   # one of: widget (notebook 06), training (notebook 03)
 
-Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``). Notebook 03
-trains two epochs of PACT into a temporary folder (from ``runs/embedded-fp32/best.ckpt``, trained first when
-missing): minutes on 2 cores.
+Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``). Notebook
+03 trains two epochs of PACT into a temporary folder (from ``runs/embedded-fp32/best.ckpt``, trained first
+when missing): minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ JOBS = {"widget": ("test_widget_editor_in_jupyterlab", ("widget-editor.png", "wi
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=tuple(JOBS), help="one notebook's pictures only")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(ROOT)})")
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder (default "
+                                                              f"{OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (test, pictures) in JOBS.items():
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
             continue
         for picture in pictures:
             (ARTIFACTS / picture).unlink(missing_ok=True)
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "--full", f"tests/test_browser.py::{test}"], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "--full", f"tests/test_browser.py::{test}"],
+                       cwd=ROOT,
                        check=True)
         for picture in pictures:
             path = shutil.copy(ARTIFACTS / picture, args.out / picture)

@@ -87,14 +87,15 @@ def _tail(text: str, n: int = 4000) -> str:
 
 
 def copy_notebook(source: str | Path, root: Path, parameters: dict | None = None) -> Path:
-    """Copy ``source`` into ``root``; ``parameters`` go into a cell after the ``parameters`` cell, as papermill
-    injects them (values written with ``repr``)."""
+    """Copy ``source`` into ``root``; ``parameters`` go into a cell after the ``parameters`` cell, as
+    papermill injects them (values written with ``repr``)."""
     nb = json.loads(Path(source).read_text())
     if parameters:
         index = next((i for i, c in enumerate(nb["cells"])
                       if "parameters" in c.get("metadata", {}).get("tags", [])), -1)
         source_lines = [f"{k} = {v!r}\n" for k, v in parameters.items()]
-        nb["cells"].insert(index + 1, {"cell_type": "code", "id": secrets.token_hex(4), "execution_count": None,
+        nb["cells"].insert(index + 1, {"cell_type": "code", "id": secrets.token_hex(4),
+                                       "execution_count": None,
                                        "outputs": [], "metadata": {"tags": ["injected-parameters"]},
                                        "source": source_lines})
     target = root / Path(source).name
@@ -123,7 +124,8 @@ class LabServer:
 
     def _env(self) -> dict:
         dirs = {name: self.home / sub for name, sub in (
-            ("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+            ("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"),
+            ("JUPYTER_RUNTIME_DIR", "runtime"),
             ("JUPYTERLAB_SETTINGS_DIR", "lab-settings"), ("JUPYTERLAB_WORKSPACES_DIR", "lab-workspaces"),
             ("IPYTHONDIR", "ipython"))}
         for path in dirs.values():
@@ -149,7 +151,8 @@ class LabServer:
         cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root_dir}",
-               "--ServerApp.allow_root=True", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+               "--ServerApp.allow_root=True",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
         self._log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
                                      cwd=self.root_dir, stdin=subprocess.DEVNULL)
@@ -249,8 +252,10 @@ class LabNotebook:
     def open(self, timeout: float = 120) -> None:
         """Load JupyterLab with the notebook; wait for its cells and for its kernel to be started and idle."""
         try:
-            self.page.goto(self.server.url(self.notebook), wait_until="domcontentloaded", timeout=timeout * 1000)
-            self.page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(state="visible", timeout=timeout * 1000)
+            self.page.goto(self.server.url(self.notebook), wait_until="domcontentloaded",
+                           timeout=timeout * 1000)
+            self.page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(state="visible",
+                                                                           timeout=timeout * 1000)
         except Exception as err:
             raise self.fail(f"JupyterLab did not show {self.notebook} within {timeout:.0f} s "
                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
@@ -295,7 +300,9 @@ class LabNotebook:
 
     @property
     def totals_locator(self):
-        return self.page.locator(".widget-html-content").filter(has_text=re.compile(rf"^\s*{TOTALS_PREFIX}\b"))
+        return self.page.locator(".widget-html-content").filter(
+            has_text=re.compile(rf"^\s*{TOTALS_PREFIX}\b")
+        )
 
     @property
     def rows_locator(self):
@@ -359,7 +366,8 @@ class LabNotebook:
 
     def propose(self, budget: str) -> None:
         """The propose bar: type ``budget`` into its box, click *propose*."""
-        bar = self.page.locator(".widget-hbox").filter(has=self.page.locator("button", has_text="propose")).last
+        bar = self.page.locator(".widget-hbox").filter(has=self.page.locator("button",
+                                                                             has_text="propose")).last
         box = bar.locator("input[type=text]").first
         box.fill(budget)
         box.press("Enter")
@@ -372,7 +380,8 @@ class LabNotebook:
             if now != before:
                 return now
             self.page.wait_for_timeout(250)
-        raise self.fail(f"the totals line did not change within {timeout:.0f} s after the edit; still:\n{before}")
+        raise self.fail(f"the totals line did not change within {timeout:.0f} s after the edit; "
+                        f"still:\n{before}")
 
     # ------------------------------------------------------------------ any notebook
     def stderr_outputs(self) -> list[str]:
@@ -449,9 +458,12 @@ class LabNotebook:
 
 @contextlib.contextmanager
 def open_notebook(notebook: str | Path, parameters: dict | None = None, viewport=(1400, 1000),
-                  failure_screenshot: Path | None = None, server_timeout: float = 120, page_timeout: float = 120):
-    """Start a private JupyterLab on a temporary copy of ``notebook``, open it in headless Chromium and yield a
-    :class:`LabNotebook`; the browser, kernels and server are stopped and the temporary folders removed after."""
+                  failure_screenshot: Path | None = None, server_timeout: float = 120,
+                  page_timeout: float = 120):
+    """Start a private JupyterLab on a temporary copy of ``notebook``, open it in headless Chromium and yield
+    a
+    :class:`LabNotebook`; the browser, kernels and server are stopped and the temporary folders removed
+    after."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
@@ -464,7 +476,8 @@ def open_notebook(notebook: str | Path, parameters: dict | None = None, viewport
         try:
             with sync_playwright() as pw:
                 context = pw.chromium.launch_persistent_context(
-                    str(tmp / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS),
+                    str(tmp / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+                    args=list(CHROMIUM_ARGS),
                     viewport={"width": viewport[0], "height": viewport[1]}, device_scale_factor=1,
                     timeout=server_timeout * 1000)
                 try:

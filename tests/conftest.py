@@ -20,7 +20,8 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per conv)."""
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per
+    conv)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -29,8 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def pact8():
-    """``(qnet, inet)``: a started 8/8 PACT MobileNetV2 (test_integerize.started_net) and its integer twin, built
-    once for the export and int32 tests."""
+    """``(qnet, inet)``: a started 8/8 PACT MobileNetV2 (test_integerize.started_net) and its integer twin,
+    built once for the export and int32 tests."""
     from labkit.integer import integerize  # noqa: PLC0415
 
     from test_integerize import SHAPE, eps_in_for, started_net  # noqa: PLC0415 - test module helpers
@@ -41,7 +42,8 @@ def pact8():
         qnet = started_net()
         inet = integerize(qnet, eps_in_for(), SHAPE)
     finally:
-        torch.set_num_threads(n)  # restored before the session goes on: later tests train with their own threads
+        # restored before the session goes on: later tests train with their own threads
+        torch.set_num_threads(n)
     yield qnet, inet
 
 
@@ -49,9 +51,9 @@ def pact8():
 def qat_runs(tmp_path_factory):
     """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
     configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
-    (~8-14 min; one session fixture for test_integerize and test_int32). Trained with one thread, as in the whole module's run
-    (``one_thread``), so that a selected test sees the same networks: the thread count changes float32 sums,
-    hence the trained weights."""
+    (~8-14 min; one session fixture for test_integerize and test_int32). Trained with one thread, as in the
+    whole module's run (``one_thread``), so that a selected test sees the same networks: the thread count
+    changes float32 sums, hence the trained weights."""
     root = tmp_path_factory.mktemp("qat")
     n = torch.get_num_threads()
     torch.set_num_threads(1)

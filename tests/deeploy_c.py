@@ -1,11 +1,11 @@
-"""The C that Deeploy generates for a labkit export (``deeploy_codegen.py``), built with gcc against Deeploy's Generic
-kernel library and run on the export's inputs.
+"""The C that Deeploy generates for a labkit export (``deeploy_codegen.py``), built with gcc against Deeploy's
+Generic kernel library and run on the export's inputs.
 
 The kernel library (``TargetLibraries/Generic``) is not in the ``deeploy-pulp`` wheel: :func:`generic_library`
-extracts it at tag v0.2.1 from the git clone of pulp-platform/Deeploy that ``$LABKIT_DEEPLOY_GIT`` names (a work
-tree or a bare repository; nothing is downloaded) and compiles it, with the flags of Deeploy's CMake for Generic,
-into ``~/.cache/labkit/deeploy-generic-0.2.1`` (outside the repository). ``HARNESS`` (labkit's own) loads the
-network, runs it on every batch of ``inputs.npz`` and writes the int32 logits.
+extracts it at tag v0.2.1 from the git clone of pulp-platform/Deeploy that ``$LABKIT_DEEPLOY_GIT`` names (a
+work tree or a bare repository; nothing is downloaded) and compiles it, with the flags of Deeploy's CMake for
+Generic, into ``~/.cache/labkit/deeploy-generic-0.2.1`` (outside the repository). ``HARNESS`` (labkit's own)
+loads the network, runs it on every batch of ``inputs.npz`` and writes the int32 logits.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ int main(int argc, char **argv) {
     if (!in || !out) return 3;
     InitNetwork(0, 1);
     for (long b = 0; b < batches; b++) {
-        if (fread(DeeployNetwork_inputs[0], 1, DeeployNetwork_inputs_bytes[0], in) != DeeployNetwork_inputs_bytes[0])
+        size_t bytes = DeeployNetwork_inputs_bytes[0];
+        if (fread(DeeployNetwork_inputs[0], 1, bytes, in) != bytes)
             return 4;
         RunNetwork(0, 1);
         fwrite(DeeployNetwork_outputs[0], 1, DeeployNetwork_outputs_bytes[0], out);
@@ -56,7 +57,9 @@ class SourceMissing(RuntimeError):
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit" / "deeploy-generic-0.2.1"
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit" / "deeploy-generic-0.2.1"
+    )
 
 
 def _extract(repo: str, dest: Path) -> None:
@@ -84,8 +87,8 @@ def generic_library() -> tuple[Path, Path]:
             return inc, lib
         repo = os.environ.get("LABKIT_DEEPLOY_GIT")
         if not repo:
-            raise SourceMissing("Deeploy's C kernels are not in its wheel: set LABKIT_DEEPLOY_GIT to a git clone of "
-                                "pulp-platform/Deeploy with tag v0.2.1")
+            raise SourceMissing("Deeploy's C kernels are not in its wheel: set LABKIT_DEEPLOY_GIT to a git "
+                                "clone of pulp-platform/Deeploy with tag v0.2.1")
         shutil.rmtree(dest, ignore_errors=True)
         _extract(repo, dest)
         objects = []
@@ -101,13 +104,14 @@ def generic_library() -> tuple[Path, Path]:
 
 
 def run_generated_c(export_dir: Path, c_dir: Path, cflags: tuple[str, ...] = ()) -> np.ndarray:
-    """Build the C that ``deeploy_codegen.py`` wrote into ``c_dir`` with the Generic library and run it on every
-    batch of ``inputs.npz``: the logits as int64, in the shape of ``outputs.npz``."""
+    """Build the C that ``deeploy_codegen.py`` wrote into ``c_dir`` with the Generic library and run it on
+    every batch of ``inputs.npz``: the logits as int64, in the shape of ``outputs.npz``."""
     inc, lib = generic_library()
     (c_dir / "harness.c").write_text(HARNESS)
     exe = c_dir / "network"
     subprocess.run(["gcc", *CFLAGS, *cflags, "-I", str(c_dir), "-I", str(inc), str(c_dir / "Network.c"),
-                    str(c_dir / "harness.c"), str(lib), "-lm", "-o", str(exe)], check=True, capture_output=True)
+                    str(c_dir / "harness.c"), str(lib), "-lm", "-o", str(exe)], check=True,
+                    capture_output=True)
     with np.load(export_dir / "inputs.npz") as f:
         codes = f["input"]
     with np.load(export_dir / "outputs.npz") as f:
@@ -115,7 +119,8 @@ def run_generated_c(export_dir: Path, c_dir: Path, cflags: tuple[str, ...] = ())
     dims = onnx.load(str(export_dir / "network.onnx")).graph.input[0].type.tensor_type.shape.dim
     per_run = int(np.prod([d.dim_value for d in dims]))  # the network's (static) input
     (c_dir / "inputs.bin").write_bytes(codes.astype(np.int8).tobytes())
-    subprocess.run([str(exe), str(c_dir / "inputs.bin"), str(c_dir / "logits.bin"), str(codes.size // per_run)],
+    subprocess.run([str(exe), str(c_dir / "inputs.bin"), str(c_dir / "logits.bin"),
+                    str(codes.size // per_run)],
                    check=True, timeout=600)
     logits = np.fromfile(c_dir / "logits.bin", dtype=np.int32).astype(np.int64)
     return logits.reshape(shape)

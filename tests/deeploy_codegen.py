@@ -4,9 +4,10 @@ Runs in Deeploy's own virtual environment (``deeploy_env.deeploy_python()`` make
 
     python deeploy_codegen.py EXPORT_DIR OUT_DIR
 
-Writes ``OUT_DIR/Network.h`` and ``OUT_DIR/Network.c`` (``InitNetwork``/``RunNetwork`` calling Deeploy's Generic
-kernel library, which the wheel does not ship) and prints one JSON line: the operators after Deeploy's lowering,
-the C types of the network input and output, the input's length, and the kernel calls in ``Network.c``.
+Writes ``OUT_DIR/Network.h`` and ``OUT_DIR/Network.c`` (``InitNetwork``/``RunNetwork`` calling Deeploy's
+Generic kernel library, which the wheel does not ship) and prints one JSON line: the operators after Deeploy's
+lowering, the C types of the network input and output, the input's length, and the kernel calls in
+``Network.c``.
 """
 
 import json

@@ -43,7 +43,8 @@ class SmallNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 4, 3, padding=1,
+                                                    bias=False), nn.BatchNorm2d(4), nn.ReLU6()
         self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
         self.conv3, self.bn3, self.act3 = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU6()
         self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)
@@ -109,8 +110,9 @@ def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *,
     linear ``per_layer``, ``symm_wts``; weight init ``max`` at >= 8 bits, else ``sawb_asymm`` (the SAWB
     clip for almost-symmetric grids) unless ``weight_init`` says otherwise; weight bounds follow the weights
     (``learn_clip`` false) for PACT, are learned for TQT; activations ``init_clip const`` (the controllers'
-    ``init_clip_hi``), ``rounding``, ``learn_clip`` (PACT learns alpha); inserted quantizers ``init_clip max``.
-    ``tqt`` turns on TQT (learned log2 thresholds; ``pow2`` for the paper's power-of-two scales) everywhere.
+    ``init_clip_hi``), ``rounding``, ``learn_clip`` (PACT learns alpha); inserted quantizers ``init_clip
+    max``. ``tqt`` turns on TQT (learned log2 thresholds; ``pow2`` for the paper's power-of-two scales)
+    everywhere.
 
     ``overrides`` maps exact module names to bits (``{"pilot.0": 8}``) or to kwargs dicts; names of modules
     the harmonizer will insert (``avgpool_act``, ``features.2.integer_add``, ``features.0.output_act``) go to
@@ -122,13 +124,17 @@ def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *,
     weight_init = weight_init or ("max" if w_bits >= 8 else "sawb_asymm")
     common = {"tqt": True, "pow2": pow2} if tqt else {"tqt": False}
     config: dict = {
-        "PACTConv2d": {"kwargs": {"n_levels": 2 ** w_bits, "quantize": "per_channel" if per_channel else "per_layer",
-                                  "init_clip": weight_init, "learn_clip": bool(tqt), "symm_wts": True, **common}},
+        "PACTConv2d": {"kwargs": {"n_levels": 2 ** w_bits,
+                                  "quantize": "per_channel" if per_channel else "per_layer",
+                                  "init_clip": weight_init, "learn_clip": bool(tqt), "symm_wts": True,
+                                  **common}},
         "PACTLinear": {"kwargs": {"n_levels": 2 ** w_bits, "quantize": "per_layer", "init_clip": weight_init,
                                   "learn_clip": bool(tqt), "symm_wts": True, **common}},
-        "PACTUnsignedAct": {"kwargs": {"n_levels": 2 ** a_bits, "init_clip": "const", "learn_clip": learn_clip or tqt,
+        "PACTUnsignedAct": {"kwargs": {"n_levels": 2 ** a_bits, "init_clip": "const",
+                                       "learn_clip": learn_clip or tqt,
                                        "rounding": True, **common}},
-        "harmonize": {"n_levels": 2 ** a_bits, "init_clip": "max", "learn_clip": learn_clip or tqt, "symm": True,
+        "harmonize": {"n_levels": 2 ** a_bits, "init_clip": "max", "learn_clip": learn_clip or tqt,
+                      "symm": True,
                       "rounding": True, **common, "requant_pool": requant_pool, "force_out_eps": False},
     }
     overrides = dict(overrides or {})
@@ -146,11 +152,13 @@ def default_quantize_config(net: nn.Module, w_bits: int = 8, a_bits: int = 8, *,
         inserted = harmonize_plan(net, quantized, requant_pool=requant_pool).names
         for name, value in overrides.items():
             if name in names:
-                raise ValueError(f"default_quantize_config: override '{name}' names a {type(names[name]).__name__}, "
-                                 "which is not quantized (only convs, linears and ReLU/ReLU6 are)")
+                raise ValueError(f"default_quantize_config: override '{name}' names a "
+                                 f"{type(names[name]).__name__}, which is not quantized (only convs, linears "
+                                 "and ReLU/ReLU6 are)")
             if name not in inserted:
                 raise ValueError(f"default_quantize_config: override '{name}' names no module of "
-                                 f"{type(net).__name__} and no module the harmonizer inserts ({', '.join(inserted)})")
+                                 f"{type(net).__name__} and no module the harmonizer inserts "
+                                 f"({', '.join(inserted)})")
             layers[re.escape(name) + "$"] = _override_entry(value, name)
     if layers:
         config["harmonize"]["layers"] = layers
@@ -165,8 +173,8 @@ def _override_entry(value: int | dict | None, name: str) -> dict:
     if isinstance(value, dict):
         return dict(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"default_quantize_config: override for '{name}' must be bits (an integer >= 1) or a "
-                         f"kwargs dict, got {value!r}")
+        raise ValueError(f"default_quantize_config: override for '{name}' must be bits (an integer >= 1) or "
+                         f"a kwargs dict, got {value!r}")
     return {"n_levels": 2 ** value}
 
 

@@ -1,5 +1,5 @@
-"""The bit allocation: optimal against brute force on a small network, budgets met as labkit.precision.costs counts them,
-ties respected, clear errors; and its torch-free budget parser."""
+"""The bit allocation: optimal against brute force on a small network, budgets met as labkit.precision.costs
+counts them, ties respected, clear errors; and its torch-free budget parser."""
 
 import copy
 import csv
@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from labkit.cli import main
-from labkit.config.budget import BudgetError, bit_choices, budget_slug, describe_budget, format_budget, parse_budget
+from labkit.config.budget import (
+    BudgetError,
+    bit_choices,
+    budget_slug,
+    describe_budget,
+    format_budget,
+    parse_budget,
+)
 from labkit.config.loading import load_config
 from labkit.config.paths import resolve
 from labkit.lab.plots import pareto_front, plot_pareto
@@ -39,7 +46,8 @@ PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 
 
 def all_plans(plan: BitPlan, w_choices, a_choices):
-    """Every assignment of the layers' and groups' bits: ``(bits, totals)``, totals by labkit.precision.costs."""
+    """Every assignment of the layers' and groups' bits: ``(bits, totals)``, totals by
+    labkit.precision.costs."""
     plan = copy.deepcopy(plan)
     layers, groups = list(plan.w_bits), list(plan.activation_groups())
     for combo in itertools.product(*([w_choices] * len(layers) + [a_choices] * len(groups))):
@@ -83,7 +91,8 @@ def test_allocation_equals_brute_force_on_a_small_network():
         values = sorted(t[metric] for _, t in plans)
         budgets += [{metric: values[int(q * (len(values) - 1))]} for q in (0.0, 0.1, 0.37, 0.6, 1.0)]
     for _ in range(6):  # several totals at once
-        budgets.append({m: rng.choice([t[m] for _, t in plans]) for m in ("weight_bytes", "act_bytes", "BOPs")})
+        budgets.append({m: rng.choice([t[m] for _, t in plans]) for m in ("weight_bytes", "act_bytes",
+                                                                          "BOPs")})
     checked = 0
     for seed, budget in enumerate(budgets):
         sens = random_sensitivity(plan, (2, 3, 4, 8), seed)
@@ -98,7 +107,10 @@ def test_allocation_equals_brute_force_on_a_small_network():
         assert all(result.totals[k] <= v for k, v in budget.items())
         assert result.totals == result.plan.totals() and result.budget == budget
         assert set(result.plan.w_bits.values()) <= set(w_choices)
-        assert result.plan.a_bits["pool_act"] == result.plan.a_bits["act3"] and result.plan.a_bits["input_quant"] == 8
+        assert (
+            result.plan.a_bits["pool_act"] == result.plan.a_bits["act3"]
+            and result.plan.a_bits["input_quant"] == 8
+        )
         checked += 1
     assert checked >= len(budgets) - 2
     assert set(plan.w_bits.values()) == {8}  # the input plan is not changed
@@ -123,7 +135,8 @@ def test_structural_limits_equal_brute_force_over_the_plans_that_keep_them():
         assert result.plan.w_bits["conv2"] == 8 and result.plan.a_bits["act1"] == 8
         assert result.plan.a_bits["integer_add"] >= 3
     first = allocate(plan, random_sensitivity(plan, (2, 3, 4, 8), 9), {**budget, "min_bits:first": 8})
-    assert first.plan.w_bits["conv1"] == 8 and first.plan.a_bits["input_quant"] == 8  # the input keeps its bits
+    # the input keeps its bits
+    assert first.plan.w_bits["conv1"] == 8 and first.plan.a_bits["input_quant"] == 8
 
 
 def test_a_budget_no_plan_meets_is_refused_before_anything_is_measured(monkeypatch):
@@ -134,12 +147,15 @@ def test_a_budget_no_plan_meets_is_refused_before_anything_is_measured(monkeypat
     cfg = load_config(PACT4, {"network.pretrained": "no/such/run/best.ckpt"}, check_files=False)
     cheapest = uniform_totals(BitPlan.from_config(cfg), 2, 2)["weight_bytes"]
     without_floors = {"min_bits:first": 2, "min_bits:last": 2}  # the default structural limits lowered
-    with pytest.raises(BudgetError, match=f"weight_bytes <= {cheapest - 1:,} cannot be met: even every weight at 2"):
+    with pytest.raises(BudgetError, match=f"weight_bytes <= {cheapest - 1:,} cannot be met: even every "
+                                          "weight at 2"):
         propose(cfg, {"weight_bytes": cheapest - 1, **without_floors})
-    with pytest.raises(BudgetError, match=r"cannot be met: even the fewest allowed bits everywhere \(weights 2, "
+    with pytest.raises(BudgetError, match=r"cannot be met: even the fewest allowed bits everywhere \(weights "
+                                          r"2, "
                        r"activations 2\) with the structural limits \(min_bits; lower one by stating it"):
         propose(cfg, {"weight_bytes": cheapest})  # the default limits cost more than all at 2 bits
-    with pytest.raises(BudgetError, match="cannot be met: even the fewest allowed bits everywhere .*structural limits"):
+    with pytest.raises(BudgetError, match="cannot be met: even the fewest allowed bits everywhere "
+                                          ".*structural limits"):
         propose(cfg, "weight_bytes=uniform:3,min_bits:features=8")
     with pytest.raises(BudgetError, match="min_bits:nothing names no layer or activation of this network"):
         propose(cfg, "weight_bytes=uniform:3,min_bits:nothing=4")
@@ -170,10 +186,12 @@ def test_allocation_errors_name_the_problem():
     sens = random_sensitivity(plan, (2, 4, 8), 2)
     cheapest = uniform_totals(plan, 2, 2)  # the smallest cost any plan of 2/4/8 bits has: named in the error
     for metric in ("weight_bytes", "act_bytes", "BOPs"):
-        with pytest.raises(BudgetError, match=f"{metric} <= {cheapest[metric] - 1:,} cannot be met: even every "
-                           f"weight at 2 and every activation at 2 bits costs {cheapest[metric]:,}; raise the budget"):
+        with pytest.raises(BudgetError, match=f"{metric} <= {cheapest[metric] - 1:,} cannot be met: even "
+                           f"every weight at 2 and every activation at 2 bits costs {cheapest[metric]:,}; "
+                           "raise the budget"):
             allocate(plan, sens, {metric: cheapest[metric] - 1})
-        assert allocate(plan, sens, {metric: cheapest[metric]}).totals[metric] == cheapest[metric]  # that cost fits
+        # that cost fits
+        assert allocate(plan, sens, {metric: cheapest[metric]}).totals[metric] == cheapest[metric]
     with pytest.raises(BudgetError, match=r"measured at 2, 4, 8 bits only"):
         allocate(plan, sens, {"weight_bytes": 1e6}, w_bits=(3, 4))
     other = Sensitivity((2, 4, 8), 8, 0.1, {"conv1": {2: 0, 4: 0, 8: 0}}, {}, "x", "x")
@@ -185,10 +203,12 @@ def test_proposal_on_the_embedded_network_edits_the_base_config():
     cfg = load_config(PACT4, {"network.pretrained": None})
     plan = BitPlan.from_config(cfg)
     sens = random_sensitivity(plan, (2, 3, 4, 8), 3)
-    sens.weights["features.17.0"] = {2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0}  # the largest layer costs nothing to lower
+    # the largest layer costs nothing to lower
+    sens.weights["features.17.0"] = {2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0}
     result = allocate(plan, sens, "weight_bytes=uniform:3,act_bytes=uniform:3")
     assert result.plan.w_bits["features.17.0"] == 2
-    assert result.totals["weight_bytes"] <= resolve_budget(plan, {"weight_bytes": "uniform:3"})["weight_bytes"]
+    assert result.totals["weight_bytes"] <= resolve_budget(plan,
+                                                           {"weight_bytes": "uniform:3"})["weight_bytes"]
     edited = result.config()
     assert edited["description"].startswith("Proposed mixed precision")
     assert edited["training"] == cfg["training"] and edited["data"] == cfg["data"]
@@ -204,7 +224,8 @@ def test_proposal_on_the_embedded_network_edits_the_base_config():
 
 def test_parse_budget():
     assert parse_budget("weight_bytes=uniform:3, BOPs=2.5e8") == {"weight_bytes": (3, 3), "BOPs": 2.5e8}
-    assert parse_budget(["act_bytes=uniform:2/4", "weight_bytes=1000"]) == {"act_bytes": (2, 4), "weight_bytes": 1000}
+    assert parse_budget(["act_bytes=uniform:2/4", "weight_bytes=1000"]) == {"act_bytes": (2, 4),
+                                                                            "weight_bytes": 1000}
     assert parse_budget({"BOPs": "uniform:4"}) == {"BOPs": (4, 4)}
     limited = parse_budget(r"BOPs=uniform:3, min_bits:last=4, min_bits:features\.17\.2$ = 8")
     assert limited == {"BOPs": (3, 3), "min_bits:last": 4, "min_bits:features\\.17\\.2$": 8}
@@ -215,10 +236,12 @@ def test_parse_budget():
     assert budget_slug(spec) == "weight_bytes-u3_act_bytes-u2-4_BOPs-250000000"
     assert describe_budget(spec) == "weight_bytes<=uniform:3, act_bytes<=uniform:2/4, BOPs<=250,000,000"
     for bad, message in (("weight_byte=100", "did you mean 'weight_bytes'"), ("weight_bytes", "has no '='"),
-                         ("weight_bytes=-5", "not a limit"), ("BOPs=uniform:1", "not a bit-width from 2 to 16"),
+                         ("weight_bytes=-5", "not a limit"),
+                         ("BOPs=uniform:1", "not a bit-width from 2 to 16"),
                          ("BOPs=uniform:2/3/4", "uniform:B or uniform:W/A"), ("", "empty"),
                          ("BOPs=1,BOPs=2", "given twice"), ("act_bytes=lots", "not a limit"),
-                         ("min_bits:last=4", "structural limits only"), ("BOPs=1,min_bits:=4", "names no layer"),
+                         ("min_bits:last=4", "structural limits only"),
+                         ("BOPs=1,min_bits:=4", "names no layer"),
                          ("BOPs=1,min_bits:last=1", "not a bit-width from 2 to 16"),
                          ("BOPs=1,min_bits:(=4", "is not a regex"),
                          ("BOPs=1,min_bits:last=4,min_bits:last=8", "given twice")):
@@ -239,7 +262,8 @@ def cached_run(tmp_path_factory):
     torch.manual_seed(0)
     save_atomic(make_checkpoint(build_float_network(cfg).state_dict(), {}), folder / "best.ckpt")
     sens = random_sensitivity(BitPlan.from_config(cfg), (2, 3, 4, 8), 4)
-    sens.key, sens.checkpoint, sens.n_calib = cache_key(cfg, folder / "best.ckpt", (2, 3, 4, 8), 8), "random", 8
+    sens.key, sens.checkpoint, sens.n_calib = cache_key(cfg, folder / "best.ckpt", (2, 3, 4, 8),
+                                                        8), "random", 8
     (folder / CACHE).write_text(json.dumps({sens.key: sens.as_json()}))
     return cfg, folder, sens
 
@@ -250,17 +274,23 @@ def test_cli_plan_writes_the_proposed_config(cached_run, tmp_path, capsys):
     assert main(["plan", str(PACT4), "--run", str(folder), "--budget", "weight_bytes=uniform:3",
                  "--budget", "act_bytes=uniform:3", "--calib", "8", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "[cached]" in printed and f"wrote {out}" in printed and "predicted calibration-loss increase" in printed
+    assert (
+        "[cached]" in printed
+        and f"wrote {out}" in printed
+        and "predicted calibration-loss increase" in printed
+    )
     proposed = load_config(out, {"network.pretrained": None})
     plan = BitPlan.from_config(proposed)
     limits = resolve_budget(plan, {"weight_bytes": "uniform:3", "act_bytes": "uniform:3"})
     assert all(plan.totals()[k] <= v for k, v in limits.items())
     expected = allocate(BitPlan.from_config(cfg), sens,  # with the default structural limits, which it keeps
                         with_default_floors(parse_budget("weight_bytes=uniform:3,act_bytes=uniform:3")))
-    assert plan.w_bits["pilot.0"] == 8 and plan.w_bits["classifier.1"] >= 4 and plan.a_bits["avgpool_act"] >= 4
+    assert (
+        plan.w_bits["pilot.0"] == 8 and plan.w_bits["classifier.1"] >= 4 and plan.a_bits["avgpool_act"] >= 4
+    )
     assert plan.w_bits == expected.plan.w_bits and plan.a_bits == expected.plan.a_bits
-    # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the description
-    # changed or added, and only in network.quantize
+    # edited from the base config: every key kept, only bits (n_levels / per-layer quantize) and the
+    # description changed or added, and only in network.quantize
     base, written = leaves(json.loads(PACT4.read_text())), leaves(json.loads(out.read_text()))
     assert set(base) <= set(written)
     edits = {p for p in written if written[p] != base.get(p, object())}
@@ -301,13 +331,15 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
         last = config["training"]["n_epochs"] - (2 if name == "u-s2" else 1)  # u-s2 stopped an epoch early
         with RunFolder(tmp_path / name).writing() as run:
             run.write_config({**config, "training": {**config["training"], "seed": seed}})
-            run.write_history([{"epoch": e, "valid": {"top1": top1}, "best_top1": top1} for e in range(last + 1)])
+            run.write_history([{"epoch": e, "valid": {"top1": top1},
+                                "best_top1": top1} for e in range(last + 1)])
     table = collect_points([tmp_path])
     assert table.title.endswith("left out, unfinished: u-s2")
     rows = {r["label"]: r for r in table.rows}
     assert set(rows) == {"PACT W4/A4", "PACT proposed, weight_bytes<=uniform:3", "FP32"}
     u = rows["PACT W4/A4"]
-    assert (u["kind"], u["n"], u["top1"], u["top1_min"], u["top1_max"], u["seeds"]) == ("uniform", 2, 97.5, 97, 98, "0 1")
+    assert (u["kind"], u["n"], u["top1"], u["top1_min"], u["top1_max"], u["seeds"]) == ("uniform", 2, 97.5,
+                                                                                        97, 98, "0 1")
     assert u["top1s"] == [97.0, 98.0]
     assert u["weight_bytes"] == BitPlan.from_config(cfg).totals()["weight_bytes"]
     p = rows["PACT proposed, weight_bytes<=uniform:3"]
@@ -316,9 +348,11 @@ def test_pareto_points_group_seeds_and_place_plans_by_cost(cached_run, tmp_path)
     assert rows["FP32"]["kind"] == "fp32" and rows["FP32"]["weight_bytes"] is None
     assert [r["label"] for r in pareto_front([u, p], "weight_bytes")] == [p["label"]]  # cheaper and better
     fig = plot_pareto(table, "weight_bytes")
-    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed", "FP32 99.50% (n=1)"}
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"uniform", "proposed",
+                                                                            "FP32 99.50% (n=1)"}
     ticks = [c.get_offsets().tolist() for c in fig.axes[0].collections if len(c.get_offsets()) == 2]
-    assert [[u["weight_bytes"], 97.0], [u["weight_bytes"], 98.0]] in ticks  # a tick per seed of the 2-seed plan
+    # a tick per seed of the 2-seed plan
+    assert [[u["weight_bytes"], 97.0], [u["weight_bytes"], 98.0]] in ticks
 
 
 def test_paired_table_compares_plan_and_uniform_seed_by_seed(tmp_path):

@@ -1,6 +1,7 @@
 """The batch-norm schedule of low-bit QAT (``schedules.batchnorm``): ``freeze`` re-estimates the running
 statistics as the plain average of the next training batches, then normalises with them in training too;
-``thaw`` undoes it; state survives a resume; bad schedules are refused by the config check and the controller."""
+``thaw`` undoes it; state survives a resume; bad schedules are refused by the config check and the
+controller."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class Net(nn.Module):
 
 def batches(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 5, 5, generator=g) * (1 + i), torch.randint(0, 3, (8,), generator=g)) for i in range(n)]
+    return [(torch.randn(8, 3, 5, 5, generator=g) * (1 + i),
+             torch.randint(0, 3, (8,), generator=g)) for i in range(n)]
 
 
 def epoch(net, ctrl, opt, number, data):
@@ -60,7 +62,8 @@ def make(schedule, recalibration_batches=2, lr=0.1):
 
 def test_freeze_averages_the_next_batches_then_keeps_the_statistics():
     data = batches()
-    net, ctrl, opt = make({"1": "freeze"}, recalibration_batches=2, lr=0.0)  # lr 0: the averaged network is fixed
+    # lr 0: the averaged network is fixed
+    net, ctrl, opt = make({"1": "freeze"}, recalibration_batches=2, lr=0.0)
     epoch(net, ctrl, opt, 0, data)
     assert net.bn.momentum == 0.1 and net.bn.training  # epoch 0: batch statistics, running averages
     epoch(net, ctrl, opt, 1, data)
@@ -140,6 +143,7 @@ def test_the_training_loop_trains_with_frozen_statistics(tmp_path):
     lines = []
     train(cfg, tmp_path / "run", progress=False, log=lines.append)
     state, _ = read_state_dict(RunFolder(tmp_path / "run").checkpoint("last"))
-    stats = [k for k in state if k.endswith(".running_var") and k.replace("running_var", "num_batches_tracked") in state]
+    stats = [k for k in state if k.endswith(".running_var") and k.replace("running_var",
+                                                                          "num_batches_tracked") in state]
     assert stats and all(torch.equal(state[k], torch.ones_like(state[k])) for k in stats)  # fresh BN: var 1
     assert any(line.startswith("[batchnorm controller] freeze:") for line in lines)

@@ -1,4 +1,5 @@
-"""Checkpoints written before the quantizers were split into PACT and TQT grids still load and compute the same.
+"""Checkpoints written before the quantizers were split into PACT and TQT grids still load and compute the
+same.
 
 ``data/legacy_quantizers.pt`` holds the state dicts of a PACT and a TQT :class:`helpers.SmallNet` trained for
 three steps by labkit 612884e (``data/make_legacy_checkpoints.py``), an input and each network's output."""

@@ -26,7 +26,9 @@ def test_shipped_fp32_configs_load(path):
     assert cfg["network"]["kwargs"]["num_classes"] == (10 if raw["data"]["name"] == "embedded" else 1000)
 
 
-QUANTIZED_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/config.*.json") if p.name != "config.fp32.json")
+QUANTIZED_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*/config.*.json") if p.name != "config.fp32.json"
+)
 
 
 @pytest.mark.parametrize("path", QUANTIZED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

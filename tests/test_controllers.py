@@ -71,8 +71,10 @@ def _make(seed=0):
 
 
 def test_parse_schedule_and_errors():
-    assert parse_schedule({"0": ["start", "verbose_on"], "4": "freeze"}) == {0: ["start", "verbose_on"], 4: ["freeze"]}
-    with pytest.raises(ValueError, match="'begin'.*allowed: start, freeze, thaw, stop, verbose_on, verbose_off"):
+    assert parse_schedule({"0": ["start", "verbose_on"], "4": "freeze"}) == {0: ["start", "verbose_on"],
+                                                                             4: ["freeze"]}
+    with pytest.raises(ValueError, match="'begin'.*allowed: start, freeze, thaw, stop, verbose_on, "
+                                         "verbose_off"):
         parse_schedule({"0": "begin"})
     with pytest.raises(ValueError, match="epoch key"):
         parse_schedule({"zero": "start"})
@@ -168,7 +170,9 @@ def test_weight_bounds_follow_the_weights_until_frozen():
     torch.testing.assert_close(net.conv2.clip_hi, 1.5 * sawb, rtol=1e-6, atol=0)
     assert torch.equal(net.conv.clip_hi, learned)  # learn_clip: bounds are parameters, not a function of w
     lo, hi = net.fc.get_clip()
-    assert lo.item() == -net.fc.weight.abs().max().item() and hi.item() == pytest.approx(-lo.item() * 127 / 128)
+    assert lo.item() == -net.fc.weight.abs().max().item() and hi.item() == pytest.approx(
+        -lo.item() * 127 / 128
+    )
     # the weights moved by training too: right before the next batch the bounds are those of the new weights
     _run_epochs(net, ctrls, opt, [2], data)  # freeze at 2
     frozen = net.fc.clip_hi.clone()
@@ -266,7 +270,8 @@ def test_verbose_commands_are_one_line_with_every_bound_kept():
     linear.step_pre_training_epoch(0)
     assert len(lines) == 1 and lines[0].startswith("[linear controller] start: 3 quantizers, eps ")
     event = linear.events[-1]
-    assert (event["epoch"], event["command"]) == (0, "start") and [q["name"] for q in event["quantizers"]] == \
+    assert (event["epoch"], event["command"]) == (0,
+                                                  "start") and [q["name"] for q in event["quantizers"]] == \
         ["conv", "conv2", "fc"]
     lo, hi = net.conv.get_clip_w()
     assert event["quantizers"][0]["hi"] == pytest.approx(float(hi.float().mean()))

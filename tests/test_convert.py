@@ -26,7 +26,8 @@ def test_conversion_from_state_dict_maps_all_314_keys():
     assert len(net.state_dict()) == 314
     assert torch.equal(net.state_dict()["features.0.residual_branch.1.1.running_var"],
                        state["features.1.conv.2.running_var"])
-    assert torch.equal(net.state_dict()["features.5.residual_branch.2.0.weight"], state["features.6.conv.2.weight"])
+    assert torch.equal(net.state_dict()["features.5.residual_branch.2.0.weight"],
+                       state["features.6.conv.2.weight"])
     table = key_table(state)
     assert len(table) == 314 and set(r["labkit"] for r in table.rows) == set(net.state_dict())
 

@@ -59,7 +59,9 @@ def test_imagenet_folder_with_reference_transforms(tmp_path):
     img = img.resize((round(w * 37 / h), 37), Image.BILINEAR)
     left, top = (img.size[0] - 32) // 2, (img.size[1] - 32) // 2
     ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255)
-    ref = (ref.permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    ref = (ref.permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
+        :, None, None
+    ]
     assert (x - ref).abs().max() < 0.05  # PIL vs tensor resize antialiasing differ slightly
     assert train[0][0].shape == (3, 32, 32)
 

@@ -1,9 +1,9 @@
-"""Deeploy (the ``deeploy-pulp`` 0.2.1 wheel from PyPI, Generic platform) parses, maps and generates C for labkit's
-Deeploy export of PACT 8/8, TQT 8/8, PACT 4/4 and mixed-precision networks (int32 twins with shift groups and
-pre-clips), and refuses the standard export; the generated C, built with gcc against Deeploy's Generic kernel
-library, reproduces every logit of ``outputs.npz``. Deeploy runs in its own cached virtual environment
-(deeploy_env.py; made on first use, ~2 min); its C library is built from a clone of Deeploy's repository that
-``$LABKIT_DEEPLOY_GIT`` names (deeploy_c.py; the gcc test is skipped without one)."""
+"""Deeploy (the ``deeploy-pulp`` 0.2.1 wheel from PyPI, Generic platform) parses, maps and generates C for
+labkit's Deeploy export of PACT 8/8, TQT 8/8, PACT 4/4 and mixed-precision networks (int32 twins with shift
+groups and pre-clips), and refuses the standard export; the generated C, built with gcc against Deeploy's
+Generic kernel library, reproduces every logit of ``outputs.npz``. Deeploy runs in its own cached virtual
+environment (deeploy_env.py; made on first use, ~2 min); its C library is built from a clone of Deeploy's
+repository that ``$LABKIT_DEEPLOY_GIT`` names (deeploy_c.py; the gcc test is skipped without one)."""
 
 import json
 from collections import Counter
@@ -21,7 +21,8 @@ from test_integerize import SHAPE, digits, eps_in_for, started_net
 
 pytestmark = pytest.mark.slow
 
-#: the operators Deeploy's Generic lowering leaves for a labkit network (pads become Pad nodes; Mul: pre-clips)
+#: the operators Deeploy's Generic lowering leaves for a labkit network (pads become Pad nodes; Mul:
+# pre-clips)
 GENERIC_OPS = {"Add", "Conv", "Flatten", "Gemm", "Mul", "Pad", "RequantShift"}
 #: the embedded mixed-precision config: 8-bit first and last layer, everything else 4 bit
 MIXED = {"pilot.0": 8, "classifier.1": 8, "avgpool_act": 8}
@@ -50,7 +51,8 @@ def test_deeploy_generates_c_for_the_deeploy_export(generated):
     # every requantization's nodes as the plan counts them, and one Add per adder
     assert ops["RequantShift"] + ops["Mul"] + ops["Add"] == sum(r["nodes"] for r in plan.layers) + adders
     assert ops["Mul"] == sum(len(r["preclip"].split("+")) for r in plan.layers if r["preclip"])
-    assert set(summary["ops"]) <= GENERIC_OPS and {"Add", "Conv", "Gemm", "RequantShift"} <= set(summary["ops"])
+    assert set(summary["ops"]) <= GENERIC_OPS and {"Add", "Conv", "Gemm",
+                                                   "RequantShift"} <= set(summary["ops"])
     assert all(summary["ops"].get(op, 0) == ops[op] for op in ("RequantShift", "Mul", "Add", "Conv", "Gemm"))
     assert summary["input_type"] == "int8_t" and summary["output_type"] == "int32_t"
     kernels = summary["kernels"]
@@ -63,8 +65,8 @@ def test_deeploy_generates_c_for_the_deeploy_export(generated):
 
 
 def test_deeploy_c_reproduces_the_golden_logits(generated):
-    """Deeploy's generated C, compiled with gcc against its Generic kernels (the flags of its CMake), run on both
-    batches of the golden inputs: every logit equal to ``outputs.npz`` (the int32 twin's)."""
+    """Deeploy's generated C, compiled with gcc against its Generic kernels (the flags of its CMake), run on
+    both batches of the golden inputs: every logit equal to ``outputs.npz`` (the int32 twin's)."""
     name, inet32, _, folder, _, _, work = generated
     try:
         generic_library()

@@ -61,7 +61,8 @@ def test_convert_keeps_state_and_is_plain_batchnorm_outside_ddp():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sync_batchnorm_normalises_half_inputs_in_float32(monkeypatch, dtype):
     """Under AMP the conv output is half precision; 2 x 256 x 256 = 131072 values per channel overflow a
-    float16 count or sum (max 65504). One process stands in for the group (the all-reduce of one is itself)."""
+    float16 count or sum (max 65504). One process stands in for the group (the all-reduce of one is
+    itself)."""
     import labkit.train.distributed as ld
 
     monkeypatch.setattr(ld, "is_distributed", lambda: True)

@@ -1,5 +1,5 @@
-"""Export: network.onnx passes the ONNX checker and onnxruntime reproduces outputs.npz exactly, for every target
-(standard, qonnx, Deeploy: its RequantShift nodes checked in Deeploy's semantics)."""
+"""Export: network.onnx passes the ONNX checker and onnxruntime reproduces outputs.npz exactly, for every
+target (standard, qonnx, Deeploy: its RequantShift nodes checked in Deeploy's semantics)."""
 
 import json
 
@@ -54,7 +54,8 @@ def test_onnxruntime_reproduces_outputs_exactly(nets, name, tmp_path):
     expected = np.load(paths["outputs"])["output"]
     assert got.dtype == np.int64 and np.array_equal(got, expected)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert float(meta["eps_in"]) == pytest.approx(inet.eps_in) and json.loads(meta["input_codes"]) == [-128, 127]
+    assert float(meta["eps_in"]) == pytest.approx(inet.eps_in) and json.loads(meta["input_codes"]) == [-128,
+                                                                                                       127]
     with np.load(paths["activations"]) as acts:
         layers = dict(requant_layers(inet))
         assert "pilot.2" in acts and "classifier.1" in acts and "input_quant" in acts
@@ -74,8 +75,8 @@ def test_pure_shifts_have_no_multiplier(nets):
 
 
 def static_graph(net, tmp_path, n: int, target: str):
-    """Export ``n`` digits for ``target``: the paths and the graph, checked for the static batch ``n`` and a shape
-    on every tensor."""
+    """Export ``n`` digits for ``target``: the paths and the graph, checked for the static batch ``n`` and a
+    shape on every tensor."""
     paths = export(net, tmp_path, digits(n), target=target)
     g = onnx.load(str(paths["network"])).graph
     assert [d.dim_value for d in g.input[0].type.tensor_type.shape.dim] == [n, 3, 32, 32]
@@ -84,9 +85,9 @@ def static_graph(net, tmp_path, n: int, target: str):
 
 
 def test_deeploy_export_is_what_deeploy_reads_and_onnxruntime_reproduces_it(nets, tmp_path):
-    """Static batch, a shape for every tensor, no Cast/Identity, RequantShift with float32 tensor attributes and
-    Deeploy's add (its kernel adds the half-step), pool as a depthwise conv of ones, Gemm with alpha/beta; the
-    graph, with RequantShift in Deeploy's semantics, reproduces the int32 twin's logits in onnxruntime."""
+    """Static batch, a shape for every tensor, no Cast/Identity, RequantShift with float32 tensor attributes
+    and Deeploy's add (its kernel adds the half-step), pool as a depthwise conv of ones, Gemm with alpha/beta;
+    the graph, with RequantShift in Deeploy's semantics, reproduces the int32 twin's logits in onnxruntime."""
     inet32 = nets["pact32"]
     paths, g = static_graph(inet32, tmp_path, 3, "deeploy")
     assert {o for n in g.node for o in n.output} - {"output"} == {v.name for v in g.value_info}
@@ -124,7 +125,8 @@ def test_deeploy_check_fails_with_labkits_add(nets, tmp_path):
     paths = export(inet32, tmp_path, digits(3), target="deeploy")
     model = onnx.load(str(paths["network"]))
     inits = {i.name: i for i in model.graph.initializer}
-    for node, (_, req) in zip([n for n in model.graph.node if n.op_type == "RequantShift"], requant_layers(inet32)):
+    for node, (_, req) in zip([n for n in model.graph.node if n.op_type == "RequantShift"],
+                              requant_layers(inet32)):
         add = inits[node.input[2]]
         add.CopyFrom(onnx.numpy_helper.from_array(req.add.numpy().reshape(
             onnx.numpy_helper.to_array(add).shape).astype(np.int32), add.name))
@@ -173,7 +175,8 @@ def test_qonnx_executes_the_export_exactly_and_sees_integer_types(nets, tmp_path
         got = execute_onnx(model, {"input": np.load(paths["inputs"])["input"]})["output"]
     assert got.dtype == np.int64 and np.array_equal(got, np.load(paths["outputs"])["output"])
     typed = model.transform(InferDataTypes())
-    by_op = Counter((n.op_type, typed.get_tensor_datatype(n.output[0]).get_canonical_name()) for n in typed.graph.node)
+    by_op = Counter((n.op_type,
+                     typed.get_tensor_datatype(n.output[0]).get_canonical_name()) for n in typed.graph.node)
     n_requant = len(requant_layers(nets["pact"]))
     assert by_op[("Conv", "INT32")] == 52 and by_op[("Gemm", "INT32")] == 1 and by_op[("Add", "INT32")] == 11
     assert by_op[("Cast", "UINT8")] + by_op[("Cast", "INT8")] >= n_requant
@@ -186,6 +189,8 @@ def test_cli_export_refuses_calibration_outside_the_deeploy_target(tmp_path, cap
     (tmp_path / "run").mkdir()  # the run is checked first; the calibration is then refused before it loads
     assert main(["export", str(tmp_path / "run"), "--target", "qonnx", "--calibrate", "64", "-o",
                  str(tmp_path / "out")]) == 2
-    assert "--calibrate sets the int32 shifts of --target deeploy only, not of qonnx" in capsys.readouterr().err
+    assert (
+        "--calibrate sets the int32 shifts of --target deeploy only, not of qonnx" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "run"), "--target", "tflite"])

@@ -75,7 +75,8 @@ def test_mobilenetv2_pact_imagenet_layer_counts(mnv2):
     assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU6) for m in qnet.modules())
     adders = by_type(qnet, PACTIntegerAdd)
     assert adders == {f"features.{b}.integer_add" for b in SKIP_BLOCKS}
-    assert by_type(qnet, PACTAsymmetricAct) - {n for a in adders for n in (f"{a}.acts.0", f"{a}.acts.1", f"{a}.act_out")} \
+    assert by_type(qnet, PACTAsymmetricAct) - {n for a in adders for n in (f"{a}.acts.0", f"{a}.acts.1",
+                                                                           f"{a}.act_out")} \
         == {f"features.{b}.output_act" for b in NON_SKIP_BLOCKS}
     assert by_type(qnet, PACTUnsignedAct) - {"avgpool_act"} == \
         {n for n, m in MobileNetV2().named_modules() if isinstance(m, nn.ReLU6)}
@@ -84,15 +85,19 @@ def test_mobilenetv2_pact_imagenet_layer_counts(mnv2):
     counts = {}
     for row in report:
         counts[(row["type"], row["source"])] = counts.get((row["type"], row["source"]), 0) + 1
-    assert counts == {("PACTConv2d", "recipe"): 52, ("PACTLinear", "recipe"): 1, ("PACTUnsignedAct", "recipe"): 35,
+    assert counts == {("PACTConv2d", "recipe"): 52, ("PACTLinear", "recipe"): 1,
+                      ("PACTUnsignedAct", "recipe"): 35,
                       ("PACTIntegerAdd", "harmonize"): 10, ("PACTAsymmetricAct", "harmonize"): 7,
                       ("PACTUnsignedAct", "harmonize"): 1}
     json.dumps(report)  # plain data
-    assert [r["name"] for r in harmonized_layers(qnet)] == [r["name"] for r in report if r["source"] == "harmonize"]
+    assert [r["name"] for r in harmonized_layers(qnet)] == [
+        r["name"] for r in report if r["source"] == "harmonize"
+    ]
 
 
 def test_every_quantized_layer_reads_a_quantized_tensor(mnv2):
-    """The invariant the pass establishes: each PACT conv/linear input comes from a quantizer (or the image)."""
+    """The invariant the pass establishes: each PACT conv/linear input comes from a quantizer (or the
+    image)."""
     _, qnet, _ = mnv2
     mods = dict(qnet.named_modules())
     checked = 0
@@ -105,7 +110,8 @@ def test_every_quantized_layer_reads_a_quantized_tensor(mnv2):
                 f"{node.target} reads {src.target}"
             checked += 1
     assert checked == 53
-    assert not any(n.op == "call_function" and n.target in (operator.add, torch.add) for n in qnet.graph.nodes)
+    assert not any(n.op == "call_function" and n.target in (operator.add,
+                                                            torch.add) for n in qnet.graph.nodes)
 
 
 def test_inserted_modules_sit_where_the_facts_say(mnv2):
@@ -137,7 +143,8 @@ def test_float_mode_numerics_equal_the_original(mnv2):
     with torch.no_grad():
         expected = ref(x)
         got = qnet(x)
-    assert not any(m.started for m in qnet.modules() if hasattr(m, "started") and not isinstance(m, PACTIntegerAdd))
+    assert not any(m.started for m in qnet.modules() if hasattr(m, "started") and not isinstance(m,
+                                                                                                 PACTIntegerAdd))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert expected.abs().max() > 1e-3  # a meaningful comparison
 
@@ -174,7 +181,8 @@ def test_requant_pool_off_reproduces_the_reference():
 
 
 def test_small_config_width_035():
-    """At width 0.35 the small table gives block 1 stride 1 and 8 -> 8 channels: a skip (11 adders, 6 acts)."""
+    """At width 0.35 the small table gives block 1 stride 1 and 8 -> 8 channels: a skip (11 adders, 6
+    acts)."""
     skips = [i for i, b in enumerate(MobileNetV2(0.35, 10, "small").features[:17]) if b.use_skip]
     assert skips == [1] + SKIP_BLOCKS
     ref, qnet, report = quantized(0.35, "small", 10)
@@ -316,7 +324,8 @@ def test_option_errors_name_the_fix():
 
 def test_default_config_harmonize_overrides_reach_inserted_modules():
     net = MobileNetV2(0.35, 10, "small")
-    cfg = default_quantize_config(net, 4, 4, overrides={"avgpool_act": 8, "features.2.integer_add": {"n_levels": 64}})
+    cfg = default_quantize_config(net, 4, 4, overrides={"avgpool_act": 8,
+                                                        "features.2.integer_add": {"n_levels": 64}})
     qnet, report = pact_recipe(net, cfg)
     levels = {r["name"]: r["n_levels"] for r in report}
     assert levels["avgpool_act"] == 256 and levels["features.2.integer_add"] == 64

@@ -1,8 +1,8 @@
-"""int32 requantization: proven input intervals hold, the shift is the largest that keeps every partial sum of the
-device kernel inside int32, the int32 twin computes exactly that arithmetic, calibration gives larger shifts and
-an overflow beyond its bound is caught; shift groups and the pre-clip keep every partial sum of their Deeploy nodes
-inside int32 and the exact codes within their proven error; compare against an integer reference; the plan's
-identical_pct."""
+"""int32 requantization: proven input intervals hold, the shift is the largest that keeps every partial sum of
+the device kernel inside int32, the int32 twin computes exactly that arithmetic, calibration gives larger
+shifts and an overflow beyond its bound is caught; shift groups and the pre-clip keep every partial sum of
+their Deeploy nodes inside int32 and the exact codes within their proven error; compare against an integer
+reference; the plan's identical_pct."""
 
 import dataclasses
 import math
@@ -56,7 +56,8 @@ def test_proven_intervals_contain_every_input_on_the_grid(twins):
              for name, r in requant_layers(inet)]
     torch.manual_seed(0)
     eps = inet.eps_in
-    images = torch.cat([digits(8), torch.full((1, 3, 32, 32), -128 * eps), torch.full((1, 3, 32, 32), 127 * eps),
+    images = torch.cat([digits(8), torch.full((1, 3, 32, 32), -128 * eps),
+                        torch.full((1, 3, 32, 32), 127 * eps),
                         torch.randint(-128, 128, (6, 3, 32, 32)).double() * eps])
     with torch.no_grad():
         inet(images)
@@ -69,7 +70,9 @@ def test_proven_intervals_contain_every_input_on_the_grid(twins):
     conv = dict(inet.named_modules())["features.0.residual_branch.0.0"]
     w = conv.weight.flatten(1)
     lo, hi = intervals["features.0.residual_branch.0.2"]
-    assert torch.equal(lo, torch.minimum(w * 0, w * 255).sum(1)) and torch.equal(hi, torch.maximum(w * 0, w * 255).sum(1))
+    assert torch.equal(lo, torch.minimum(w * 0, w * 255).sum(1)) and torch.equal(
+        hi, torch.maximum(w * 0, w * 255).sum(1)
+    )
 
 
 def test_shift_is_the_largest_that_fits_int32(twins):
@@ -84,10 +87,15 @@ def test_shift_is_the_largest_that_fits_int32(twins):
         r = exact[name]
         assert r32.d <= r.d
 
-        def at(d_try, r=r):  # mul, add of the exact requantization rounded to the shift d_try (half up, exact ints)
+        # mul, add of the exact requantization rounded to the shift d_try (half up, exact ints)
+        def at(d_try, r=r):
             k = r.d - d_try
-            return [torch.tensor([(int(v) + (1 << (k - 1))) >> k if k else int(v) for v in t.reshape(-1).tolist()])
-                    for t in (r.mul, r.add)]
+            return [
+                torch.tensor(
+                    [(int(v) + (1 << (k - 1))) >> k if k else int(v) for v in t.reshape(-1).tolist()]
+                )
+                for t in (r.mul, r.add)
+            ]
 
         assert [torch.equal(a, b.reshape(-1)) for a, b in zip(at(r32.d), (r32.mul, r32.add))] == [True, True]
         assert kernel_bound(*at(r32.d), r32.d, lo, hi) <= INT32_MAX
@@ -114,12 +122,14 @@ def test_int32_requant_is_the_kernel_arithmetic_and_catches_overflow():
 def test_calibrated_shifts_are_larger_and_an_input_beyond_them_is_caught(twins):
     _, inet, _, proven = twins
     images = digits(16)
-    inet_cal, plan = int32_twin(inet, calibration=[images], margin=1.5, max_groups=1, preclip=False, flat=False)
+    inet_cal, plan = int32_twin(inet, calibration=[images], margin=1.5, max_groups=1, preclip=False,
+                                flat=False)
     assert plan.margin == 1.5 and all(r["bounds"] == "calibrated" for r in plan.layers)
     gains = [c["d32"] - p["d32"] for c, p in zip(plan.layers, proven.layers)]
     assert min(gains) >= 0 and max(gains) >= 1
     inet_cal(images)  # within the calibrated bounds
-    blank, _ = int32_twin(inet, calibration=[torch.zeros(2, 3, 32, 32)], margin=1.0, max_groups=1, preclip=False,
+    blank, _ = int32_twin(inet, calibration=[torch.zeros(2, 3, 32, 32)], margin=1.0, max_groups=1,
+                          preclip=False,
                           flat=False)
     with pytest.raises(IntegerizeError, match="calibrated bound does not hold"):
         blank(images)
@@ -140,7 +150,8 @@ def test_compare_against_an_integer_reference(twins):
     assert 90.0 < worst["identical"] < 100.0 and not math.isnan(worst["identical"])
 
 
-# ------------------------------------------------------------------------------------------ groups and pre-clip
+# ------------------------------------------------------------------------------------------ groups and
+# pre-clip
 def exact_requant(ratios, offsets, lo, hi, signed, d=40):
     """A labkit requantization ``y = clip(floor(x ratio + offset + 1/2))`` per channel, 256 levels."""
     mul = torch.tensor([round(r * 2 ** d) for r in ratios])
@@ -155,8 +166,8 @@ def exact_values(r, x):
 
 
 def deeploy_int32(r32, x):
-    """The Deeploy nodes of one int32 requantization (pre-clip RequantShift/Mul/Add per side, a RequantShift per
-    shift group, their sum), emulated element by element; every partial sum must stay inside int32."""
+    """The Deeploy nodes of one int32 requantization (pre-clip RequantShift/Mul/Add per side, a RequantShift
+    per shift group, their sum), emulated element by element; every partial sum must stay inside int32."""
     def fits(t):
         assert int(t.abs().max()) <= INT32_MAX, "int32 overflow"
         return t
@@ -182,18 +193,20 @@ def deeploy_int32(r32, x):
 
 
 def worst_case_inputs(lo, hi, n=20000, seed=0):
-    """Every channel's interval ends, its window edges and zero, then random values over the whole interval."""
+    """Every channel's interval ends, its window edges and zero, then random values over the whole
+    interval."""
     g = torch.Generator().manual_seed(seed)
-    cols = [torch.cat([torch.tensor([a, b, 0]), torch.randint(a, b + 1, (n,), generator=g)]) for a, b in zip(lo, hi)]
+    cols = [torch.cat([torch.tensor([a, b, 0]), torch.randint(a, b + 1, (n,), generator=g)]) for a,
+            b in zip(lo, hi)]
     return torch.stack(cols, 1)
 
 
 def test_preclip_keeps_int32_and_the_exact_codes_within_its_proven_error():
-    """A 1x1 projection as in the 8-bit nets: proven |acc| up to 1.9 million, output codes -128..127, so one int32
-    multiply leaves ~10 bits of multiplier. The pre-clip saturates the input outside the window where the output
-    clips anyway: a larger shift, every partial sum (of the emulated Deeploy nodes too) inside int32, the exact
-    code wherever the exact value lies farther than the proven error from a rounding boundary, and outside the
-    window the exact (saturated) code always."""
+    """A 1x1 projection as in the 8-bit nets: proven |acc| up to 1.9 million, output codes -128..127, so one
+    int32 multiply leaves ~10 bits of multiplier. The pre-clip saturates the input outside the window where
+    the output clips anyway: a larger shift, every partial sum (of the emulated Deeploy nodes too) inside
+    int32, the exact code wherever the exact value lies farther than the proven error from a rounding
+    boundary, and outside the window the exact (saturated) code always."""
     r = exact_requant([0.00097, 0.00131], [0.3, -7.2], -128, 127, True)
     lo, hi = torch.tensor([-1_900_000, -1_100_000]), torch.tensor([1_700_000, 1_950_000])
     plain, row0 = int32_requant(r, lo, hi, name="proj", max_groups=1, preclip=False)
@@ -201,7 +214,8 @@ def test_preclip_keeps_int32_and_the_exact_codes_within_its_proven_error():
     assert clipped.clip is not None and clipped.clip.sides == "hi+lo" and row["preclip"] == "hi+lo"
     assert row["d32"] >= row0["d32"] + 3 and row["bound"] <= INT32_MAX and row["error"] < row0["error"] / 8
     x = worst_case_inputs(lo.tolist(), hi.tolist())
-    edges = torch.stack([clipped.clip.top + s for s in (-1, 0, 1)] + [clipped.clip.bot + s for s in (-1, 0, 1)])
+    edges = torch.stack([clipped.clip.top + s for s in (-1, 0, 1)] + [clipped.clip.bot + s for s in (-1, 0,
+                                                                                                     1)])
     x = torch.cat([x, edges])
     t, y = exact_values(r, x)
     y32 = clipped(x)  # raises on any int32 overflow
@@ -217,8 +231,9 @@ def test_preclip_keeps_int32_and_the_exact_codes_within_its_proven_error():
 
 
 def test_groups_give_the_small_ratio_channels_their_own_shift():
-    """One channel with a large ratio and a large proven range (the first depthwise conv of the 8/8 nets) forces a
-    small shift on all channels; with groups each channel keeps (close to) its own largest safe shift."""
+    """One channel with a large ratio and a large proven range (the first depthwise conv of the 8/8 nets)
+    forces a small shift on all channels; with groups each channel keeps (close to) its own largest safe
+    shift."""
     r = exact_requant([0.76, 0.0047, 0.0061, 0.0052], [0.0, 0.2, -0.4, 0.1], 0, 255, False)
     lo, hi = torch.full((4,), -145_605), torch.full((4,), 150_000)
     one, row1 = int32_requant(r, lo, hi, name="dw", max_groups=1, preclip=False)
@@ -240,10 +255,10 @@ def test_groups_give_the_small_ratio_channels_their_own_shift():
 
 
 def test_default_twin_every_layer_in_int32_and_exact_on_constant_images(pact8, precise):
-    """The default twin: per channel mul within 2 of the exact one rounded at its group's shift, every partial sum
-    of its Deeploy nodes inside int32 (the plan's bound on the proven interval and, on real inputs, the nodes
-    emulated), and on the constant images (every input code) the centre codes identical to the exact twin's in
-    every layer whose flat_pct is 100."""
+    """The default twin: per channel mul within 2 of the exact one rounded at its group's shift, every partial
+    sum of its Deeploy nodes inside int32 (the plan's bound on the proven interval and, on real inputs, the
+    nodes emulated), and on the constant images (every input code) the centre codes identical to the exact
+    twin's in every layer whose flat_pct is 100."""
     inet = pact8[1]
     inet32, plan = precise
     exact = dict(requant_layers(inet))
@@ -310,7 +325,9 @@ def _trained_twins(qat_runs, name):
     result = compare(inet, inet32, DataLoader(EmbeddedDigits("valid"), batch_size=120))
     plan.add_agreement(result, "360 validation images")
     print(f"{name}: {plan.summary()}")
-    assert result.n == 360 and all(row["bound"] <= INT32_MAX and row["bounds"] == "proven" for row in plan.layers)
+    assert result.n == 360 and all(
+        row["bound"] <= INT32_MAX and row["bounds"] == "proven" for row in plan.layers
+    )
     return plan, result
 
 
@@ -326,8 +343,9 @@ def test_trained_nets_default_twin_precision(qat_runs, name, one_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param("pact8", marks=pytest.mark.xfail(
-        reason="issue 21 open: on the one-thread pact8 run one of 360 predictions flips (a near-tie; measured "
-               "359/360 on 2026-12-07; the 2-thread run of the same config predicts 360/360)", strict=False)),
+        reason="issue 21 open: on the one-thread pact8 run one of 360 predictions flips (a near-tie; "
+               "measured 359/360 on 2026-12-07; the 2-thread run of the same config predicts 360/360)",
+               strict=False)),
     "tqt8"])
 def test_trained_nets_default_twin_predictions(qat_runs, name, one_thread):
     """The issue's acceptance: the int32 twin of an 8/8 net predicts what its exact twin predicts on all 360
@@ -341,5 +359,9 @@ def test_cli_refuses_int32_forms_outside_the_deeploy_target(tmp_path, capsys):
 
     (tmp_path / "run").mkdir()  # the run is checked first
     for flag in (["--no-preclip"], ["--max-groups", "1"]):
-        assert main(["export", str(tmp_path / "run"), "--target", "onnx", *flag, "-o", str(tmp_path / "out")]) == 2
-        assert "--max-groups and --no-preclip set the int32 twin of --target deeploy only" in capsys.readouterr().err
+        assert main(["export", str(tmp_path / "run"), "--target", "onnx", *flag, "-o",
+                     str(tmp_path / "out")]) == 2
+        assert (
+            "--max-groups and --no-preclip set the int32 twin of --target deeploy only"
+            in capsys.readouterr().err
+        )

@@ -90,11 +90,13 @@ def test_requant_adds_the_half_step_once_and_shift_form_is_identical():
 def test_input_grid_covers_the_normalised_range():
     lo, hi = input_range("embedded")
     eps = input_eps(lo, hi, 8)
-    assert round(lo / eps) >= -128 and round(hi / eps) <= 127 and max(-lo / 128, hi / 127) == pytest.approx(eps)
+    assert round(lo / eps) >= -128 and round(hi / eps) <= 127 and max(-lo / 128,
+                                                                      hi / 127) == pytest.approx(eps)
     assert math.log2(input_eps(lo, hi, 8, pow2=True)).is_integer()
 
 
-# ------------------------------------------------------------------------------------------ structure, exactness
+# ------------------------------------------------------------------------------------------ structure,
+# exactness
 def test_integer_network_structure_and_every_intermediate_is_int64(one_thread):
     qnet = started_net()
     inet = integerize(qnet, eps_in_for(), SHAPE)
@@ -126,8 +128,8 @@ def test_integer_network_structure_and_every_intermediate_is_int64(one_thread):
 
 
 def test_float64_twin_matches_bit_for_bit_end_to_end(one_thread):
-    """Against the fake-quant network evaluated in float64 (the real-valued definition, no float32 rounding) the
-    integer network is identical in every layer, end to end, logits included: the math is exact."""
+    """Against the fake-quant network evaluated in float64 (the real-valued definition, no float32 rounding)
+    the integer network is identical in every layer, end to end, logits included: the math is exact."""
     qnet = started_net().double()
     inet = integerize(qnet, eps_in_for(), SHAPE)
     result = compare(qnet, inet, digits(64))
@@ -221,7 +223,8 @@ def test_unstarted_quantizer_is_refused(one_thread):
         integerize(qnet.eval(), eps_in_for(), SHAPE)
 
 
-# ------------------------------------------------------------------------------------------ the issue's targets
+# ------------------------------------------------------------------------------------------ the issue's
+# targets
 
 
 
@@ -237,24 +240,26 @@ def _float32_result(runs, name):
             warnings.simplefilter("ignore")  # best.ckpt may predate the activations' start: last.ckpt is used
             twin = integerize_run(runs[name])
             qnet, inet = twin.qnet, twin.inet
-        _FLOAT32[name] = (qnet, inet, compare(qnet, inet, DataLoader(EmbeddedDigits("valid"), batch_size=120)))
+        _FLOAT32[name] = (qnet, inet, compare(qnet, inet, DataLoader(EmbeddedDigits("valid"),
+                                                                     batch_size=120)))
     return _FLOAT32[name]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EMBEDDED_QAT))
 def test_targets_on_the_whole_validation_set(qat_runs, name, one_thread):
-    """The issue's targets on the embedded default as trained by its configs, whole validation set (360 images).
+    """The issue's targets on the embedded default as trained by its configs, whole validation set (360
+    images).
 
-    Exact, always: against the float64 evaluation of the fake-quant network (no float32 rounding) 100% identical
-    predictions, equal top-1 and every differing code explained by the rounding of the requantization constants
-    (:func:`float64_mismatches`); against its float32 evaluation at most one code apart in every layer.
-    Measured: against the float32 evaluation >= 99.99% identical codes in every layer (each integer layer fed the
-    fake-quant input codes), 100% identical predictions and equal top-1. float32 rounding in the fake-quant
-    forward flips codes that lie within a few ulps of a rounding boundary, and a flipped code spreads, so on
-    another CPU or thread count a trained network can miss these (seen on TQT 4/4: 2 of 360 predictions): the
-    test then xfails with the numbers, after checking that the float32 network is the one that differs from the
-    exact evaluation on every such image."""
+    Exact, always: against the float64 evaluation of the fake-quant network (no float32 rounding) 100%
+    identical predictions, equal top-1 and every differing code explained by the rounding of the
+    requantization constants (:func:`float64_mismatches`); against its float32 evaluation at most one code
+    apart in every layer. Measured: against the float32 evaluation >= 99.99% identical codes in every layer
+    (each integer layer fed the fake-quant input codes), 100% identical predictions and equal top-1. float32
+    rounding in the fake-quant forward flips codes that lie within a few ulps of a rounding boundary, and a
+    flipped code spreads, so on another CPU or thread count a trained network can miss these (seen on TQT 4/4:
+    2 of 360 predictions): the test then xfails with the numbers, after checking that the float32 network is
+    the one that differs from the exact evaluation on every such image."""
     qnet, inet, result = _float32_result(qat_runs, name)
     bits = 4 if name.endswith("4") else 8
     assert {r.n_levels for _, r in requant_layers(inet)} == {2 ** bits}
@@ -263,12 +268,13 @@ def test_targets_on_the_whole_validation_set(qat_runs, name, one_thread):
     loader = DataLoader(val, batch_size=120)
     print(f"{name} float32 twin: {result.summary()}; end to end min {result.min_e2e_identical:.3f}%")
     assert result.n == 360
-    below = [(row["layer"], round(row["identical"], 4)) for row in result.code_layers if row["identical"] < 99.99]
+    below = [(row["layer"],
+              round(row["identical"], 4)) for row in result.code_layers if row["identical"] < 99.99]
     for row in result.code_layers:
         assert row["max_diff"] <= 1, row
 
-    # the float64 evaluation has no float32 rounding: what is left is the rounding of mul/add to 1/2^d, which can
-    # flip a code only where the value lies within that rounding's proven bound of a rounding boundary
+    # the float64 evaluation has no float32 rounding: what is left is the rounding of mul/add to 1/2^d, which
+    # can flip a code only where the value lies within that rounding's proven bound of a rounding boundary
     q64 = copy.deepcopy(qnet).double()
     inet64 = integerize(q64, inet.eps_in, SHAPE)
     exact = compare(q64, inet64, loader)
@@ -276,7 +282,8 @@ def test_targets_on_the_whole_validation_set(qat_runs, name, one_thread):
     assert exact.predictions == 100.0 and exact.top1_int == exact.top1_fake and exact.ok()
     assert all(row["max_diff"] <= 1 for row in exact.code_layers)
     mismatches, unexplained = float64_mismatches(q64, inet64, loader)
-    print(f"{name} float64 twin: {mismatches} codes differ layer by layer, all within the requantization bound")
+    print(f"{name} float64 twin: {mismatches} codes differ layer by layer, all within the requantization "
+          "bound")
     assert mismatches == sum(row["mismatches"] for row in exact.code_layers)
     assert not unexplained, unexplained[:5]
 
@@ -285,23 +292,27 @@ def test_targets_on_the_whole_validation_set(qat_runs, name, one_thread):
     if result.predictions < 100.0 or result.top1_int != result.top1_fake:
         integer, f32, f64 = (predictions(net, inet, loader) for net in (inet, qnet, q64))
         differ = (integer != f32).nonzero().flatten().tolist()
-        # on each such image the float32 evaluation is the odd one out: the exact one agrees with the integer twin
-        assert all(f32[i] != f64[i] and integer[i] == f64[i] for i in differ), (differ, f32[differ], f64[differ])
+        # on each such image the float32 evaluation is the odd one out: the exact one agrees with the integer
+        # twin
+        assert all(f32[i] != f64[i] and integer[i] == f64[i] for i in differ), (differ, f32[differ],
+                                                                                f64[differ])
         missed.append(f"predictions {result.predictions:.2f}% identical (images {differ}: float32 fake-quant "
-                      f"{f32[differ].tolist()}, its float64 evaluation and the integer twin {f64[differ].tolist()}); "
-                      f"top-1 integer {result.top1_int:.2f}%, float32 fake-quant {result.top1_fake:.2f}%")
+                      f"{f32[differ].tolist()}, its float64 evaluation and the integer twin "
+                      f"{f64[differ].tolist()}); top-1 integer {result.top1_int:.2f}%, float32 fake-quant "
+                      f"{result.top1_fake:.2f}%")
     if missed:
         pytest.xfail(f"{name}: float32 evaluation of the fake-quant network: " + "; ".join(missed))
 
 
 @torch.no_grad()
 def predictions(net, inet, loader) -> torch.Tensor:
-    """Arg-max class of every sample, in loader order; a fake-quant ``net`` is fed the integer twin's input grid
-    (``eps_in * codes``, in its own dtype), as :func:`compare` feeds it."""
+    """Arg-max class of every sample, in loader order; a fake-quant ``net`` is fed the integer twin's input
+    grid (``eps_in * codes``, in its own dtype), as :func:`compare` feeds it."""
     if net is inet:
         return torch.cat([inet(x).argmax(1) for x, _ in loader])
     dtype = next(net.parameters()).dtype
-    return torch.cat([net((inet.input_quant(x).double() * inet.eps_in).to(dtype)).argmax(1) for x, _ in loader])
+    return torch.cat([net((inet.input_quant(x).double() * inet.eps_in).to(dtype)).argmax(1) for x,
+                      _ in loader])
 
 
 def test_float64_mismatches_are_the_requantization_rounding_even_at_a_coarse_shift():
@@ -321,13 +332,14 @@ def test_float64_mismatches_are_the_requantization_rounding_even_at_a_coarse_shi
 
 @torch.no_grad()
 def float64_mismatches(q64, inet, loader) -> tuple[int, list[dict]]:
-    """Layer by layer (each requantization fed the codes of the float64 fake-quant network), the codes where the
-    two differ, and those of them the integer rounding does not explain.
+    """Layer by layer (each requantization fed the codes of the float64 fake-quant network), the codes where
+    the two differ, and those of them the integer rounding does not explain.
 
-    The integer computes ``floor(t)``, ``t = (x * mul + add) / 2^d``; ``mul`` and ``add`` are the real ratio and
-    offset (+1/2) rounded at ``rounding_d``, so ``|t - (v + 1/2)| <= (|x| + 1) / 2^(rounding_d+1)`` for the value ``v``
-    whose fake-quant code is ``round(v)``. A code can differ only where an integer lies between the two, i.e.
-    where ``t`` is within that bound (+1e-9 for float64's own rounding) of an integer."""
+    The integer computes ``floor(t)``, ``t = (x * mul + add) / 2^d``; ``mul`` and ``add`` are the real ratio
+    and offset (+1/2) rounded at ``rounding_d``, so ``|t - (v + 1/2)| <= (|x| + 1) / 2^(rounding_d+1)`` for
+    the value ``v`` whose fake-quant code is ``round(v)``. A code can differ only where an integer lies
+    between the two, i.e. where ``t`` is within that bound (+1e-9 for float64's own rounding) of an
+    integer."""
     qmods = dict(q64.named_modules())
     fq, unexplained, count = {}, [], [0]
 

@@ -19,15 +19,20 @@ def test_parameter_count_matches_reference():
 def test_parameter_count_matches_torchvision_at_every_width(width):
     import torchvision
 
-    assert n_params(MobileNetV2(capacity=width)) == n_params(torchvision.models.mobilenet_v2(width_mult=width))
+    assert n_params(MobileNetV2(capacity=width)) == n_params(
+        torchvision.models.mobilenet_v2(width_mult=width)
+    )
 
 
 def test_module_names_follow_the_reference_layout():
     names = dict(MobileNetV2().named_modules())
     for name, kind in [("pilot.0", nn.Conv2d), ("pilot.1", nn.BatchNorm2d), ("pilot.2", nn.ReLU6),
-                       ("features.0.residual_branch.0.0", nn.Conv2d), ("features.0.residual_branch.1.1", nn.BatchNorm2d),
-                       ("features.1.residual_branch.0.2", nn.ReLU6), ("features.16.residual_branch.2.1", nn.BatchNorm2d),
-                       ("features.17.0", nn.Conv2d), ("features.17.2", nn.ReLU6), ("avgpool", nn.AdaptiveAvgPool2d),
+                       ("features.0.residual_branch.0.0", nn.Conv2d),
+                       ("features.0.residual_branch.1.1", nn.BatchNorm2d),
+                       ("features.1.residual_branch.0.2", nn.ReLU6),
+                       ("features.16.residual_branch.2.1", nn.BatchNorm2d),
+                       ("features.17.0", nn.Conv2d), ("features.17.2", nn.ReLU6),
+                       ("avgpool", nn.AdaptiveAvgPool2d),
                        ("flatten", nn.Flatten), ("classifier.0", nn.Dropout), ("classifier.1", nn.Linear)]:
         assert isinstance(names[name], kind), name
     assert "features.0.residual_branch.2" not in names  # block 0 has no expansion conv

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from labkit.config.loading import load_config
 from labkit.lab.notebooks import CONSOLE_LINE
+
+from helpers import EMBEDDED_FP32
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -34,7 +37,8 @@ def run_notebook(name, tmp_path, **parameters):
 
 
 def assert_quiet(nb) -> None:
-    """No stderr output (kernel warnings, tracebacks), no bare figure or object reprs, no tqdm fallback text."""
+    """No stderr output (kernel warnings, tracebacks), no bare figure or object reprs, no tqdm fallback
+    text."""
     for i, cell in enumerate(nb["cells"]):
         for out in cell.get("outputs", []):
             text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
@@ -44,12 +48,14 @@ def assert_quiet(nb) -> None:
 
 
 def test_console_lines_of_labkit_lab():
-    """labkit lab's console gets the trainer's epoch, resume and controller lines of a notebook, nothing else."""
+    """labkit lab's console gets the trainer's epoch, resume and controller lines of a notebook, nothing
+    else."""
     from labkit.lab.notebooks import _Lines
 
     seen = []
     sink = _Lines(seen.append, "  03  ", lambda line: bool(CONSOLE_LINE.match(line.strip())))
-    sink.write("embedded-pact: PACT/TQT MobileNetV2\n[linear controller] start: 53 quantizers, eps 0.001 .. 0.01\nep")
+    sink.write("embedded-pact: PACT/TQT MobileNetV2\n[linear controller] start: 53 quantizers, eps 0.001 .. "
+               "0.01\nep")
     sink.write("och   1/4  lr 0.002  train loss 0.1\nsome other line\n")
     sink.write("runs/x is complete (4 epochs): nothing to train\n")
     assert seen == ["  03  [linear controller] start: 53 quantizers, eps 0.001 .. 0.01",
@@ -108,7 +114,9 @@ def test_what_we_saw_computes_the_numbers_and_warns_on_a_weak_baseline(tmp_path,
     ``expect_top1`` (90 here) or within twice of chance (10 classes: 20%)."""
     from labkit.lab.steps import what_we_saw
 
-    (tmp_path / "config.json").write_text(json.dumps({"network": {"kwargs": {"num_classes": 10}}}))
+    cfg = load_config(EMBEDDED_FP32, check_files=False)  # a run folder holds the resolved config
+    assert cfg["network"]["kwargs"]["num_classes"] == 10
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _history(top1s)))
     text = repr(what_we_saw(tmp_path, expect_top1=90.0))
     assert f"2 epochs in 4 s: valid top-1 {top1s[0]:.2f}% after epoch 1, {top1s[1]:.2f}% at the end, best " \

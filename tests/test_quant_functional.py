@@ -112,7 +112,8 @@ def test_pact_half_input_keeps_dtype():
 # ------------------------------------------------------------------------------------------------ TQT
 def ref_tqt(x, log2_t, n_levels, signed, pow2):
     n, p, _ = tqt_code_range(n_levels, signed)
-    # t = -lo (signed), t = hi (unsigned, continuous: the reference's step t / (N - 1)), the paper's 2^b with pow2
+    # t = -lo (signed), t = hi (unsigned, continuous: the reference's step t / (N - 1)), the paper's 2^b with
+    # pow2
     d = n_levels // 2 if signed else (n_levels if pow2 else n_levels - 1)
     s = 2.0 ** math.ceil(log2_t - math.log2(d)) if pow2 else 2.0 ** log2_t / d
     c = torch.floor(x / s + 0.5)

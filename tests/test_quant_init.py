@@ -56,10 +56,10 @@ def test_sawb_per_channel_and_fallback():
 
 
 def test_sawb_above_16_levels_keeps_the_fit_only_where_it_quantizes_better_than_max():
-    """A light-tailed channel (uniform: sqrt(E w^2) / E|w| = 1.155, just above c2 / c1 = 1.154 at 256 levels) gets
-    a fit of a few percent of max |w|; the guard takes max |w|, with a far lower error on the quantizer's own grid.
-    A large Gaussian channel with one far outlier keeps the fit (clipping one value costs less than a 50x coarser
-    grid). At 16 levels the fit is kept as it is."""
+    """A light-tailed channel (uniform: sqrt(E w^2) / E|w| = 1.155, just above c2 / c1 = 1.154 at 256 levels)
+    gets a fit of a few percent of max |w|; the guard takes max |w|, with a far lower error on the quantizer's
+    own grid. A large Gaussian channel with one far outlier keeps the fit (clipping one value costs less than
+    a 50x coarser grid). At 16 levels the fit is kept as it is."""
     torch.manual_seed(0)
     uniform = torch.linspace(-1, 1, 10 ** 6)
     heavy = torch.randn(10 ** 6)
@@ -74,7 +74,8 @@ def test_sawb_above_16_levels_keeps_the_fit_only_where_it_quantizes_better_than_
     for m in (fit[0], clip[0], fit[1]):
         eps = float(m) / 128
         direct = ((torch.floor(u64 / eps + 0.5).clamp(-128, 127) * eps - u64) ** 2).mean()
-        assert qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)) == pytest.approx(direct.item(), rel=1e-3)
+        assert qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)) == pytest.approx(direct.item(),
+                                                                                       rel=1e-3)
     mse = [qinit.grid_mse(uniform, torch.as_tensor(m), 256, (0,)).item() for m in (fit[0], clip[0])]
     assert mse[1] < mse[0] / 1000
     assert torch.equal(qinit.sawb_clip(w, 16, "sawb_asymm", per_channel=True),
@@ -137,7 +138,8 @@ def test_statistics_follow_the_init_rule_and_equal_the_nan_aware_formulas():
     xf = x.reshape(-1)
     nan, mean = torch.isnan(xf), torch.nanmean(xf)
     pct = torch.nanquantile(xf, torch.tensor([0.01, 0.99]))
-    expect = {"running_min": torch.where(nan, torch.inf, xf).amin(), "running_max": torch.where(nan, -torch.inf, xf).amax(),
+    expect = {"running_min": torch.where(nan, torch.inf, xf).amin(),
+              "running_max": torch.where(nan, -torch.inf, xf).amax(),
               "running_mean": mean, "running_var": torch.nansum((xf - mean) ** 2) / ((~nan).sum() - 1),
               "running_pct_lo": pct[0], "running_pct_hi": pct[1]}
     for mode, names in qinit.STATS_OF_MODE.items():

@@ -79,7 +79,8 @@ def test_unsigned_pact_gradient_on_alpha():
 @pytest.mark.parametrize("mode", ["max", "std", "percentile", "const"])
 def test_activation_init_modes(mode):
     torch.manual_seed(0)
-    a = PACTAsymmetricAct(init_clip=mode, symm=False, nb_std=2, percentile=99.0, init_clip_lo=-1, init_clip_hi=3)
+    a = PACTAsymmetricAct(init_clip=mode, symm=False, nb_std=2, percentile=99.0, init_clip_lo=-1,
+                          init_clip_hi=3)
     x1, x2 = torch.randn(4096), torch.randn(4096) * 1.5
     gather(a, x1, x2)
     a.start()
@@ -217,7 +218,8 @@ def test_tqt_activation_module_pow2_and_normalised_grad():
     torch.optim.SGD(plain.parameters(), lr=0.1).step()  # optimizers know nothing of TQT: the raw gradient ...
     assert plain.tqt_step.item() == 0 and plain.log2_t.item() == pytest.approx(before - 0.1 * raw, rel=1e-6)
     opt = torch.optim.SGD(a.parameters(), lr=0.1)
-    assert normalize_tqt_grads(a) == 1  # ... unless normalised before the step: |g| / sqrt(g^2) = 1, then tanh
+    # ... unless normalised before the step: |g| / sqrt(g^2) = 1, then tanh
+    assert normalize_tqt_grads(a) == 1
     opt.step()
     assert a.tqt_step.item() == 1
     assert a.log2_t.item() == pytest.approx(before - 0.1 * math.copysign(math.tanh(1.0), raw), rel=1e-6)
@@ -339,7 +341,8 @@ def test_weight_edge_cases_zero_and_constant():
 # ----------------------------------------------------------------------------------------- adder
 def test_integer_add_sync_eps_exact_integer_addition():
     torch.manual_seed(3)
-    add = PACTIntegerAdd(n_levels=256, init_clip="max", learn_clip=True, noisy=False, rounding=True, tqt=False)
+    add = PACTIntegerAdd(n_levels=256, init_clip="max", learn_clip=True, noisy=False, rounding=True,
+                         tqt=False)
     x1, x2 = torch.randn(1000), torch.randn(1000) * 3
     add.train()
     add(x1, x2)
@@ -348,7 +351,9 @@ def test_integer_add_sync_eps_exact_integer_addition():
     e1, e2 = add.acts[0].get_eps().item(), add.acts[1].get_eps().item()
     assert e2 > e1
     add.sync_eps()
-    assert add.acts[0].get_eps().item() == pytest.approx(e2) and add.acts[1].get_eps().item() == pytest.approx(e2)
+    assert add.acts[0].get_eps().item() == pytest.approx(e2) and add.acts[
+        1
+    ].get_eps().item() == pytest.approx(e2)
     eps = add.acts[0].get_eps()
     y1, y2 = add.acts[0](x1), add.acts[1](x2)
     c1, c2 = y1 / eps, y2 / eps

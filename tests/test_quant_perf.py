@@ -107,10 +107,13 @@ def test_fused_tqt_equals_reference(dtype, signed, pow2, per_channel):
 
 def test_forward_without_autograd_is_the_same_kernel():
     x = torch.randn(2, 3, 5, 5) * 2
-    lo, hi, t = torch.tensor(-1.0), torch.tensor(1.5, requires_grad=True), torch.tensor(0.4, requires_grad=True)
+    lo, hi, t = torch.tensor(-1.0), torch.tensor(1.5, requires_grad=True), torch.tensor(0.4,
+                                                                                        requires_grad=True)
     with torch.no_grad():
-        plain = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16), qf.tqt_quantize(x, t, 256, True)]
-    tracked = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16), qf.tqt_quantize(x, t, 256, True)]
+        plain = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16),
+                 qf.tqt_quantize(x, t, 256, True)]
+    tracked = [qf.pact_quantize(x, lo, hi, 256), qf.pact_quantize(x, 0.0, hi, 16),
+               qf.tqt_quantize(x, t, 256, True)]
     assert all(q.grad_fn is not None for q in tracked) and all(q.grad_fn is None for q in plain)
     assert all(torch.equal(a, b.detach()) for a, b in zip(plain, tracked))
 
@@ -188,7 +191,8 @@ def test_compiled_kernels_match_eager():
 @pytest.mark.slow
 def test_bench_quick_writes_valid_json(tmp_path):
     out = tmp_path / "quick.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "qat_step.py"), "--quick", "--output", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "qat_step.py"), "--quick", "--output",
+                           str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -61,7 +61,8 @@ def test_pact_learns_alpha_records_bounds_and_resumes_exactly(fp32_checkpoint, t
     for key, value in full["state_dict"].items():
         assert torch.equal(value, split["state_dict"][key]), key
     assert full["controllers"] == split["controllers"]
-    assert evaluate_checkpoint(tmp_path / "full" / "last.ckpt", device="cpu")["top1"] == history[-1]["valid"]["top1"]
+    assert evaluate_checkpoint(tmp_path / "full" / "last.ckpt",
+                               device="cpu")["top1"] == history[-1]["valid"]["top1"]
 
 
 def test_tqt_records_log2_thresholds(fp32_checkpoint, tmp_path):

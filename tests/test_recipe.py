@@ -42,19 +42,22 @@ def test_both_layouts_give_the_same_network_and_report():
     net_b, rep_b = pact_recipe(small(), reference)
     assert rep_a == rep_b
     assert names_of(net_a, PACTConv2d) == names_of(net_b, PACTConv2d) == \
-        ["pilot.0", "features.1.residual_branch.0.0", "features.1.residual_branch.1.0", "features.1.residual_branch.2.0"]
+        ["pilot.0", "features.1.residual_branch.0.0", "features.1.residual_branch.1.0",
+         "features.1.residual_branch.2.0"]
     assert normalize_quantize_config(reference) == seed
 
 
 def test_regexes_match_from_the_start_and_defaults_fill_missing_keys():
     cfg = {"PACTConv2d": {"kwargs": CONV_DEFAULTS,
-                          r"features\.1\d\.residual_branch\.0\.0$": {"n_levels": 16, "init_clip": "sawb_asymm"}},
+                          r"features\.1\d\.residual_branch\.0\.0$": {"n_levels": 16,
+                                                                     "init_clip": "sawb_asymm"}},
            "harmonize": False}
     net, report = pact_recipe(small(), cfg)
     assert names_of(net, PACTConv2d) == [f"features.{b}.residual_branch.0.0" for b in range(10, 17)]
     mods = dict(net.named_modules())
     conv = mods["features.12.residual_branch.0.0"]
-    assert (conv.n_levels, conv.init_clip, conv.quantize, conv.symm) == (16, "sawb_asymm", "per_channel", True)
+    assert (conv.n_levels, conv.init_clip, conv.quantize, conv.symm) == (16, "sawb_asymm", "per_channel",
+                                                                         True)
     assert report[0] == {"name": "features.10.residual_branch.0.0", "type": "PACTConv2d", "source": "recipe",
                          "n_levels": 16, "bits": 4, "per_channel": True, "init_clip": "sawb_asymm",
                          "learn_clip": False, "tqt": False}
@@ -64,13 +67,16 @@ def test_regexes_match_from_the_start_and_defaults_fill_missing_keys():
 
 
 def test_weights_are_copied_and_act_kind_follows_the_replaced_module():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU6(), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2))
     ref = copy.deepcopy(net)
-    cfg = {"PACTConv2d": {"kwargs": {"n_levels": 256}, ".*": {}}, "PACTLinear": {"5$": {"quantize": "per_layer"}},
+    cfg = {"PACTConv2d": {"kwargs": {"n_levels": 256}, ".*": {}},
+           "PACTLinear": {"5$": {"quantize": "per_layer"}},
            "PACTUnsignedAct": {"1$": {}, "3$": {"n_levels": 16}}, "harmonize": False}
     qnet, report = pact_recipe(net, cfg)
     assert qnet is net  # replaced in place, names kept
-    assert [type(m).__name__ for m in qnet] == ["PACTConv2d", "PACTUnsignedAct", "PACTConv2d", "PACTUnsignedAct",
+    assert [type(m).__name__ for m in qnet] == ["PACTConv2d", "PACTUnsignedAct", "PACTConv2d",
+                                                "PACTUnsignedAct",
                                                 "Flatten", "PACTLinear"]
     assert (qnet[1].act_kind, qnet[3].act_kind, qnet[3].n_levels) == ("relu", "relu6", 16)
     for i in (0, 2, 5):
@@ -106,14 +112,18 @@ def test_default_quantize_config_lists_every_layer_with_reference_keys():
     assert list(cfg["PACTLinear"]) == ["kwargs", "classifier.1$"]
     assert "pilot.0$" in cfg["PACTConv2d"] and "features.17.0$" in cfg["PACTConv2d"]
     assert "features.3.residual_branch.1.2$" in cfg["PACTUnsignedAct"]
-    assert cfg["PACTConv2d"]["kwargs"]["quantize"] == "per_channel" and cfg["PACTLinear"]["kwargs"]["quantize"] == "per_layer"
+    assert (
+        cfg["PACTConv2d"]["kwargs"]["quantize"] == "per_channel"
+        and cfg["PACTLinear"]["kwargs"]["quantize"] == "per_layer"
+    )
     assert cfg["PACTUnsignedAct"]["kwargs"]["learn_clip"] is True  # PACT learns alpha
     json.dumps(cfg)
 
 
 def test_default_quantize_config_bits_overrides_and_tqt():
     cfg = default_quantize_config(small(), w_bits=4, a_bits=4, tqt=True, pow2=True,
-                                  overrides={"pilot.0": 8, "classifier.1": {"n_levels": 256}, "avgpool_act": 8})
+                                  overrides={"pilot.0": 8, "classifier.1": {"n_levels": 256},
+                                             "avgpool_act": 8})
     net, report = pact_recipe(small(), cfg)
     levels = {r["name"]: r["n_levels"] for r in report}
     assert levels["pilot.0"] == 256 and levels["classifier.1"] == 256 and levels["avgpool_act"] == 256
@@ -159,12 +169,14 @@ def test_module_matched_by_two_regexes_within_one_class():
 def test_regex_hitting_a_module_of_the_wrong_type():
     check_error({"PACTConv2d": {"pilot.2$": {}}}, ConfigError, "PACTConv2d", r"'pilot\.2' \(ReLU6\)",
                 "Move the entry under 'PACTUnsignedAct'")
-    check_error({"PACTUnsignedAct": {"pilot.1$": {}}}, ConfigError, "PACTUnsignedAct", "BatchNorm2d", "nn.ReLU6")
+    check_error({"PACTUnsignedAct": {"pilot.1$": {}}}, ConfigError, "PACTUnsignedAct", "BatchNorm2d",
+                "nn.ReLU6")
 
 
 def test_unknown_kwarg_names_layer_and_kwarg():
     check_error({"PACTConv2d": {"kwargs": {"n_levels": 256}, "pilot.0$": {"n_level": 16}}}, ConfigError,
-                r"PACTConv2d\['pilot\.0\$'\]\.n_level'", "unknown quantizer setting", "did you mean 'n_levels'")
+                r"PACTConv2d\['pilot\.0\$'\]\.n_level'", "unknown quantizer setting",
+                "did you mean 'n_levels'")
     check_error({"PACTUnsignedAct": {"pilot.2$": {"symm": True}}}, ConfigError, "PACTUnsignedAct", "symm",
                 "Settings of unsigned_act")
     check_error({"PACTConv2d": {"pilot.0$": {"quantize": "per_tensor"}}}, ValueError, "pilot.0", "per_tensor")
@@ -173,8 +185,10 @@ def test_unknown_kwarg_names_layer_and_kwarg():
 def test_n_levels_outside_2_to_16_bits():
     check_error({"PACTLinear": {"classifier.1$": {"n_levels": 1}}}, ValueError, "PACTLinear", "classifier.1",
                 "2 to 16 bits")
-    check_error({"PACTLinear": {"classifier.1$": {"n_levels": 2 ** 33}}}, ValueError, "classifier.1", "2 to 16 bits")
-    check_error({"PACTConv2d": {"kwargs": {"n_levels": 8.0}, "pilot.0$": {}}}, ValueError, "n_levels must be an integer")
+    check_error({"PACTLinear": {"classifier.1$": {"n_levels": 2 ** 33}}}, ValueError, "classifier.1",
+                "2 to 16 bits")
+    check_error({"PACTConv2d": {"kwargs": {"n_levels": 8.0}, "pilot.0$": {}}}, ValueError,
+                "n_levels must be an integer")
 
 
 def test_unknown_class_key_and_layout_errors():
@@ -222,7 +236,8 @@ def test_quantize_pool_false_gives_the_reference_network_of_35_unsigned_activati
     assert normalize_quantize_config(reference_layout(copy.deepcopy(cfg), quantize_pool=False))["harmonize"][
         "requant_pool"] is False
     with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*requant_pool is true"):
-        pact_recipe(small(), reference_layout({**cfg, "harmonize": {"requant_pool": True}}, quantize_pool=False))
+        pact_recipe(small(), reference_layout({**cfg, "harmonize": {"requant_pool": True}},
+                                              quantize_pool=False))
     with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*harmonize is false"):
         pact_recipe(small(), reference_layout({**cfg, "harmonize": False}, quantize_pool=True))
     with pytest.raises(ConfigError, match=r"kwargs\.quantize_pool'.*true or false"):
@@ -234,22 +249,27 @@ def test_precision_spec_file_overrides_n_levels_of_recipe_and_inserted_layers(tm
     cfg["harmonize"]["layers"] = {r"features\.\d+\.integer_add$": {"init_clip": "const"}}
     spec = tmp_path / "bb.json"
     spec.write_text(json.dumps({"layer_levels": {
-        "module.pilot.0": 16, "module.features.3.residual_branch.1.2$": 4, "module.features.2.integer_add": 16,
+        "module.pilot.0": 16, "module.features.3.residual_branch.1.2$": 4,
+        "module.features.2.integer_add": 16,
         "module.avgpool_act": 8, "module.classifier.1": 64}}))
     net, report = pact_recipe(small(), reference_layout(cfg, precision_spec_file=str(spec)))
     levels = {r["name"]: r["n_levels"] for r in report}
-    assert (levels["pilot.0"], levels["features.3.residual_branch.1.2"], levels["classifier.1"]) == (16, 4, 64)
+    assert (levels["pilot.0"], levels["features.3.residual_branch.1.2"], levels["classifier.1"]) == (16, 4,
+                                                                                                     64)
     assert (levels["features.2.integer_add"], levels["avgpool_act"]) == (16, 8)
     mods = dict(net.named_modules())
     add = mods["features.2.integer_add"]
     assert [q.n_levels for q in add.quantizers()] == [16, 16, 16]
-    assert add.acts[0].init_clip == "const" == mods["features.4.integer_add"].acts[0].init_clip  # the layers entry kept
+    # the layers entry kept
+    assert add.acts[0].init_clip == "const" == mods["features.4.integer_add"].acts[0].init_clip
     assert mods["features.4.integer_add"].n_levels == 256 and levels["features.3.residual_branch.0.0"] == 256
     assert sum(v != 256 for v in levels.values()) == 5
 
-    for layer_levels, match in (({"features.3.residual_branch.1.1": 16}, "'features.3.residual_branch.1.1' is a "
+    for layer_levels, match in (({"features.3.residual_branch.1.1": 16},
+                                 "'features.3.residual_branch.1.1' is a "
                                  "BatchNorm2d that network.quantize does not quantize"),
-                                ({"features.2.integer_ad": 16}, "names no module.*did you mean 'features.2.integer_add'"),
+                                ({"features.2.integer_ad": 16}, "names no module.*did you mean "
+                                                                "'features.2.integer_add'"),
                                 ({"_QL_OP_TREE_REPLACE_ADD_0": 16}, "names no module.*avgpool_act"),
                                 ({"pilot.0": 3.5}, "layer 'pilot.0': n_levels must be an integer")):
         spec.write_text(json.dumps({"layer_levels": layer_levels}))
@@ -321,8 +341,11 @@ def test_shipped_config(path):
 
     # every layer listed explicitly, with the reference's key style
     section = normalize_quantize_config(cfg["network"]["quantize"])
-    assert {k for k in section["PACTConv2d"] if k != "kwargs"} == {n + "$" for n, t in float_names.items() if t is nn.Conv2d}
-    assert {k for k in section["PACTUnsignedAct"] if k != "kwargs"} == {n + "$" for n, t in float_names.items() if t is nn.ReLU6}
+    assert {k for k in section["PACTConv2d"] if k != "kwargs"} == {n + "$" for n,
+                                                                   t in float_names.items() if t is nn.Conv2d}
+    assert {k for k in section["PACTUnsignedAct"] if k != "kwargs"} == {
+        n + "$" for n, t in float_names.items() if t is nn.ReLU6
+    }
     assert {k for k in section["PACTLinear"] if k != "kwargs"} == {"classifier.1$"}
 
     counts = {}
@@ -347,8 +370,11 @@ def test_shipped_config(path):
     assert sched["class"] == "HandScheduler" and sched["kwargs"]["schedule"]["0"] == 1
     if tqt:
         assert training["gd"]["opt"]["class"] == "SGD"
-        assert all(v != "freeze" and "freeze" not in v for s in training["quantize"]["kwargs"]["schedules"].values()
-                   for v in s.values())
+        assert all(
+            v != "freeze" and "freeze" not in v
+            for s in training["quantize"]["kwargs"]["schedules"].values()
+            for v in s.values()
+        )
     else:
         assert training["gd"]["opt"]["class"] == "PACTSGD" and training["gd"]["opt"]["takes_net"] is True
         assert training["gd"]["opt"]["kwargs"]["pact_decay"] == 1e-3

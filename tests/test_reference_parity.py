@@ -44,8 +44,9 @@ def _data_folder() -> Path | None:
 
 DATA = _data_folder()
 pytestmark = [
-    pytest.mark.skipif(DATA is None, reason=f"no reference-parity data: {ROOT.parent / 'shared' / 'reference-parity'} "
-                                            "is absent (a clone without ../shared); set LABKIT_REFERENCE_PARITY=DIR"),
+    pytest.mark.skipif(DATA is None, reason="no reference-parity data: "
+                                            f"{ROOT.parent / 'shared' / 'reference-parity'} is absent (a "
+                                            "clone without ../shared); set LABKIT_REFERENCE_PARITY=DIR"),
     pytest.mark.usefixtures("one_thread"),
 ]
 
@@ -57,24 +58,26 @@ REF_NORM_EPS, OWN_NORM_EPS = 1e-5, 1e-12
 DEVIATIONS = {
     "sawb_symm_grid": "labkit puts the symmetric SAWB alpha on its almost-symmetric grid (lo = -alpha, "
                       "eps = alpha / (n/2)), where zero is a code; the reference's exactly symmetric grid "
-                      "(-alpha, alpha, eps = 2 alpha / (n - 1)) has no zero for even n, so an integer network "
-                      "could not represent a zero weight",
-    "sawb_high_bits_guard": "above 16 levels labkit takes max |w| wherever it quantizes the weights with a lower "
-                            "mean squared error than SAWB's fit: there c2 / c1 > 1.02 and the fit collapses towards "
-                            "0 on light-tailed channels (for Gaussian weights at 256 levels it is 2.85 sigma, "
-                            "where the MSE-optimal clip is about 3.9 sigma); the reference uses the fit wherever "
-                            "it is positive",
-    "pact_alpha_gradient": "the reference's unsigned bound gets no gradient as configured (force0: a symmetric "
-                           "flag disables it, its known defect); labkit learns alpha with the PACT gradient, "
-                           "which equals the reference's own formula once trainable (force1)",
+                      "(-alpha, alpha, eps = 2 alpha / (n - 1)) has no zero for even n, so an integer "
+                      "network could not represent a zero weight",
+    "sawb_high_bits_guard": "above 16 levels labkit takes max |w| wherever it quantizes the weights with a "
+                            "lower mean squared error than SAWB's fit: there c2 / c1 > 1.02 and the fit "
+                            "collapses towards 0 on light-tailed channels (for Gaussian weights at 256 "
+                            "levels it is 2.85 sigma, where the MSE-optimal clip is about 3.9 sigma); the "
+                            "reference uses the fit wherever it is positive",
+    "pact_alpha_gradient": "the reference's unsigned bound gets no gradient as configured (force0: a "
+                           "symmetric flag disables it, its known defect); labkit learns alpha with the PACT "
+                           "gradient, which equals the reference's own formula once trainable (force1)",
     "std_statistics_prior": "init_clip 'std': the reference starts its mean / variance EMAs from 0 / 1, a "
-                            "data-independent prior that still weighs 0.9^3 = 73% after three batches; labkit "
-                            "starts them from the first batch (same momentum, same unbiased variance)",
-    "tqt_regions_on_codes": "TQT regions on the rounded code R(x/s), as in the TQT paper (the output there is the "
-                            "grid's end value, reached by rounding, not by clipping); the reference decides on x, "
-                            "so x within half a step beyond a bound gets no x gradient and s ln2 p (or n)",
-    "tqt_normalisation_eps": "the log2 t gradient is normalised by sqrt(v_hat) + 1e-12, a guard against 0/0 only; "
-                             "the reference adds 1e-5, which shrinks the normalised step of small raw gradients",
+                            "data-independent prior that still weighs 0.9^3 = 73% after three batches; "
+                            "labkit starts them from the first batch (same momentum, same unbiased variance)",
+    "tqt_regions_on_codes": "TQT regions on the rounded code R(x/s), as in the TQT paper (the output there "
+                            "is the grid's end value, reached by rounding, not by clipping); the reference "
+                            "decides on x, so x within half a step beyond a bound gets no x gradient and s "
+                            "ln2 p (or n)",
+    "tqt_normalisation_eps": "the log2 t gradient is normalised by sqrt(v_hat) + 1e-12, a guard against 0/0 "
+                             "only; the reference adds 1e-5, which shrinks the normalised step of small raw "
+                             "gradients",
 }
 
 NS = (256, 16)
@@ -90,7 +93,8 @@ CASES = (
 )
 #: TQT cases in which some element lies within half a step beyond a bound (measured on these inputs)
 TQT_BORDER_CASES = {"tqt_u/256/const", "tqt_u/256/max", "tqt_u/16/const", "tqt_u/16/max", "tqt_s/16/max",
-                    "tqt_w/conv/256/per_channel/max", "tqt_w/conv/16/per_channel/max", "tqt_w/dw/256/per_channel/max",
+                    "tqt_w/conv/256/per_channel/max", "tqt_w/conv/16/per_channel/max",
+                    "tqt_w/dw/256/per_channel/max",
                     "tqt_w/dw/16/per_channel/max", "tqt_w/dw/16/per_layer/max"}
 
 
@@ -116,7 +120,8 @@ def deviations_of(case: str) -> set[str]:
 @pytest.fixture(scope="module")
 def golden():
     if not (DATA / "inputs.npz").is_file() or not (DATA / "reference.npz").is_file():
-        pytest.fail(f"{DATA} lacks inputs.npz / reference.npz (LABKIT_REFERENCE_PARITY points at the wrong folder?)")
+        pytest.fail(f"{DATA} lacks inputs.npz / reference.npz (LABKIT_REFERENCE_PARITY points at the wrong "
+                    "folder?)")
     with np.load(DATA / "inputs.npz") as i, np.load(DATA / "reference.npz") as r:
         return {k: i[k] for k in i.files}, {k: r[k] for k in r.files}
 
@@ -136,7 +141,8 @@ class Case:
 
     def same(self, key: str, ours, rel_to_ref: bool = True) -> None:
         """labkit's ``ours`` equals the reference's ``key`` within ATOL (relative above 1)."""
-        close(np.asarray(_np(ours)).reshape(self.stored[key].shape), self.ref(key), f"{self.name}/{key}", rel_to_ref)
+        close(np.asarray(_np(ours)).reshape(self.stored[key].shape), self.ref(key), f"{self.name}/{key}",
+              rel_to_ref)
 
     def done(self) -> None:
         missing = set(self.stored) - self.checked
@@ -153,8 +159,10 @@ def close(ours, expected, what: str, rel: bool = True) -> None:
     expected = expected.reshape(ours.shape)
     scale = np.maximum(1.0, np.abs(expected)) if rel else 1.0
     err = np.abs(ours - expected) / scale
-    assert np.isfinite(ours).all() and err.max() <= ATOL, \
-        f"{what}: max difference {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)} ({(err > ATOL).mean():.2%})"
+    assert np.isfinite(ours).all() and err.max() <= ATOL, (
+        f"{what}: max difference {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+        f" ({(err > ATOL).mean():.2%})"
+    )
 
 
 def differs(a, b) -> bool:
@@ -180,7 +188,8 @@ def tqt_grads(x, g, s, n, p, axes, bounds=None):
 
 
 def normalised(raw: list, eps_const: float) -> tuple[list, list]:
-    """Adam-like normalisation per iteration: ``v = beta v + (1 - beta) g^2``, ``tanh(g / (sqrt(v_hat) + c))``."""
+    """Adam-like normalisation per iteration: ``v = beta v + (1 - beta) g^2``, ``tanh(g / (sqrt(v_hat) +
+    c))``."""
     var, out, vs = 0.0, [], []
     for k, g in enumerate(raw, start=1):
         var = BETA * var + (1 - BETA) * g ** 2
@@ -190,7 +199,8 @@ def normalised(raw: list, eps_const: float) -> tuple[list, list]:
 
 
 def ema_clip(batches, first_copied: bool, nb_std: float = 3.0, momentum: float = 0.1) -> float:
-    """``mean + nb_std * std`` of EMAs of batch means / unbiased variances (from 0 / 1 unless first copied)."""
+    """``mean + nb_std * std`` of EMAs of batch means / unbiased variances (from 0 / 1 unless first
+    copied)."""
     mean, var = 0.0, 1.0
     for k, b in enumerate(batches):
         bm, bv = b.mean(), b.var(ddof=1)
@@ -278,7 +288,8 @@ def test_signed_pact_activation(golden, case):
     with torch.no_grad():
         for k in range(3):
             act(torch.from_numpy(inputs[f"calib_sgn_{k}"]))
-    started(act, "activation", kwargs_activation={"init_clip_hi": 4.0, "init_clip_lo": -4.0}).step_pre_training_batch()
+    started(act, "activation", kwargs_activation={"init_clip_hi": 4.0,
+                                                  "init_clip_lo": -4.0}).step_pre_training_batch()
     lo, hi = act.get_clip()
     x = torch.from_numpy(inputs["x_sgn"]).requires_grad_()
     y = act(x)
@@ -302,7 +313,8 @@ def test_tqt_activation(golden, case):
     c = Case(case, reference)
     signed, n, init = case.startswith("tqt_s"), int(case.split("/")[1]), case.split("/")[2]
     if signed:
-        act = PACTAsymmetricAct(n_levels=n, init_clip=init, learn_clip=True, act_kind="identity", symm=True, tqt=True)
+        act = PACTAsymmetricAct(n_levels=n, init_clip=init, learn_clip=True, act_kind="identity", symm=True,
+                                tqt=True)
         calib, x_key, hi0 = "calib_sgn", "x_sgn", 4.0
     else:
         act = PACTUnsignedAct(n_levels=n, init_clip=init, learn_clip=True, act_kind="relu6", tqt=True)
@@ -358,17 +370,19 @@ def test_weight_quantizer_follows_the_weights(golden, case):
             c.same(key, ours)
         c.done()
         return
-    # each side against its own formula. The reference: SAWB's alpha (max |w| where <= 0) on (-alpha, alpha) for
-    # sawb_symm (deviation sawb_symm_grid; where it falls back, on the almost-symmetric grid) and on the almost-
-    # symmetric grid for sawb_asymm. labkit: that alpha on the almost-symmetric grid, and above 16 levels max |w|
-    # where that quantizes with the lower error (deviation sawb_high_bits_guard)
+    # each side against its own formula. The reference: SAWB's alpha (max |w| where <= 0) on (-alpha, alpha)
+    # for sawb_symm (deviation sawb_symm_grid; where it falls back, on the almost-symmetric grid) and on the
+    # almost- symmetric grid for sawb_asymm. labkit: that alpha on the almost-symmetric grid, and above 16
+    # levels max |w| where that quantizes with the lower error (deviation sawb_high_bits_guard)
     per_channel = quantize == "per_channel"
     shape = (-1, 1, 1, 1) if per_channel else ()
     almost = (n // 2 - 1) / (n // 2)
     ref_lo = c.ref("lo0")
-    w_after = (w_np.astype(np.float32) * np.float32(1.5)).astype(np.float64)  # as multiplied in place (float32)
+    # as multiplied in place (float32)
+    w_after = (w_np.astype(np.float32) * np.float32(1.5)).astype(np.float64)
     for w, hi_key, wq_key, our_lo, our_hi, our_wq in ((w_np, "hi0", "wq0", lo, hi, wq),
-                                                      (w_after, "hi_after_update", "wq_after_update", lo_after,
+                                                      (w_after, "hi_after_update", "wq_after_update",
+                                                       lo_after,
                                                        hi_after, wq_after)):
         alpha, fallback = _sawb(w, n, per_channel, init)
         ours = _guarded(w, alpha, n, per_channel) if guard else alpha
@@ -383,8 +397,10 @@ def test_weight_quantizer_follows_the_weights(golden, case):
         # the reference's output is labkit's float32 grid arithmetic on the reference's own (float32) bounds
         w32 = torch.from_numpy(w.astype(np.float32))
         theirs_lo = ref_lo if hi_key == "hi0" else -alpha  # stored for the first batch only
-        ref_lo32, ref_hi32 = (torch.from_numpy(b.astype(np.float32)).reshape(shape) for b in (theirs_lo, ref_hi))
-        close(c.ref(wq_key), pact_quantize(w32, ref_lo32, ref_hi32, n), f"{case}/{wq_key}: the reference's grid")
+        ref_lo32, ref_hi32 = (torch.from_numpy(b.astype(np.float32)).reshape(shape) for b in (theirs_lo,
+                                                                                              ref_hi))
+        close(c.ref(wq_key), pact_quantize(w32, ref_lo32, ref_hi32, n),
+              f"{case}/{wq_key}: the reference's grid")
         close(our_wq, fake_quant(w, _np(our_lo).reshape(shape), _np(our_hi).reshape(shape), n),
               f"{case}/{wq_key}: labkit's grid")
         assert differs(our_hi, ref_hi) and differs(our_wq, c.ref(wq_key))
@@ -392,7 +408,8 @@ def test_weight_quantizer_follows_the_weights(golden, case):
             assert (ours != alpha).any()
     gw = g.double().numpy()
     ref_hi, our_hi, our_lo = c.ref("hi0").reshape(shape), _np(hi).reshape(shape), _np(lo).reshape(shape)
-    close(c.ref("gw0"), gw * ((w_np >= ref_lo.reshape(shape)) & (w_np < ref_hi)), f"{case}/gw0: the reference's STE")
+    close(c.ref("gw0"), gw * ((w_np >= ref_lo.reshape(shape)) & (w_np < ref_hi)),
+          f"{case}/gw0: the reference's STE")
     close(conv.weight.grad, gw * ((w_np >= our_lo) & (w_np < our_hi)), f"{case}/gw0: labkit's STE")
     c.done()
 
@@ -411,7 +428,8 @@ def test_tqt_weights(golden, case):
         normalize_tqt_grads([conv])
         for key, val in (("lo", lo), ("hi", hi), ("wq", wq), ("logt", conv.log2_t)):
             c.same(f"{key}{it}", val)
-        ours.append(dict(gx=conv.weight.grad.clone(), raw=raw, norm=conv.log2_t.grad.clone(), var=conv.tqt_var.clone()))
+        ours.append(dict(gx=conv.weight.grad.clone(), raw=raw, norm=conv.log2_t.grad.clone(),
+                         var=conv.tqt_var.clone()))
         theirs.append(dict(gx=c.ref(f"gw{it}"), norm=c.ref(f"g_log_t{it}"), var=c.ref(f"var{it}"),
                            lo=c.ref(f"lo{it}"), hi=c.ref(f"hi{it}")))
         conv.zero_grad()
@@ -427,7 +445,8 @@ def _weight_case(golden, case: str, **settings):
     ``<family>/<conv|dw>/<n>/<quantize>/<init>``: symmetric weights as in the reference's recipes."""
     inputs, reference = golden
     _, kind, n, quantize, init = case.split("/")
-    conv, w_np, g = _conv(inputs, kind, n_levels=int(n), quantize=quantize, init_clip=init, symm_wts=True, **settings)
+    conv, w_np, g = _conv(inputs, kind, n_levels=int(n), quantize=quantize, init_clip=init, symm_wts=True,
+                          **settings)
     return Case(case, reference), conv, w_np, g, started(conv, "linear")
 
 
@@ -442,7 +461,8 @@ def _conv(inputs, kind: str, **settings):
 
 
 def _sawb(w: np.ndarray, n: int, per_channel: bool, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(alpha, fallback)``: SAWB's ``c1 sqrt(E[w^2]) - c2 E|w|`` (``mode``'s coefficients), max |w| where <= 0."""
+    """``(alpha, fallback)``: SAWB's ``c1 sqrt(E[w^2]) - c2 E|w|`` (``mode``'s coefficients), max |w| where <=
+    0."""
     axes = (1, 2, 3) if per_channel else None
     c1, c2 = sawb_coefficients(n, mode)
     alpha = np.reshape(c1 * np.sqrt((w ** 2).mean(axis=axes)) - c2 * np.abs(w).mean(axis=axes), -1)

@@ -1,4 +1,5 @@
-"""The run folder owns its integrity: one writer, no silent overwrite or mix, provenance, repair after a kill."""
+"""The run folder owns its integrity: one writer, no silent overwrite or mix, provenance, repair after a
+kill."""
 
 import json
 import os
@@ -22,7 +23,8 @@ PACT = ROOT / "configs" / "embedded" / "config.pact.json"
 
 
 def tiny(**extra):
-    return load_config(EMBEDDED_FP32, tiny_overrides(**{"data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
+    return load_config(EMBEDDED_FP32, tiny_overrides(**{"data.train.dataset.limit": 128,
+                                                        "data.valid.dataset.limit": 60,
                                                         **extra}))
 
 
@@ -31,9 +33,15 @@ def test_provenance_is_recorded_per_session(tmp_path, capsys):
     train(cfg, tmp_path / "run", progress=False, log=None, parameters={"epochs": 1})
     train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)
     entries = RunFolder(tmp_path / "run").provenance()
-    assert len(entries) == 2 and entries[0]["parameters"] == {"epochs": 1} and entries[1]["resumed_at_epoch"] == 1
+    assert (
+        len(entries) == 2
+        and entries[0]["parameters"] == {"epochs": 1}
+        and entries[1]["resumed_at_epoch"] == 1
+    )
     for e in entries:
-        assert e["torch"] == torch.__version__ and e["device"] == "cpu" and len(e["data_sha256"]) == 64 * 2 + 1
+        assert (
+            e["torch"] == torch.__version__ and e["device"] == "cpu" and len(e["data_sha256"]) == 64 * 2 + 1
+        )
     assert entries[0]["config_sha256"] != entries[1]["config_sha256"]  # n_epochs changed: 1 -> 2
     assert entries[0]["data_sha256"] == entries[1]["data_sha256"]
     assert entries[0]["git"] is None or len(entries[0]["git"].split("+")[0]) == 40
@@ -122,7 +130,10 @@ def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert list(out.glob(".*.tmp")), "the kill left the temporary file of the best.ckpt write"
     history = read_history(out)
-    assert load_file(out / "last.ckpt")["epoch"] == 1 and history[1]["valid"]["top1"] >= history[0]["valid"]["top1"]
+    assert (
+        load_file(out / "last.ckpt")["epoch"] == 1
+        and history[1]["valid"]["top1"] >= history[0]["valid"]["top1"]
+    )
     assert load_file(out / "best.ckpt")["epoch"] == 0  # one epoch behind
     cfg = tiny(**{"training.n_epochs": 3})
     train(cfg, out, resume=True, progress=False, log=None)
@@ -130,7 +141,9 @@ def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
     history = read_history(out)
     best_epoch = max(history, key=lambda r: (r["valid"]["top1"], r["epoch"]))["epoch"]
     assert load_file(out / "best.ckpt")["epoch"] == best_epoch
-    assert oct((out / "best.ckpt").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
+    assert oct((out / "best.ckpt").stat().st_mode & 0o777) == oct(
+        (out / "config.json").stat().st_mode & 0o777
+    )
     # and the resumed run is the uninterrupted one
     train(cfg, tmp_path / "whole", progress=False, log=None)
     a, b = (load_file(p / "last.ckpt")["state_dict"] for p in (out, tmp_path / "whole"))
@@ -147,12 +160,14 @@ def test_two_processes_into_one_folder(tmp_path):
     cfg.write_text(json.dumps(raw))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out), "--no-progress"],
+    first = subprocess.Popen([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out),
+                              "--no-progress"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text().strip()):
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out), "--resume"],
+    second = subprocess.run([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out),
+                             "--resume"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 2 and f"is in use by pid {first.pid}" in second.stderr, second.stderr
     assert first.wait(timeout=900) == 0, first.stderr.read()
@@ -169,8 +184,12 @@ def test_bit_overrides_edit_the_config_and_keep_every_other_key(tmp_path):
     path.write_text(json.dumps(raw))
     same = run_config(str(path), w_bits=8, a_bits=8)
     q = same["network"]["quantize"]
-    assert q["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile" and q["harmonize"]["requant_pool"] is False
-    assert {k: v for k, v in same.items() if k != "name"} == {k: v for k, v in load_config(path).items() if k != "name"}
+    assert (
+        q["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile"
+        and q["harmonize"]["requant_pool"] is False
+    )
+    assert {k: v for k, v in same.items() if k != "name"} == {k: v for k,
+                                                              v in load_config(path).items() if k != "name"}
     low = run_config(str(path), w_bits=4)  # weights only: activations keep their 8 bits
     modules = dict(load_run_net(low).named_modules())
     assert modules["pilot.0"].n_levels == 16 and modules["pilot.2"].n_levels == 256
@@ -188,15 +207,19 @@ def load_run_net(cfg):
 def test_load_run_falls_back_to_last_when_best_predates_the_quantizers(tmp_path):
     fp32 = tmp_path / "fp32"
     train(tiny(**{"training.n_epochs": 1}), fp32, progress=False, log=None)
-    cfg = load_config(PACT, {**tiny_overrides(), "network.pretrained": str(fp32 / "best.ckpt"), "training.n_epochs": 2,
+    cfg = load_config(PACT, {**tiny_overrides(), "network.pretrained": str(fp32 / "best.ckpt"),
+                             "training.n_epochs": 2,
                              "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
                              "training.quantize.kwargs.schedules.activation": {"1": "start"}})
     train(cfg, tmp_path / "pact", progress=False, log=None)
     run = tmp_path / "pact"
     assert load_run(run, "last").path.name == "last.ckpt"
-    early = load_file(run / "last.ckpt")  # as if the best epoch had been epoch 0, before the activations started
-    early["state_dict"] = {k: (torch.zeros_like(v) if k.endswith("started_flag") and ".acts" not in k and "act" in k
-                               else v) for k, v in early["state_dict"].items()}
+    # as if the best epoch had been epoch 0, before the activations started
+    early = load_file(run / "last.ckpt")
+    early["state_dict"] = {
+        k: torch.zeros_like(v) if k.endswith("started_flag") and ".acts" not in k and "act" in k else v
+        for k, v in early["state_dict"].items()
+    }
     save_atomic(early, run / "best.ckpt")
     with pytest.warns(UserWarning, match="before every quantizer had started"):
         assert load_run(run).path.name == "last.ckpt"
@@ -223,7 +246,8 @@ def test_a_full_disk_during_a_checkpoint_write_loses_nothing_and_resumes_exactly
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(RunError, match=r"cannot write '.*last\.ckpt' \(No space left on device\): the disk is full"):
+    with pytest.raises(RunError, match=r"cannot write '.*last\.ckpt' \(No space left on device\): the disk "
+                                       r"is full"):
         train(cfg, tmp_path / "run", progress=False, log=None)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     folder = RunFolder(tmp_path / "run")
@@ -275,5 +299,6 @@ def test_damaged_run_files_are_named_on_read(tmp_path):
     with pytest.raises(RunError, match=r"provenance\.json' holds dict, not a JSON list"):
         folder.provenance()
     save_atomic({"state_dict": {}}, folder.checkpoint("last"))
-    with pytest.raises(CheckpointError, match=r"last\.ckpt' is no training checkpoint of labkit \(it lacks epoch"):
+    with pytest.raises(CheckpointError, match=r"last\.ckpt' is no training checkpoint of labkit \(it lacks "
+                                              r"epoch"):
         train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)

@@ -42,12 +42,14 @@ def small_case():
         net.fc.weight.mul_(20)  # logits large enough for quantization to move the loss
     qnet = small_qnet(net).eval()
     plan = small_plan(qnet)
-    return qnet.double(), plan, torch.randn(24, *SMALL_INPUT[1:], dtype=torch.float64), torch.randint(0, 3, (24,))
+    return qnet.double(), plan, torch.randn(24, *SMALL_INPUT[1:], dtype=torch.float64), torch.randint(0, 3,
+                                                                                                      (24,))
 
 
 def mse_clip_reference(module, values: torch.Tensor, n_levels: int) -> float:
     """The documented search, written out: clips k/CLIP_GRID of max |value| on the PACT grids
-    (unsigned [0, hi], eps = hi/(n-1); signed almost-symmetric: lo = -m, eps = m/(n/2), hi = lo + (n-1) eps)."""
+    (unsigned [0, hi], eps = hi/(n-1); signed almost-symmetric: lo = -m, eps = m/(n/2), hi = lo + (n-1)
+    eps)."""
     best = (float("inf"), None)
     for k in range(1, CLIP_GRID + 1):
         if module.signed:
@@ -66,7 +68,8 @@ def reference_increase(qnet, quantizers: list[str], n_levels: int, x, y) -> floa
     """Loss increase with only ``quantizers`` started at their MSE clips (full forward passes)."""
     modules = dict(qnet.named_modules())
     seen = {}
-    hooks = [modules[q].register_forward_hook(lambda m, i, o, q=q: seen.__setitem__(q, o.detach().reshape(-1)))
+    hooks = [modules[q].register_forward_hook(lambda m, i, o,
+                                              q=q: seen.__setitem__(q, o.detach().reshape(-1)))
              for q in quantizers]
     base = ce(qnet, x, y)
     for h in hooks:
@@ -88,7 +91,8 @@ def reference_increase(qnet, quantizers: list[str], n_levels: int, x, y) -> floa
 
 def test_sensitivity_is_the_loss_increase_of_one_quantized_layer_or_group():
     qnet, plan, x, y = small_case()
-    base, weights, acts = measure(qnet, plan, x, y, bits=(2, 3, 8), batch_size=12)  # 2 batches: partial re-runs
+    # 2 batches: partial re-runs
+    base, weights, acts = measure(qnet, plan, x, y, bits=(2, 3, 8), batch_size=12)
     assert base == pytest.approx(ce(qnet, x, y), rel=1e-12)
     assert list(weights) == ["conv1", "conv2", "conv3", "fc"] and set(acts) == {"act1", "integer_add", "act3"}
     modules = dict(qnet.named_modules())
@@ -101,7 +105,8 @@ def test_sensitivity_is_the_loss_increase_of_one_quantized_layer_or_group():
             m.stop()
     # activation groups: the quantizer with its MSE-optimal clip; the adder's inputs and output (one eps for
     # the inputs); act3 together with the pool requantizer that follows it
-    groups = {"act1": ["act1"], "integer_add": ["integer_add.acts.0", "integer_add.acts.1", "integer_add.act_out"],
+    groups = {"act1": ["act1"], "integer_add": ["integer_add.acts.0", "integer_add.acts.1",
+                                                "integer_add.act_out"],
               "act3": ["act3", "pool_act"]}
     for group, quantizers in groups.items():  # (set_eps keeps a step in float32: agreement to ~1e-6)
         for b in (2, 3):
@@ -133,21 +138,25 @@ def random_run(tmp_path_factory):
         net.train()(calibration_batch(cfg["data"], 16)[0])
         net.classifier[1].weight.mul_(30)
     folder = tmp_path_factory.mktemp("fp32")
-    save_atomic(make_checkpoint(net.state_dict(), {"class": "MobileNetV2", "kwargs": cfg["network"]["kwargs"]}),
+    save_atomic(make_checkpoint(net.state_dict(), {"class": "MobileNetV2",
+                                                   "kwargs": cfg["network"]["kwargs"]}),
                 folder / "best.ckpt")
     return cfg, folder
 
 
 def test_measure_sensitivity_caches_beside_the_checkpoint(random_run, one_thread):
     cfg, folder = random_run
-    # entries of other bits, another calibration size and other quantizer settings (same checkpoint): never used
+    # entries of other bits, another calibration size and other quantizer settings (same checkpoint): never
+    # used
     other_settings = json.loads(json.dumps(cfg))
     other_settings["network"]["quantize"]["PACTUnsignedAct"]["kwargs"]["n_levels"] = 8
     # and this very entry as measured under older quantizer rules
-    older_rules = cache_key(cfg, folder / "best.ckpt", (2,), 2).replace(f"rules={RULES}|", f"rules={RULES - 1}|")
+    older_rules = cache_key(cfg, folder / "best.ckpt", (2,), 2).replace(f"rules={RULES}|",
+                                                                        f"rules={RULES - 1}|")
     stale = [cache_key(cfg, folder / "best.ckpt", (2, 3), 2), cache_key(cfg, folder / "best.ckpt", (2,), 3),
              cache_key(other_settings, folder / "best.ckpt", (2,), 2), older_rules]
-    poisoned = {"bits": [2], "n_calib": 2, "base_loss": -1.0, "weights": {}, "activations": {}, "checkpoint": "x"}
+    poisoned = {"bits": [2], "n_calib": 2, "base_loss": -1.0, "weights": {}, "activations": {},
+                "checkpoint": "x"}
     (folder / CACHE).write_text(json.dumps({k: {**poisoned, "key": k} for k in stale}))
     first = measure_sensitivity(cfg, folder, bits=(2,), n_calib=2)
     assert not first.cached and first.checkpoint == str(folder / "best.ckpt") and first.base_loss > 0
@@ -156,7 +165,8 @@ def test_measure_sensitivity_caches_beside_the_checkpoint(random_run, one_thread
     again = measure_sensitivity(cfg, folder / "best.ckpt", bits=(2,), n_calib=2)
     assert again.cached and again == first
     stored = json.loads((folder / CACHE).read_text())
-    assert list(stored) == [*stale, first.key] and first.key.startswith(f"loss|rules={RULES}|bits=2|n=2|ckpt=")
+    assert list(stored) == [*stale,
+                            first.key] and first.key.startswith(f"loss|rules={RULES}|bits=2|n=2|ckpt=")
     # another checkpoint in the same place: a new key, the stale entry is never used
     state = torch.load(folder / "best.ckpt", weights_only=True)
     state["state_dict"]["classifier.1.weight"].mul_(0.5)
@@ -174,7 +184,8 @@ def test_a_qat_checkpoint_gives_its_float_weights(random_run, tmp_path):
     qnet, _ = build_network({**cfg, "network": {**cfg["network"], "pretrained": str(folder / "best.ckpt")}})
     save_atomic(make_checkpoint(qnet.state_dict(), {}), tmp_path / "qat.ckpt")  # quantizer keys as well
     loaded = float_weights_network(cfg, tmp_path / "qat.ckpt")
-    assert torch.equal(loaded.get_submodule("features.17.0").weight, qnet.get_submodule("features.17.0").weight)
+    assert torch.equal(loaded.get_submodule("features.17.0").weight,
+                       qnet.get_submodule("features.17.0").weight)
     assert not any(getattr(m, "started", False) for m in loaded.modules())
 
 

@@ -40,7 +40,9 @@ def imports(module: str) -> frozenset[str]:
     out = set()
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names] if node.module.startswith("labkit") else []
+            names = (
+                [f"{node.module}.{a.name}" for a in node.names] if node.module.startswith("labkit") else []
+            )
             out.update(n for n in names if n in MODULES)
             out.add(node.module if node.module in MODULES or not node.module.startswith("labkit")
                     else node.module.rsplit(".", 1)[0])
@@ -77,7 +79,9 @@ def test_the_layout_is_the_stages():
     assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "cli.py"]
     for stage in folders:
         doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text())) or ""
-        assert doc.startswith("Stage ") and len(doc.splitlines()) == 1, f"{stage}/__init__.py: one line on its job"
+        assert (
+            doc.startswith("Stage ") and len(doc.splitlines()) == 1
+        ), f"{stage}/__init__.py: one line on its job"
 
 
 def test_no_two_modules_share_a_basename():
@@ -97,12 +101,15 @@ def test_imports_follow_the_pipeline(module):
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_only_the_lab_reaches_the_trainer_and_papermill(module):
     reached = closure(module) & {"labkit.train.loop", "papermill"}
-    assert not reached or module in TRAINER_USERS | {"labkit.train.loop"}, f"{module} reaches {sorted(reached)}"
+    assert not reached or module in TRAINER_USERS | {
+        "labkit.train.loop"
+    }, f"{module} reaches {sorted(reached)}"
 
 
 def test_integerize_and_export_load_neither_trainer_nor_papermill():
     code = (f"import sys; import {', '.join(DEPLOY_PATH)}; "
-            "print(sorted(m for m in ('labkit.train.loop', 'papermill', 'labkit.lab.steps') if m in sys.modules))")
+            "print(sorted(m for m in ('labkit.train.loop', 'papermill', 'labkit.lab.steps') if m in "
+            "sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -147,6 +154,7 @@ def test_importing_labkit_has_no_side_effects():
 
 def test_configs_are_checked_without_torch():
     code = ("import sys; from labkit.config import load_config; "
-            "load_config('configs/imagenet/config.pact.json', check_files=False); print('torch' in sys.modules)")
+            "load_config('configs/imagenet/config.pact.json', check_files=False); print('torch' in "
+            "sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"

@@ -103,7 +103,8 @@ def test_corrupt_checkpoint_on_resume_is_reported(tiny_config, tmp_path):
 
 
 def test_cli_train_prints_progress_and_top1(tmp_path, capsys):
-    args = ["train", str(EMBEDDED_FP32), "--output-dir", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]
+    args = ["train", str(EMBEDDED_FP32), "--output-dir", str(tmp_path / "r"), "--epochs", "1",
+            "--no-progress"]
     for key, value in tiny_overrides().items():
         if key != "training.n_epochs":
             args += ["--set", f"{key}={json.dumps(value)}"]
@@ -162,9 +163,12 @@ def test_help_documents_every_option(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     options = {"convert": ["--from", "--output", "--capacity"],
-               "train": ["--output-dir", "--epochs", "--resume", "--device", "--data-root", "--pretrained", "--set"],
-               "eval": ["--config", "--data-root", "--device"]}.get(command[0] if command else "", ["convert", "train",
-                                                                                                     "eval", "torchrun"])
+               "train": ["--output-dir", "--epochs", "--resume", "--device", "--data-root", "--pretrained",
+                         "--set"],
+               "eval": ["--config", "--data-root", "--device"]}.get(command[0] if command else "",
+                                                                    ["convert", "train",
+                                                                                                     "eval",
+                                                                                                     "torchrun"])
     for option in options:
         assert option in text
 

@@ -1,4 +1,5 @@
-"""The bit-width plan and its widget editor, without a browser: build, edit programmatically, check the config."""
+"""The bit-width plan and its widget editor, without a browser: build, edit programmatically, check the
+config."""
 
 import copy
 import json
@@ -38,7 +39,8 @@ def levels_of(cfg):
 
 
 def test_plan_rows_costs_and_formulas():
-    plan = BitPlan.from_config(load_config(ROOT / "configs" / "imagenet" / "config.pact.json", check_files=False))
+    plan = BitPlan.from_config(load_config(ROOT / "configs" / "imagenet" / "config.pact.json",
+                                           check_files=False))
     rows = plan.rows
     assert len(rows) == 53 and rows[0].name == "pilot.0" and rows[-1].name == "classifier.1"
     assert sum(r.kind == "depthwise" for r in rows) == 17
@@ -99,8 +101,12 @@ def test_apply_edits_n_levels_and_keeps_every_other_key():
     plan.set_all(w_bits=4)  # activations stay as the config has them
     edited = plan.apply_to(cfg)
     eq = edited["network"]["quantize"]
-    assert eq["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile" and eq["harmonize"]["requant_pool"] is False
-    assert eq["PACTConv2d"]["features.3.residual_branch.1.0$"] == {"n_levels": 16, "nb_std": 2.5}  # only bits written
+    assert (
+        eq["PACTUnsignedAct"]["kwargs"]["init_clip"] == "percentile"
+        and eq["harmonize"]["requant_pool"] is False
+    )
+    # only bits written
+    assert eq["PACTConv2d"]["features.3.residual_branch.1.0$"] == {"n_levels": 16, "nb_std": 2.5}
     assert edited["training"] == cfg["training"] and edited["data"] == cfg["data"]
     levels = levels_of(edited)
     assert levels["pilot.0"] == 16 and levels["pilot.2"] == 256 and levels["features.2.integer_add"] == 256
@@ -112,8 +118,9 @@ def test_apply_edits_n_levels_and_keeps_every_other_key():
     conv[r"features\.1\.residual_branch\.\d\.0$"] = {}
     plan2 = BitPlan.from_config(cfg2)
     plan2.set_all(w_bits=6)
-    assert cfg2 and plan2.apply_to(cfg2)["network"]["quantize"]["PACTConv2d"][r"features\.1\.residual_branch\.\d\.0$"] \
-        == {"n_levels": 64}
+    assert cfg2 and plan2.apply_to(cfg2)["network"]["quantize"]["PACTConv2d"][
+        r"features\.1\.residual_branch\.\d\.0$"
+    ] == {"n_levels": 64}
     plan2.set("features.1.residual_branch.0.0", w_bits=3)
     with pytest.raises(ConfigError, match=r"features\\\\\.1.*covers.*different n_levels.*one by one"):
         plan2.apply_to(cfg2)
@@ -211,9 +218,9 @@ def test_editor_reports_invalid_saves(tmp_path):
 
 
 def test_propose_fills_the_rows_within_the_budget_and_a_bad_budget_is_a_message(monkeypatch):
-    """The editor's propose step with a synthetic sensitivity (the measured one is test_sensitivity's): the rows,
-    the plan and the saved config take the allocation's bits, the totals stay within the budget, and a budget
-    that cannot be met is a message under the budget box, the plan unchanged."""
+    """The editor's propose step with a synthetic sensitivity (the measured one is test_sensitivity's): the
+    rows, the plan and the saved config take the allocation's bits, the totals stay within the budget, and a
+    budget that cannot be met is a message under the budget box, the plan unchanged."""
     import labkit.lab.widgets as widgets
     from labkit.precision.allocate import allocate
 

@@ -32,7 +32,9 @@ def number(value: Any, name: str, lo: float, fix: str = "") -> float:
     """``value`` as a finite float >= ``lo``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < lo:
-        raise ArgumentError(f"{name} {value!r}: give a finite number >= {lo:g}" + (f" ({fix})" if fix else ""))
+        raise ArgumentError(
+            f"{name} {value!r}: give a finite number >= {lo:g}" + (f" ({fix})" if fix else "")
+        )
     return float(value)
 
 
@@ -64,8 +66,8 @@ def writable_folder(path: str | os.PathLike, what: str, option: str = "-o") -> P
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".labkit-probe-", dir=probe))
     except OSError as err:
-        raise ArgumentError(f"{what} '{path}' cannot be written ({probe}: {err.strerror or err}): choose another "
-                            f"folder ({option})") from None
+        raise ArgumentError(f"{what} '{path}' cannot be written ({probe}: {err.strerror or err}): choose "
+                            f"another folder ({option})") from None
     return folder
 
 

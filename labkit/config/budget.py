@@ -1,9 +1,11 @@
-r"""Budgets of a bit allocation: limits on the totals of :mod:`labkit.precision.costs`, parsed and checked without torch.
+r"""Budgets of a bit allocation: limits on the totals of :mod:`labkit.precision.costs`, parsed and checked
+without torch.
 
-A budget maps a total to a limit: ``weight_bytes``, ``act_bytes`` (per sample) or ``BOPs``. A limit is a number
-(``24000``, ``2.5e8``) or ``uniform:B`` / ``uniform:W/A``: what the base config costs with every layer's
-weights at W bits and every activation at A bits (B: both), resolved against the plan by
-:func:`labkit.precision.allocate.resolve_budget`. Spelled ``KEY=LIMIT`` (one per ``--budget``, or comma-separated)::
+A budget maps a total to a limit: ``weight_bytes``, ``act_bytes`` (per sample) or ``BOPs``. A limit is a
+number (``24000``, ``2.5e8``) or ``uniform:B`` / ``uniform:W/A``: what the base config costs with every
+layer's weights at W bits and every activation at A bits (B: both), resolved against the plan by
+:func:`labkit.precision.allocate.resolve_budget`. Spelled ``KEY=LIMIT`` (one per ``--budget``, or
+comma-separated)::
 
     weight_bytes=uniform:3,BOPs=uniform:3
 
@@ -103,7 +105,9 @@ def _limit(metric: str, limit) -> float | tuple[int, int]:
     if text.startswith("uniform:"):
         bits = text.removeprefix("uniform:").split("/")
         if len(bits) not in (1, 2):
-            raise BudgetError(f"budget {metric}={text}: write uniform:B or uniform:W/A (bits), e.g. uniform:3")
+            raise BudgetError(
+                f"budget {metric}={text}: write uniform:B or uniform:W/A (bits), e.g. uniform:3"
+            )
         w = _bits(metric, bits[0])
         return w, _bits(metric, bits[-1])
     try:
@@ -128,8 +132,8 @@ def _bits(metric: str, text) -> int:
 
 
 def bit_choices(bits, what: str = "bits") -> tuple[int, ...]:
-    """Sorted distinct bit-widths from MIN_BITS to MAX_BITS (the candidates of a sensitivity or an allocation),
-    else :class:`BudgetError` naming ``what``."""
+    """Sorted distinct bit-widths from MIN_BITS to MAX_BITS (the candidates of a sensitivity or an
+    allocation), else :class:`BudgetError` naming ``what``."""
     listed = [bits] if isinstance(bits, (str, int)) else list(bits or [])
     try:
         out = tuple(sorted({int(b) for b in listed if not isinstance(b, bool)}))

@@ -2,8 +2,8 @@
 
 Sections: ``data``, ``network`` {class, kwargs, pretrained, quantize}, ``training`` {loss_fn, gd {opt,
 lr_sched}, n_epochs, quantize, seed, amp, channels_last, sync_bn}, plus ``meters``, ``description`` and
-``name``. :mod:`labkit.config.schema` checks every key, type and range; every error names the offending key path,
-e.g. ``training.gd.opt.class``, and unknown keys get the nearest valid one.
+``name``. :mod:`labkit.config.schema` checks every key, type and range; every error names the offending key
+path, e.g. ``training.gd.opt.class``, and unknown keys get the nearest valid one.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from typing import Any
 from labkit.config.paths import resolve
 from labkit.config.schema import ConfigError, Data, validate
 
-__all__ = ["ConfigError", "load_config", "read_config_file", "resolve_config", "config_name", "set_key", "get_key",
+__all__ = ["ConfigError", "load_config", "read_config_file", "resolve_config", "config_name", "set_key",
+           "get_key",
            "parse_override", "config_diff"]
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check_files: bool = True) -> dict:
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                check_files: bool = True) -> dict:
     """Read ``path``, apply dotted-key ``overrides`` (``{"data.root": "/imagenet"}``), validate, return.
 
-    ``check_files=False`` leaves out the check that ``network.pretrained`` exists (for a caller that makes it).
+    ``check_files=False`` leaves out the check that ``network.pretrained`` exists (for a caller that makes
+    it).
     """
     path = resolve(path)
     return resolve_config(read_config_file(path), overrides, name=config_name(path), check_files=check_files)
@@ -156,7 +159,8 @@ def _normalise(cfg: dict) -> None:
             network.setdefault("pretrained", pretrained)
         if isinstance(network.get("pretrained"), str):
             network["pretrained"] = str(resolve(network["pretrained"]))
-        recipe = network.get("quantize", {}).get("kwargs") if isinstance(network.get("quantize"), dict) else None
+        recipe = network.get("quantize", {}).get("kwargs") if isinstance(network.get("quantize"),
+                                                                         dict) else None
         for key in ("precision_spec_file", "finetuning_ckpt"):  # the reference recipe's file arguments
             if isinstance(recipe, dict) and isinstance(recipe.get(key), str) and recipe[key]:
                 recipe[key] = str(resolve(recipe[key]))

@@ -1,7 +1,7 @@
 """Where relative paths point. A relative path names a file or folder under the current directory when one is
-there, else under the project root (the folder holding ``configs/``), whether it exists yet or not; so notebooks
-(run from ``notebooks/``) and the CLI (run from the root) read and write the same places. Resolved configs and
-run folders record the absolute path."""
+there, else under the project root (the folder holding ``configs/``), whether it exists yet or not; so
+notebooks (run from ``notebooks/``) and the CLI (run from the root) read and write the same places. Resolved
+configs and run folders record the absolute path."""
 
 from __future__ import annotations
 

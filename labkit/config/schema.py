@@ -2,9 +2,10 @@
 
 :func:`validate` checks a config dict (as JSON gives it; the dict stays the stored form) and returns the typed
 :class:`RunConfig`; the first problem becomes a :class:`ConfigError` naming the key path
-(``training.gd.opt.kwargs.lr``), what is wrong and the fix; an unknown key gets the nearest valid one. Per-layer
-quantizer settings are :mod:`labkit.config.spec` models. Whether a layer regex names a module of the network is
-checked when the network is built (:func:`labkit.train.build.build_network`), before anything is written.
+(``training.gd.opt.kwargs.lr``), what is wrong and the fix; an unknown key gets the nearest valid one.
+Per-layer quantizer settings are :mod:`labkit.config.spec` models. Whether a layer regex names a module of the
+network is checked when the network is built (:func:`labkit.train.build.build_network`), before anything is
+written.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def tagged(pick, **members: Any) -> Any:
 
 
 def problem(message: str, path: str = "", fix: str = "") -> PydanticCustomError:
-    """A validator's error: ``path`` (relative to where the validator runs) and ``fix`` land in the message."""
+    """A validator's error: ``path`` (relative to where the validator runs) and ``fix`` land in the
+    message."""
     return PydanticCustomError("labkit", message, {"path": path, "fix": fix})
 
 
@@ -102,9 +104,11 @@ class Data(Section):
     @model_validator(mode="after")
     def _batch_fits(self) -> Data:
         if self.name == "embedded":
-            images = min(self.train.dataset.limit or self.EMBEDDED_IMAGES["train"], self.EMBEDDED_IMAGES["train"])
+            images = min(self.train.dataset.limit or self.EMBEDDED_IMAGES["train"],
+                         self.EMBEDDED_IMAGES["train"])
             if self.train_bs > images:
-                raise problem(f"{self.train_bs} is more than the {images} training images: no batch could be drawn",
+                raise problem(f"{self.train_bs} is more than the {images} training images: no batch could be "
+                              "drawn",
                               "train.dataloader.bs", "Lower it (or raise data.train.dataset.limit)")
         return self
 
@@ -147,7 +151,8 @@ class LayerSection(BaseModel):
         for regex, layer in data.items():
             if regex != "kwargs":
                 _regex(regex, f"[{regex!r}]")
-                _settings({**defaults, **_settings(layer or {}, cls.ROLE, f"[{regex!r}]")}, cls.ROLE, f"[{regex!r}]")
+                _settings({**defaults, **_settings(layer or {}, cls.ROLE, f"[{regex!r}]")}, cls.ROLE,
+                          f"[{regex!r}]")
         return data
 
 
@@ -177,7 +182,8 @@ class Harmonize(BaseModel):
         _settings(settings, "signed_act", "", extra=cls.OPTIONS)
         layers = data.get("layers") or {}
         if not isinstance(layers, dict):
-            raise problem(f"expected an object mapping regexes on inserted names to settings, got {_type(layers)}",
+            raise problem("expected an object mapping regexes on inserted names to settings, got "
+                          f"{_type(layers)}",
                           "layers")
         for regex, layer in layers.items():
             _regex(regex, f"layers[{regex!r}]")
@@ -207,12 +213,13 @@ class RecipeKwargs(Section):
         if pool is None:
             return self
         if harmonize is False and pool:
-            raise problem("is true, but config.harmonize is false (no harmonization, so nothing re-quantizes the "
-                          "pool)", "quantize_pool", "Drop one of them")
+            raise problem("is true, but config.harmonize is false (no harmonization, so nothing re-quantizes "
+                          "the pool)", "quantize_pool", "Drop one of them")
         stated = harmonize.model_extra.get("requant_pool", pool) if isinstance(harmonize, Harmonize) else pool
         if stated != pool:
-            raise problem(f"is {str(pool).lower()} but config.harmonize.requant_pool is {str(stated).lower()} (both "
-                          "say whether the pool's output is re-quantized)", "quantize_pool", "Keep one of them")
+            raise problem(f"is {str(pool).lower()} but config.harmonize.requant_pool is "
+                          f"{str(stated).lower()} (both say whether the pool's output is re-quantized)",
+                          "quantize_pool", "Keep one of them")
         return self
 
 
@@ -433,15 +440,16 @@ class RunConfig(Section):
             raise problem("is missing: the ImageNet dataset needs its folder (train/ and val/)", "data.root",
                           "Set it in the config or pass --data-root DIR")
         if self.network.quantize and not self.training.quantize:
-            raise problem("is missing: network.quantize replaces layers, but no schedule starts their quantizers, "
-                          "so the run would train in float", "training.quantize",
+            raise problem("is missing: network.quantize replaces layers, but no schedule starts their "
+                          "quantizers, so the run would train in float", "training.quantize",
                           'Add e.g. {"schedules": {"linear": {"0": "start"}, "activation": {"1": "start"}}}')
         return self
 
 
 # ----------------------------------------------------------------------------------------------- checks
 def validate(cfg: Any) -> RunConfig:
-    """The typed config of ``cfg`` (a config dict after overrides), else :class:`ConfigError` at its first problem."""
+    """The typed config of ``cfg`` (a config dict after overrides), else :class:`ConfigError` at its first
+    problem."""
     if not isinstance(cfg, dict):
         raise ConfigError("", "a config must be a JSON object")
     return _checked(RunConfig, cfg, ())
@@ -464,7 +472,8 @@ def _checked(model: type[BaseModel], data: Any, prefix: tuple) -> Any:
 
 
 def config_error(error: dict, prefix: tuple = ()) -> ConfigError:
-    """A pydantic error as a :class:`ConfigError` at its key path (union tags dropped, regex keys bracketed)."""
+    """A pydantic error as a :class:`ConfigError` at its key path (union tags dropped, regex keys
+    bracketed)."""
     ctx = error.get("ctx") or {}
     parts = [str(p) for p in (*prefix, *error["loc"]) if not str(p).startswith("<") and p != "[key]"
              and str(p) not in OPTIMIZER_KWARGS and str(p) not in SCHEDULER_KWARGS]
@@ -481,13 +490,15 @@ def config_error(error: dict, prefix: tuple = ()) -> ConfigError:
         tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
         close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1, cutoff=0.6)
         return ConfigError(f"{path}.class", f"unknown value {ctx.get('tag')!r}"
-                           + (f" (did you mean {close[0]!r}?)" if close else ""), f"Choose one of: {', '.join(tags)}")
+                           + (f" (did you mean {close[0]!r}?)" if close else ""),
+                           f"Choose one of: {', '.join(tags)}")
     if kind == "union_tag_not_found":
         return ConfigError(f"{path}.class", "is missing")
     if kind == "literal_error":
         allowed = [a.strip("'") for a in ctx.get("expected", "").replace(" or ", ", ").split(", ")]
         close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
-        return ConfigError(path, f"unknown value {value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+        return ConfigError(path,
+                           f"unknown value {value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
                            f"Choose one of: {', '.join(allowed)}")
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return ConfigError(path, f"expected an object, got {_type(value)}")
@@ -497,7 +508,8 @@ def config_error(error: dict, prefix: tuple = ()) -> ConfigError:
         if kind == "finite_number" or (isinstance(value, float) and kind == "int_type" and value != value):
             return ConfigError(path, f"must be a finite number, got {value}")
         if expected:
-            shown = f"a boolean ({str(value).lower()})" if isinstance(value, bool) else f"{_type(value)} ({value!r})"
+            shown = f"a boolean ({str(value).lower()})" if isinstance(value,
+                                                                      bool) else f"{_type(value)} ({value!r})"
             return ConfigError(path, f"expected {expected}, got {shown}")
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:

@@ -3,9 +3,10 @@
 =================== ================================ =====================================================
 role                module                           role-specific defaults
 =================== ================================ =====================================================
-``unsigned_act``    :class:`PACTUnsignedAct`         ``act_kind='relu6'``, ``init_clip_lo=0``, ``init_clip_hi=6``
-``signed_act``      :class:`PACTAsymmetricAct`       ``act_kind='identity'``, ``init_clip_lo=-6``, ``init_clip_hi=6``
-``weights``         :class:`PACTConv2d`/``Linear``   ``init_clip='sawb_asymm'``, ``learn_clip=False``,
+``unsigned_act``    :class:`PACTUnsignedAct`         ``act_kind='relu6'``, ``init_clip_lo=0``,
+``init_clip_hi=6`` ``signed_act``      :class:`PACTAsymmetricAct`       ``act_kind='identity'``,
+``init_clip_lo=-6``, ``init_clip_hi=6`` ``weights``         :class:`PACTConv2d`/``Linear``
+                                                     ``init_clip='sawb_asymm'``, ``learn_clip=False``,
                                                      ``init_clip_lo=-1``, ``init_clip_hi=1``
 =================== ================================ =====================================================
 
@@ -30,7 +31,8 @@ ACT_KINDS = ("relu", "relu6", "leaky_relu", "identity")
 QUANTIZE_MODES = ("per_layer", "per_channel")
 MIN_LEVELS, MAX_LEVELS = 3, 2 ** 16
 MIN_BITS, MAX_BITS = 2, 16
-#: exactness limit of integer requantization y = floor((x * mul + add) / 2^d) (float64 mantissa: the ONNX export
+#: exactness limit of integer requantization y = floor((x * mul + add) / 2^d) (float64 mantissa: the ONNX
+# export
 #: computes in double), and the largest shift d
 EXACT_BITS, D_MAX = 53, 48
 
@@ -72,7 +74,8 @@ class QuantSpec(BaseModel):
         if not MIN_LEVELS <= n <= MAX_LEVELS:
             bits = f" ({math.log2(n):.3g} bits)" if n > 0 else ""
             raise ValueError(f"n_levels={n}{bits} is outside "
-                             f"{MIN_LEVELS}..{MAX_LEVELS}: use {MIN_BITS} to {MAX_BITS} bits (n_levels = 2**bits)")
+                             f"{MIN_LEVELS}..{MAX_LEVELS}: use {MIN_BITS} to {MAX_BITS} bits (n_levels = "
+                             "2**bits)")
         return n
 
     @model_validator(mode="after")
@@ -90,8 +93,8 @@ class QuantSpec(BaseModel):
         spec_cls = SPECS[role]
         unknown = sorted(k for k in settings if k not in spec_cls.setting_names())
         if unknown:
-            raise TypeError(f"unknown quantizer setting(s) {', '.join(map(repr, unknown))} for {role}; allowed: "
-                            f"{', '.join(sorted(spec_cls.setting_names()))}")
+            raise TypeError(f"unknown quantizer setting(s) {', '.join(map(repr, unknown))} for {role}; "
+                            f"allowed: {', '.join(sorted(spec_cls.setting_names()))}")
         try:
             return spec_cls(**settings)
         except ValidationError as err:

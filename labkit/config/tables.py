@@ -34,7 +34,10 @@ class Table:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"{self.title or 'table'} ({len(self.rows)} rows x {len(self.columns)} columns; print() it for the text)"
+        return (
+            f"{self.title or 'table'} ({len(self.rows)} rows x {len(self.columns)} columns; print() it for"
+            " the text)"
+        )
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
@@ -56,7 +59,9 @@ class Table:
 
 def history_table(history: list[dict]) -> Table:
     """One row per epoch: lr, train loss/top-1, valid loss/top-1/top-5, seconds."""
-    rows = [{"epoch": r["epoch"] + 1, "lr": r["lr"], "train loss": r["train"]["loss"], "train top-1": r["train"]["top1"],
-             "valid loss": r["valid"]["loss"], "valid top-1": r["valid"]["top1"], "valid top-5": r["valid"]["top5"],
+    rows = [{"epoch": r["epoch"] + 1, "lr": r["lr"], "train loss": r["train"]["loss"],
+             "train top-1": r["train"]["top1"],
+             "valid loss": r["valid"]["loss"], "valid top-1": r["valid"]["top1"],
+             "valid top-5": r["valid"]["top5"],
              "seconds": r.get("seconds")} for r in history]
     return Table(rows, title="training history")

@@ -1,18 +1,18 @@
-"""The Deeploy export: the int32 integer twin (:func:`labkit.integer.int32_twin`) as Deeploy's Generic platform
-(``deeploy-pulp`` 0.2.1) parses, maps and compiles it, with the same numbers.
+"""The Deeploy export: the int32 integer twin (:func:`labkit.integer.int32_twin`) as Deeploy's Generic
+platform (``deeploy-pulp`` 0.2.1) parses, maps and compiles it, with the same numbers.
 
-What Deeploy requires (docs/export.md gives the source lines): a static batch; a shape (``value_info``) for every
-tensor; no Cast or Identity; each requantization one ``RequantShift(x, mul, add)`` node (domain ``labkit``) with
-``div = 2^d``, ``n_levels_out`` and ``signed`` as float32 *tensor* attributes and int32 ``mul``/``add``, whose
-kernel computes, all in int32,
+What Deeploy requires (docs/export.md gives the source lines): a static batch; a shape (``value_info``) for
+every tensor; no Cast or Identity; each requantization one ``RequantShift(x, mul, add)`` node (domain
+``labkit``) with ``div = 2^d``, ``n_levels_out`` and ``signed`` as float32 *tensor* attributes and int32
+``mul``/``add``, whose kernel computes, all in int32,
 
     y = clip(((x * mul + add) + 2^(d-1)) >> d)   over the full range of n_levels_out (signed, or 0..n-1)
 
-so ``add`` is written **without** labkit's rounding half-step (``add - 2^(d-1)``; the kernel adds it), and each
-node carries :data:`KEEP_ADD`, so that Deeploy's Generic flow uses that ``add`` as written; the global
+so ``add`` is written **without** labkit's rounding half-step (``add - 2^(d-1)``; the kernel adds it), and
+each node carries :data:`KEEP_ADD`, so that Deeploy's Generic flow uses that ``add`` as written; the global
 average pool as a depthwise Conv of ones (Deeploy maps no GlobalAveragePool, and its ReduceSum is wrong for
-4-d sums); Gemm with explicit ``alpha``/``beta``; convs without bias. :func:`as_standard` rewrites each RequantShift
-into standard operators with exactly these semantics, so onnxruntime can check the whole graph.
+4-d sums); Gemm with explicit ``alpha``/``beta``; convs without bias. :func:`as_standard` rewrites each
+RequantShift into standard operators with exactly these semantics, so onnxruntime can check the whole graph.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def _full_range(n_levels: int, signed: bool) -> tuple[int, int]:
     return (-(n_levels // 2), n_levels // 2 - 1) if signed else (0, n_levels - 1)
 
 
-#: RequantShift attribute that Deeploy's EmulateCMSISRequantPass (v0.2.1, ``DebugPasses.py:35``) takes as "already
-#: in CMSIS form" and skips: without it the Generic flow rounds each ``add`` to a multiple of ``mul`` (the bias
+#: RequantShift attribute that Deeploy's EmulateCMSISRequantPass (v0.2.1, ``DebugPasses.py:35``) takes as
+# "already
+#: in CMSIS form" and skips: without it the Generic flow rounds each ``add`` to a multiple of ``mul`` (the
+# bias
 #: before the multiply, as CMSIS-NN computes) and no longer computes the twin's ``floor((x mul + add) / 2^d)``
 KEEP_ADD = "Emulate_CMSIS_RequantShift"
 
@@ -51,16 +53,17 @@ class DeeployWriter(GraphWriter):
 
     def __init__(self, inet, batch: int | None):
         super().__init__(inet, batch)
-        self._groups: dict[str, tuple[list[str], tuple]] = {}  # a grouped requantization: its parts, how to sum
+        # a grouped requantization: its parts, how to sum
+        self._groups: dict[str, tuple[list[str], tuple]] = {}
         self._summed: dict[str, str] = {}
         self._steps: dict[tuple, str] = {}
 
     def requant(self, value: Value, req: Requant, base: str, shape: tuple) -> Value:
         full = _full_range(req.n_levels, req.signed)
         if (req.lo, req.hi) != full:
-            raise ExportError(f"export --target deeploy: requantization '{base}' clips to {req.lo}..{req.hi}, but "
-                              f"Deeploy's RequantShift clips to the full range {full[0]}..{full[1]} of its "
-                              f"{req.n_levels} levels")
+            raise ExportError(f"export --target deeploy: requantization '{base}' clips to "
+                              f"{req.lo}..{req.hi}, but Deeploy's RequantShift clips to the full range "
+                              f"{full[0]}..{full[1]} of its {req.n_levels} levels")
         x = self.resolve(value)[0]
         groups = req.groups if isinstance(req, Int32Requant) else [(req.d, [])]
         if isinstance(req, Int32Requant) and req.clip is not None:
@@ -72,7 +75,8 @@ class DeeployWriter(GraphWriter):
         for i, (d, members) in enumerate(groups):  # the other channels: mul = add = 0, output code 0
             keep = np.zeros(mul.shape, dtype=bool)
             keep[members] = True
-            parts.append(self.requant_shift(x, np.where(keep, mul, 0), np.where(keep, add, 0), d, req.n_levels,
+            parts.append(self.requant_shift(x, np.where(keep, mul, 0), np.where(keep, add, 0), d,
+                                            req.n_levels,
                                             req.signed, f"{base}.group{i}", shape))
         key = f"{base}:groups"
         self._groups[key] = (parts, (req.n_levels, req.signed, base, shape))
@@ -96,7 +100,8 @@ class DeeployWriter(GraphWriter):
             total = self.node("Add", [total, name], base, shape)
         return total
 
-    def requant_shift(self, x: str, mul, add, d: int, n_levels: int, signed: bool, base: str, shape: tuple) -> str:
+    def requant_shift(self, x: str, mul, add, d: int, n_levels: int, signed: bool, base: str,
+                      shape: tuple) -> str:
         """One RequantShift node: ``clip(floor((x mul + add) / 2^d))`` (``add`` with the half step, which the
         kernel adds itself: written as ``add - 2^(d-1)``)."""
         view = (-1,) + (1,) * (len(shape) - 2)
@@ -112,8 +117,9 @@ class DeeployWriter(GraphWriter):
                          **{KEEP_ADD: _tensor_attr([1])})
 
     def step(self, value: int, shape: tuple) -> str:
-        """The Mul constant ``value`` of a pre-clip, one per value and tensor shape: Deeploy's Generic Mul does not
-        broadcast, so Deeploy stores it at the size of the tensor (shared by the Mul nodes of that shape)."""
+        """The Mul constant ``value`` of a pre-clip, one per value and tensor shape: Deeploy's Generic Mul
+        does not broadcast, so Deeploy stores it at the size of the tensor (shared by the Mul nodes of that
+        shape)."""
         key = (value, tuple(shape))
         if key not in self._steps:
             self._steps[key] = self.const(f"preclip_step_{'m' if value < 0 else ''}{abs(value)}",
@@ -122,8 +128,8 @@ class DeeployWriter(GraphWriter):
 
     def preclip(self, x: str, clip: PreClip, base: str, shape: tuple) -> str:
         """The pre-clip (:class:`labkit.integer.int32.PreClip`) as Deeploy nodes: per side a RequantShift
-        ``e = clip(floor((+-x + c) / 2^k), 0, 255)`` (mul +-1, 256 unsigned levels), a Mul ``e * -+2^k`` and an Add;
-        both sides read the unclipped ``x`` (they never act on the same value)."""
+        ``e = clip(floor((+-x + c) / 2^k), 0, 255)`` (mul +-1, 256 unsigned levels), a Mul ``e * -+2^k`` and
+        an Add; both sides read the unclipped ``x`` (they never act on the same value)."""
         out, step = x, 1 << clip.k
         for side, edge, sign in (("hi", clip.top, 1), ("lo", clip.bot, -1)):
             if edge is None:
@@ -137,29 +143,36 @@ class DeeployWriter(GraphWriter):
 
     def conv(self, value: Value, m: IntConv2d, base: str, shape: tuple) -> Value:
         if m.bias is not None:
-            raise ExportError(f"export --target deeploy: conv '{base}' has a bias, which Deeploy's integer Conv "
-                              "does not take; fold it into the following batch norm (bias=False) and fine-tune")
+            raise ExportError(f"export --target deeploy: conv '{base}' has a bias, which Deeploy's integer "
+                              "Conv does not take; fold it into the following batch norm (bias=False) and "
+                              "fine-tune")
         if m.acc_bound > INT32_MAX:
-            raise ExportError(f"export --target deeploy: the accumulator of conv '{base}' can reach {m.acc_bound} "
-                              ">= 2^31, beyond Deeploy's int32 accumulator; quantize its weights or inputs to fewer bits")
+            raise ExportError(f"export --target deeploy: the accumulator of conv '{base}' can reach "
+                              f"{m.acc_bound} >= 2^31, beyond Deeploy's int32 accumulator; quantize its "
+                              "weights or inputs to fewer bits")
         pad = tuple(m.padding)
-        return self.node("Conv", [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0])], base, shape,
+        return self.node("Conv", [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0])],
+                         base, shape,
                          kernel_shape=list(m.weight.shape[2:]), strides=list(m.stride),
-                         pads=[pad[0], pad[1], pad[0], pad[1]], dilations=list(m.dilation), group=int(m.groups)), "f"
+                         pads=[pad[0], pad[1], pad[0], pad[1]], dilations=list(m.dilation),
+                         group=int(m.groups)), "f"
 
     def linear(self, value: Value, m: IntLinear, base: str, shape: tuple) -> Value:
         if m.acc_bound > INT32_MAX:
-            raise ExportError(f"export --target deeploy: the accumulator of '{base}' can reach {m.acc_bound} >= 2^31, "
-                              "beyond Deeploy's int32 Gemm; quantize its weights or inputs to fewer bits")
+            raise ExportError(f"export --target deeploy: the accumulator of '{base}' can reach {m.acc_bound} "
+                              ">= 2^31, beyond Deeploy's int32 Gemm; quantize its weights or inputs to fewer "
+                              "bits")
         bias = m.bias.cpu().numpy() if m.bias is not None else np.zeros(m.weight.shape[0], dtype=np.int64)
         inputs = [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0]),
-                  self.const(f"{base}_bias", bias.astype(np.float32 if np.abs(bias).max() < 2 ** 24 else np.int32))]
+                  self.const(f"{base}_bias",
+                             bias.astype(np.float32 if np.abs(bias).max() < 2 ** 24 else np.int32))]
         return self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0, transB=1), "f"
 
     def pool(self, value: Value, base: str, in_shape: tuple, shape: tuple) -> Value:
         _, c, h, w = in_shape
         ones = self.const(f"{base}_ones", np.ones((c, 1, h, w), dtype=np.float32))
-        return self.node("Conv", [self.resolve(value)[0], ones], base, shape, kernel_shape=[h, w], strides=[1, 1],
+        return self.node("Conv", [self.resolve(value)[0], ones], base, shape, kernel_shape=[h, w],
+                         strides=[1, 1],
                          pads=[0, 0, 0, 0], dilations=[1, 1], group=int(c)), "f"
 
     def add(self, parts: list[Value], base: str, shape: tuple, lo: int, hi: int) -> Value:
@@ -174,14 +187,17 @@ class DeeployWriter(GraphWriter):
     def build(self) -> onnx.ModelProto:
         not_int32 = [n for n, r in requant_layers(self.inet) if not isinstance(r, Int32Requant)]
         if not_int32:
-            raise ExportError(f"export --target deeploy: requantization '{not_int32[0]}' is not int32 (Deeploy "
-                              "computes in int32): export labkit.integer.int32_twin(inet)[0]")
+            raise ExportError(f"export --target deeploy: requantization '{not_int32[0]}' is not int32 "
+                              "(Deeploy computes in int32): export labkit.integer.int32_twin(inet)[0]")
         (out, _), out_shape = self.walk()
         if self.nodes[-1].output[0] != out:
-            raise ExportError("export --target deeploy: the output layer must be the network's last operation")
+            raise ExportError(
+                "export --target deeploy: the output layer must be the network's last operation"
+            )
         self.nodes[-1].output[0] = "output"  # the last layer writes the graph output (no Identity/Cast)
         self.shapes["output"] = self.shapes.pop(out)
-        value_info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k, v in self.shapes.items()
+        value_info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k,
+                      v in self.shapes.items()
                       if k not in ("input", "output")]
         inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(self.shapes["input"]))
         outp = helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))
@@ -230,7 +246,8 @@ def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
                 outputs[n.output[0]].type.tensor_type.elem_type = TensorProto.DOUBLE
             else:
                 gemm.output[0] = f"{n.name}_out64"
-                nodes.append(helper.make_node("Cast", [f"{n.name}_out64"], list(n.output), to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Cast", [f"{n.name}_out64"], list(n.output),
+                                              to=TensorProto.FLOAT))
             continue
         if n.op_type in ("Mul", "Add") and "_preclip_" in n.name:  # accumulator arithmetic: float64
             nodes += _in_float64(n, inits)
@@ -248,7 +265,8 @@ def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
                   helper.make_node("Add", [f"{p}_m", const(f"{p}_add64", add + _half(d))], [f"{p}_a"]),
                   helper.make_node("Div", [f"{p}_a", const(f"{p}_div64", 2.0 ** d)], [f"{p}_q"]),
                   helper.make_node("Floor", [f"{p}_q"], [f"{p}_f"]),
-                  helper.make_node("Clip", [f"{p}_f", const(f"{p}_lo", lo), const(f"{p}_hi", hi)], [f"{p}_c"]),
+                  helper.make_node("Clip", [f"{p}_f", const(f"{p}_lo", lo), const(f"{p}_hi", hi)],
+                                   [f"{p}_c"]),
                   helper.make_node("Cast", [f"{p}_c"], list(n.output), to=TensorProto.FLOAT)]
     used = {name for n in nodes for name in n.input}
     kept = [i for i in g.initializer if i.name in used] + extra

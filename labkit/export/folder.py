@@ -1,7 +1,7 @@
 """An export folder: ``network.onnx`` of one target plus golden data, and its check with onnxruntime.
 
-* ``network.onnx``: ``target`` ``onnx`` (standard operators, symbolic batch ``N``), ``qonnx`` (the same with the
-  batch fixed to the exported samples and a shape on every tensor, as qonnx's ``execute_onnx`` needs) or
+* ``network.onnx``: ``target`` ``onnx`` (standard operators, symbolic batch ``N``), ``qonnx`` (the same with
+  the batch fixed to the exported samples and a shape on every tensor, as qonnx's ``execute_onnx`` needs) or
   ``deeploy`` (RequantShift nodes of the int32 twin, as Deeploy's Generic platform reads them).
 * ``inputs.npz`` (``input``: the codes fed to the network, float32), ``outputs.npz`` (``output``: the int64
   logits of the network exported) and, with ``activations=True``, ``activations.npz``: the output of every
@@ -29,14 +29,16 @@ TARGETS = ("onnx", "qonnx", "deeploy")
 
 def to_onnx(inet: fx.GraphModule, path: str | Path | None = None, *, target: str = "onnx",
             batch: int | None = None) -> onnx.ModelProto:
-    """The ONNX model of ``inet`` for ``target`` (module docstring); ``batch``: the static batch of the qonnx and
-    deeploy targets (default 1). Written to ``path`` when given."""
+    """The ONNX model of ``inet`` for ``target`` (module docstring); ``batch``: the static batch of the qonnx
+    and deeploy targets (default 1). Written to ``path`` when given."""
     if target not in TARGETS:
         raise ExportError(f"export: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "deeploy":
         model = DeeployWriter(inet, batch or 1).build()
     else:
-        model = StandardWriter(inet, batch or 1 if target == "qonnx" else None).build(static_batch=target == "qonnx")
+        model = StandardWriter(inet, batch or 1 if target == "qonnx" else None).build(
+            static_batch=target == "qonnx"
+        )
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(model.SerializeToString())
@@ -48,9 +50,9 @@ def export(inet: fx.GraphModule, out_dir: str | Path, inputs: torch.Tensor, *, t
            activations: bool = False, batch: int | None = None) -> dict[str, Path]:
     """Write ``network.onnx``, ``inputs.npz``, ``outputs.npz`` (and ``activations.npz``) into ``out_dir``.
 
-    ``inputs``: a float batch of normalised images (quantized here by ``inet.input_quant``); the qonnx and deeploy
-    targets fix the network's batch to ``batch`` (default: all the inputs; it must divide their number: the
-    golden data then holds several runs of the network). Returns the paths.
+    ``inputs``: a float batch of normalised images (quantized here by ``inet.input_quant``); the qonnx and
+    deeploy targets fix the network's batch to ``batch`` (default: all the inputs; it must divide their
+    number: the golden data then holds several runs of the network). Returns the paths.
     """
     if batch is not None and (batch < 1 or len(inputs) % batch):
         raise ExportError(f"export: the batch ({batch}) must divide the number of inputs ({len(inputs)})")
@@ -89,7 +91,8 @@ def _compact(t: torch.Tensor) -> np.ndarray:
 
 
 def check_export(out_dir: str | Path) -> dict:
-    """Run ``network.onnx`` with onnxruntime on ``inputs.npz`` and compare with ``outputs.npz`` (must be equal).
+    """Run ``network.onnx`` with onnxruntime on ``inputs.npz`` and compare with ``outputs.npz`` (must be
+    equal).
 
     A Deeploy export runs as :func:`labkit.export.deeploy.as_standard` rewrites it (RequantShift in standard
     operators, Deeploy's semantics)."""
@@ -110,8 +113,10 @@ def check_export(out_dir: str | Path) -> dict:
         expected = f["output"]
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     step = dim.dim_value if dim.HasField("dim_value") and dim.dim_value else len(x)  # a static batch: in runs
-    got = np.concatenate([session.run(["output"], {"input": x[i:i + step]})[0] for i in range(0, len(x), step)])
-    exact = np.array_equal(got, expected) and (deeploy or got.dtype == expected.dtype)  # deeploy: float64 logits
+    got = np.concatenate([session.run(["output"], {"input": x[i:i + step]})[0] for i in range(0, len(x),
+                                                                                              step)])
+    # deeploy: float64 logits
+    exact = np.array_equal(got, expected) and (deeploy or got.dtype == expected.dtype)
     diff = int(np.abs(got.astype(np.int64) - expected).max()) if expected.size else 0
     return {"samples": int(x.shape[0]), "exact": bool(exact),
             "max_abs_diff": diff, "onnx_nodes": len(model.graph.node),

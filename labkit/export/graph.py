@@ -1,5 +1,6 @@
 """The walk over an integer network's fx graph that every ONNX export shares: one ONNX value per fx value, in
-graph order, with the shape of every tensor; the writers (standard ONNX, Deeploy) say how each layer is written."""
+graph order, with the shape of every tensor; the writers (standard ONNX, Deeploy) say how each layer is
+written."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class _Shapes(fx.Interpreter):
 class GraphWriter:
     """Emits ONNX nodes for an integer network, layer by layer; ``batch`` None: a symbolic batch ``N``.
 
-    Subclasses implement ``conv``, ``linear``, ``requant``, ``pool``, ``add`` and ``finish``; every emitted tensor
-    has its shape in ``shapes``, and integer tensors their QONNX datatype in ``dtypes``.
+    Subclasses implement ``conv``, ``linear``, ``requant``, ``pool``, ``add`` and ``finish``; every emitted
+    tensor has its shape in ``shapes``, and integer tensors their QONNX datatype in ``dtypes``.
     """
 
     def __init__(self, inet: fx.GraphModule, batch: int | None):
@@ -83,7 +84,8 @@ class GraphWriter:
             self.dtypes[name] = dtype
         return name
 
-    def node(self, op: str, inputs: list[str], base: str, shape: tuple, domain: str = "", dtype: str | None = None,
+    def node(self, op: str, inputs: list[str], base: str, shape: tuple, domain: str = "",
+             dtype: str | None = None,
              **attrs) -> str:
         out = self.name(f"{base}_{op}")
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
@@ -110,14 +112,17 @@ class GraphWriter:
             base, shape = str(node.target), self.shape_of(node)
             if node.op == "call_module":
                 env[node] = self.module(node, env, base, shape)
-            elif (node.op == "call_function" and node.target is torch.flatten and node.args[1:] in ((1,), ())) \
-                    or (node.op == "call_method" and node.target == "flatten" and node.args[1:] in ((1,), ())):
+            elif (node.op == "call_function" and node.target is torch.flatten and node.args[1:] in ((1,),
+                                                                                                    ())) \
+                    or (node.op == "call_method" and node.target == "flatten" and node.args[1:] in ((1,),
+                                                                                                    ())):
                 env[node] = self.flatten(env[node.args[0]], base, shape)
             else:
                 raise ExportError(f"export: no ONNX form for node '{node.name}' ({node.op} {node.target})")
         if not isinstance(output, fx.Node) or output.op != "call_module" or \
                 not isinstance(self.mods[output.target], (IntConv2d, IntLinear)):
-            raise ExportError("export: the network must end with a conv/linear layer (its int logits are the output)")
+            raise ExportError("export: the network must end with a conv/linear layer (its int logits are the "
+                              "output)")
         return env[output], self.shape_of(output)
 
     def module(self, node: fx.Node, env: dict, base: str, shape: tuple) -> Value:
@@ -149,16 +154,19 @@ class GraphWriter:
         raise ExportError(f"export: no ONNX form for module '{node.target}' ({type(m).__name__})")
 
     def flatten(self, value: Value, base: str, shape: tuple) -> Value:
-        return self.node("Flatten", [value[0]], base, shape, dtype=self.dtypes.get(value[0]), axis=1), value[1]
+        return self.node("Flatten", [value[0]], base, shape, dtype=self.dtypes.get(value[0]),
+                         axis=1), value[1]
 
     def model(self, nodes, inputs, outputs, opsets, meta: dict, value_info=()) -> onnx.ModelProto:
-        graph = helper.make_graph(nodes, "integer_network", inputs, outputs, self.inits, value_info=list(value_info))
+        graph = helper.make_graph(nodes, "integer_network", inputs, outputs, self.inits,
+                                  value_info=list(value_info))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets],
                                   producer_name="labkit")
         model.ir_version = min(model.ir_version, 10)
         scale = self.inet.output_scale.reshape(-1).tolist()
         q = self.mods["input_quant"]
-        helper.set_model_props(model, {"eps_in": repr(float(self.inet.eps_in)), "output_scale": json.dumps(scale),
+        helper.set_model_props(model, {"eps_in": repr(float(self.inet.eps_in)),
+                                       "output_scale": json.dumps(scale),
                                        "input_codes": json.dumps([q.lo, q.hi]), **meta})
         return model
 

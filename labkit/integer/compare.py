@@ -18,13 +18,14 @@ class Comparison:
 
     ``layers``: one row per requantization (graph order) and one for the output logits, with ``identical``
     (share of identical codes, %), ``mismatches`` and ``max_diff`` (largest code difference) measured **layer
-    by layer** (the integer layer gets the fake-quant network's input codes, so a row measures that layer's own
-    arithmetic), and ``e2e_identical`` / ``e2e_max_diff`` measured **end to end** (the integer network runs on
-    its own codes; an early off-by-one spreads through later layers). ``predictions``: share (%) of samples whose
-    argmax agree end to end. ``top1_fake`` / ``top1_int``: accuracies (%) of the reference and of the integer
-    network when labels were given; ``reference``: what the integer network was compared with.
-    The last row compares the logits in units of their LSB (``eps_w * eps_in``): the fake-quant logits are float32
-    sums, so a 1-LSB difference there is float32 rounding, not a code error; it does not count as a code layer.
+    by layer** (the integer layer gets the fake-quant network's input codes, so a row measures that layer's
+    own arithmetic), and ``e2e_identical`` / ``e2e_max_diff`` measured **end to end** (the integer network
+    runs on its own codes; an early off-by-one spreads through later layers). ``predictions``: share (%) of
+    samples whose argmax agree end to end. ``top1_fake`` / ``top1_int``: accuracies (%) of the reference and
+    of the integer network when labels were given; ``reference``: what the integer network was compared with.
+    The last row compares the logits in units of their LSB (``eps_w * eps_in``): the fake-quant logits are
+    float32 sums, so a 1-LSB difference there is float32 rounding, not a code error; it does not count as a
+    code layer.
     """
 
     layers: list[dict]
@@ -34,7 +35,8 @@ class Comparison:
     top1_int: float | None = None
     reference: str = "fake-quant"
 
-    COLUMNS = ("layer", "kind", "elements", "identical", "mismatches", "max_diff", "e2e_identical", "e2e_max_diff")
+    COLUMNS = ("layer", "kind", "elements", "identical", "mismatches", "max_diff", "e2e_identical",
+               "e2e_max_diff")
 
     @property
     def code_layers(self) -> list[dict]:
@@ -54,8 +56,8 @@ class Comparison:
         return min(r["e2e_identical"] for r in self.code_layers)
 
     def ok(self, identical: float = 99.99) -> bool:
-        """Every code layer at least ``identical`` % identical codes (layer by layer), every prediction identical
-        (end to end), equal top-1."""
+        """Every code layer at least ``identical`` % identical codes (layer by layer), every prediction
+        identical (end to end), equal top-1."""
         return self.min_identical >= identical and self.predictions == 100.0 and \
             (self.top1_int is None or self.top1_int == self.top1_fake)
 
@@ -119,8 +121,8 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
     int64 twin, to measure an int32 one). ``batch``: an input tensor, an ``(inputs, labels)`` pair, or an
     iterable of either (a DataLoader). Both networks see the same quantized input (a fake-quant ``qnet`` gets
     ``eps_in * codes``). For every requantization the fake-quant output is turned into codes
-    (``round(y / eps)``; an integer reference gives codes) and compared with the integer codes, twice: layer by
-    layer (each requantization of ``inet`` fed with the reference's input codes) and end to end (see
+    (``round(y / eps)``; an integer reference gives codes) and compared with the integer codes, twice: layer
+    by layer (each requantization of ``inet`` fed with the reference's input codes) and end to end (see
     :class:`Comparison`). The output row compares the logits in units of the integer output's LSB.
     Predictions (argmax) are compared end to end on every sample.
     """
@@ -128,8 +130,8 @@ def compare(qnet: nn.Module, inet: fx.GraphModule, batch) -> Comparison:
     layers = requant_layers(inet)
     missing = [n for n, _ in layers if n not in qmods]
     if missing:
-        raise IntegerizeError(f"compare: the fake-quant network has no module '{missing[0]}': was inet made from it "
-                              "by integerize()?")
+        raise IntegerizeError(f"compare: the fake-quant network has no module '{missing[0]}': was inet made "
+                              "from it by integerize()?")
     integer_ref = _is_integer(qnet)
     codes = _LayerCodes(qmods, layers, integer_ref)
     out_local, out_e2e = _Tally(), _Tally()
@@ -186,7 +188,8 @@ class _LayerCodes:
         self.forcing = True
         self.handles = []
         for name, req in layers:
-            self.handles.append(qmods[name].register_forward_hook(self._ref_hook(name, req.eps_out, integer_ref)))
+            self.handles.append(qmods[name].register_forward_hook(self._ref_hook(name, req.eps_out,
+                                                                                 integer_ref)))
             self.handles.append(req.register_forward_hook(self._int_hook(name)))
 
     def _ref_hook(self, name: str, eps, integer_ref: bool):

@@ -1,4 +1,5 @@
-"""The input grid: the normalised image on a signed integer grid, the only float step of an integer network."""
+"""The input grid: the normalised image on a signed integer grid, the only float step of an integer
+network."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from labkit.train.data import input_normalisation, input_size
 def input_range(cfg_or_data: dict | str) -> tuple[float, float]:
     """(lo, hi) of the normalised inputs: images in [0, 1] normalised by the dataset's mean and std.
 
-    ``cfg_or_data``: a resolved config, its ``data`` section, or the dataset name (``embedded``, ``imagenet``).
+    ``cfg_or_data``: a resolved config, its ``data`` section, or the dataset name (``embedded``,
+    ``imagenet``).
     """
     data = cfg_or_data if isinstance(cfg_or_data, str) else cfg_or_data.get("data", cfg_or_data)
     means, stds = input_normalisation(data)

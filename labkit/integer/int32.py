@@ -1,5 +1,5 @@
-"""The int32 twin: every requantization of an integer network in int32 (:mod:`labkit.integer.int32_layer` says how
-one is computed and chosen), from input intervals that are **proven** by default and the per-layer plan.
+"""The int32 twin: every requantization of an integer network in int32 (:mod:`labkit.integer.int32_layer` says
+how one is computed and chosen), from input intervals that are **proven** by default and the per-layer plan.
 
 The interval of each requantization's input is propagated through the integer graph from the input grid
 (conv/linear per output channel ``sum_k min(w_k lo, w_k hi) .. sum_k max(w_k lo, w_k hi)`` + bias over the
@@ -40,24 +40,27 @@ from labkit.integer.modules import (
     requant_layers,
 )
 
-__all__ = ["INT32_MAX", "Int32Requant", "Int32Plan", "PreClip", "int32_requant", "int32_twin", "input_intervals",
+__all__ = ["INT32_MAX", "Int32Requant", "Int32Plan", "PreClip", "int32_requant", "int32_twin",
+           "input_intervals",
            "calibrated_intervals"]
 
 
 @dataclass
 class Int32Plan:
-    """Per requantization (graph order): its input interval (``acc_lo..acc_hi``), the int64 twin's shift ``d``,
-    the int32 shifts ``d32..d32_max`` in ``groups`` shift groups, the pre-clip sides, the Deeploy ``nodes``, the
-    smallest multiplier in bits, the proven ``error`` (codes: how far the int32 value before the floor can be
-    from the exact one inside the window where the output is not clipped), ``flat_pct`` (the share of the
-    constant images' centre codes that are the exact ones), the int32 ``bound`` (largest partial sum), the
-    headroom ``2^31 - 1 - bound`` (also in bits) and, after :meth:`add_agreement`, ``identical_pct``."""
+    """Per requantization (graph order): its input interval (``acc_lo..acc_hi``), the int64 twin's shift
+    ``d``, the int32 shifts ``d32..d32_max`` in ``groups`` shift groups, the pre-clip sides, the Deeploy
+    ``nodes``, the smallest multiplier in bits, the proven ``error`` (codes: how far the int32 value before
+    the floor can be from the exact one inside the window where the output is not clipped), ``flat_pct`` (the
+    share of the constant images' centre codes that are the exact ones), the int32 ``bound`` (largest partial
+    sum), the headroom ``2^31 - 1 - bound`` (also in bits) and, after :meth:`add_agreement`,
+    ``identical_pct``."""
 
     layers: list[dict]
     margin: float | None  # None: proven bounds
     agreement: str = ""  # what identical_pct was measured on
 
-    COLUMNS = ("layer", "bounds", "acc_lo", "acc_hi", "d", "d32", "d32_max", "groups", "preclip", "nodes", "mul_bits",
+    COLUMNS = ("layer", "bounds", "acc_lo", "acc_hi", "d", "d32", "d32_max", "groups", "preclip", "nodes",
+               "mul_bits",
                "error", "flat_pct", "bound", "headroom", "headroom_bits")
 
     @property
@@ -65,13 +68,15 @@ class Int32Plan:
         return min(self.layers, key=lambda r: r["headroom"])
 
     def add_agreement(self, result: Comparison, what: str) -> None:
-        """``identical_pct`` per layer: the int32 twin's codes identical to the exact twin's, layer by layer (each
-        int32 layer fed the exact twin's input), from ``compare(inet, inet32, images)``; ``what``: the images."""
+        """``identical_pct`` per layer: the int32 twin's codes identical to the exact twin's, layer by layer
+        (each int32 layer fed the exact twin's input), from ``compare(inet, inet32, images)``; ``what``: the
+        images."""
         by_layer = {r["layer"]: r["identical"] for r in result.code_layers}
         missing = [r["layer"] for r in self.layers if r["layer"] not in by_layer]
         if missing or result.reference != "integer reference":
-            raise IntegerizeError("int32 plan: the comparison must be compare(inet, inet32, ...) of this plan's "
-                                  f"networks (no row for '{missing[0] if missing else result.reference}')")
+            raise IntegerizeError("int32 plan: the comparison must be compare(inet, inet32, ...) of this "
+                                  "plan's networks (no row for "
+                                  f"'{missing[0] if missing else result.reference}')")
         for r in self.layers:
             r["identical_pct"] = by_layer[r["layer"]]
         self.agreement = f"{what}: worst layer '{result.worst['layer']}' {result.worst['identical']:.4f}% " \
@@ -80,19 +85,23 @@ class Int32Plan:
     def summary(self) -> str:
         how = "proven on the input grid" if self.margin is None else f"calibrated, margin x{self.margin:g}"
         d32 = [r["d32"] for r in self.layers]
-        extra = [f"{sum(r['groups'] > 1 for r in self.layers)} with shift groups"] * any(r["groups"] > 1 for r in
-                                                                                          self.layers)
+        extra = [f"{sum(r['groups'] > 1 for r in self.layers)} with shift groups"] * any(
+            r["groups"] > 1 for r in self.layers
+        )
         extra += [f"{sum(bool(r['preclip']) for r in self.layers)} pre-clipped"] * any(r["preclip"] for r in
                                                                                         self.layers)
         worst = max(self.layers, key=lambda r: r["error"])
-        return (f"{len(self.layers)} int32 requantizations ({how}{''.join(', ' + e for e in extra)}): d32 "
-                f"{min(d32)}..{max(d32)}, {sum(r['nodes'] for r in self.layers)} Deeploy nodes, largest proven error "
-                f"{worst['error']:.2g} codes in '{worst['layer']}', least headroom {self.worst['headroom_bits']:.3f} "
-                f"bits in '{self.worst['layer']}'" + (f"; int32 vs exact twin on {self.agreement}" if self.agreement
-                                                      else ""))
+        return (
+            f"{len(self.layers)} int32 requantizations ({how}{''.join(', ' + e for e in extra)}): d32 "
+            f"{min(d32)}..{max(d32)}, {sum(r['nodes'] for r in self.layers)} Deeploy nodes, largest "
+            f"proven error {worst['error']:.2g} codes in '{worst['layer']}', least headroom "
+            f"{self.worst['headroom_bits']:.3f} bits in '{self.worst['layer']}'"
+            + (f"; int32 vs exact twin on {self.agreement}" if self.agreement else "")
+        )
 
     def table(self) -> Table:
-        return Table(self.layers, self.COLUMNS + ("identical_pct",) * bool(self.agreement), title=self.summary())
+        return Table(self.layers, self.COLUMNS + ("identical_pct",) * bool(self.agreement),
+                     title=self.summary())
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
@@ -128,8 +137,8 @@ def _linear_interval(m: IntConv2d | IntLinear, lo: int, hi: int) -> tuple[torch.
 
 
 def input_intervals(inet: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Requantization name -> ``(lo, hi)`` (int64, per channel or scalar): every value its input can take for any
-    input on the network's input grid (module docstring)."""
+    """Requantization name -> ``(lo, hi)`` (int64, per channel or scalar): every value its input can take for
+    any input on the network's input grid (module docstring)."""
     mods = dict(inet.named_modules())
     pool_shapes = _input_shapes(inet)
     env: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -168,12 +177,14 @@ def input_intervals(inet: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def calibrated_intervals(inet: fx.GraphModule, batches, margin: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def calibrated_intervals(inet: fx.GraphModule, batches, margin: float) -> dict[str,
+                                                                               tuple[torch.Tensor,
+                                                                                     torch.Tensor]]:
     """Requantization name -> ``(-M, M)`` per channel, ``M = margin * max |x|`` over the calibration inputs
     (``batches``: image tensors or ``(images, labels)`` pairs), capped by :func:`input_intervals`."""
     if not margin >= 1.0:
-        raise IntegerizeError(f"int32: the calibration margin must be >= 1 (a factor on the largest value seen), "
-                              f"got {margin}")
+        raise IntegerizeError("int32: the calibration margin must be >= 1 (a factor on the largest value "
+                              f"seen), got {margin}")
     peak: dict[str, torch.Tensor] = {}
     hooks = []
     for name, r in requant_layers(inet):
@@ -199,9 +210,9 @@ def calibrated_intervals(inet: fx.GraphModule, batches, margin: float) -> dict[s
 
 @torch.no_grad()
 def constant_image_points(inet: fx.GraphModule) -> dict[str, Points]:
-    """Requantization name -> ``(channel, input value, exact output code)`` of the exact twin on every constant
-    input image (every input code), at the centre of the image: the values of flat image regions (a digit's
-    background), where one rounding difference repeats over many codes."""
+    """Requantization name -> ``(channel, input value, exact output code)`` of the exact twin on every
+    constant input image (every input code), at the centre of the image: the values of flat image regions (a
+    digit's background), where one rounding difference repeats over many codes."""
     q = inet.input_quant
     codes = torch.arange(q.lo, q.hi + 1, dtype=torch.float64).view(-1, *[1] * len(q.out_shape))
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -209,7 +220,8 @@ def constant_image_points(inet: fx.GraphModule) -> dict[str, Points]:
     def centre(t: torch.Tensor) -> torch.Tensor:  # samples x channels
         return t[(slice(None), slice(None), *[n // 2 for n in t.shape[2:]])]
 
-    hooks = [r.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name, (centre(a[0]), centre(y))))
+    hooks = [r.register_forward_hook(lambda _m, a, y, name=name: seen.__setitem__(name,
+                                                                                  (centre(a[0]), centre(y))))
              for name, r in requant_layers(inet)]
     try:
         inet((codes * q.eps).expand(-1, *q.out_shape))  # the input quantizer gives back the codes
@@ -254,5 +266,3 @@ def int32_twin(inet: fx.GraphModule, calibration=None, margin: float = 2.0, max_
         rows.append(row)
     twin.eps_in, twin.output_scale = inet.eps_in, inet.output_scale
     return twin, Int32Plan(rows, None if proven else float(margin))
-
-

@@ -324,7 +324,8 @@ def _choice(ch: _Channels, name: str, sides: str, top, bot, max_groups: int, pre
 def _max_error(ch: _Channels, mul32, add32, shifts, clipped: _Channels, top, bot) -> float:
     """The proven error (module docstring) over every channel's window."""
     columns = zip(ch.mul, ch.add, mul32, add32, shifts, clipped.lo, clipped.hi, top, bot)
-    return max(_error(m, a, m32, a32, ch.d, s, max(x, b), min(y, t)) for m, a, m32, a32, s, x, y, t, b in columns)
+    return max(_error(m, a, m32, a32, ch.d, s, max(x, b), min(y, t)) for m, a, m32, a32, s, x, y, t,
+               b in columns)
 
 
 #: ``(channel, input value, exact output code)`` per point, int64 tensors (:func:`_match`)

@@ -1,7 +1,8 @@
 """Integerization: a harmonized fake-quantized network -> a network that computes on integers only.
 
-:func:`integerize` walks the torch.fx graph of a trained, harmonized network (:func:`labkit.quant.recipe.pact_recipe`)
-and emits an integer twin with the same module names (quantization facts §4):
+:func:`integerize` walks the torch.fx graph of a trained, harmonized network
+(:func:`labkit.quant.recipe.pact_recipe`) and emits an integer twin with the same module names (quantization
+facts §4):
 
 * **input**: ``c = clip(floor(x / eps_in + 1/2), -N/2, N/2 - 1)`` on a signed grid that covers the normalised
   input range (:func:`input_eps`); the only float operation, at the entry.
@@ -16,12 +17,13 @@ and emits an integer twin with the same module names (quantization facts §4):
   requantized to the output quantizer.
 * **head**: the global average pool is an integer *sum* of codes; the pool quantizer's requantization divides
   by the window size (``mul = round(2^d eps / (H W eps_out))``): no float between pool and classifier.
-* **shifts**: a requantization whose ``mul`` is a power of two (TQT ``pow2`` scales: adders, pool) is emitted as
-  a pure shift ``(x << a) + c >> s`` with no multiplier.
+* **shifts**: a requantization whose ``mul`` is a power of two (TQT ``pow2`` scales: adders, pool) is emitted
+  as a pure shift ``(x << a) + c >> s`` with no multiplier.
 
-``d`` is chosen per requantization (``d=None``): the largest value (at most ``d_max``) that keeps the worst-case
-``|acc * mul| + |add|`` below 2^53, so the arithmetic is exact in int64 and in float64 (the ONNX export).
-Small ``d`` (the reference uses 24) rounds ``mul`` coarsely and costs identical codes: :func:`compare` shows it.
+``d`` is chosen per requantization (``d=None``): the largest value (at most ``d_max``) that keeps the
+worst-case ``|acc * mul| + |add|`` below 2^53, so the arithmetic is exact in int64 and in float64 (the ONNX
+export). Small ``d`` (the reference uses 24) rounds ``mul`` coarsely and costs identical codes:
+:func:`compare` shows it.
 
 Every tensor between the input quantizer and the output is int64; :func:`labkit.integer.compare.compare`
 checks the result against the fake-quant network element by element.
@@ -89,7 +91,8 @@ class _Val:
     bits: int = 32
 
 
-def integerize(qnet: nn.Module, eps_in: float, input_shape: tuple, *, input_bits: int = 8, d: int | None = None,
+def integerize(qnet: nn.Module, eps_in: float, input_shape: tuple, *, input_bits: int = 8,
+               d: int | None = None,
                d_max: int = D_MAX) -> fx.GraphModule:
     """The integer twin of the harmonized fake-quant network ``qnet`` (module docstring).
 
@@ -126,15 +129,17 @@ class _Builder:
         try:
             graph = QuantTracer().trace(self.qnet)
         except Exception as err:  # noqa: BLE001
-            raise IntegerizeError(f"integerize: torch.fx cannot trace {type(self.qnet).__name__} ({err}); build the "
-                                  "network with labkit.quant.recipe.pact_recipe (it harmonizes and traces)") from err
+            raise IntegerizeError(f"integerize: torch.fx cannot trace {type(self.qnet).__name__} ({err}); "
+                                  "build the network with labkit.quant.recipe.pact_recipe (it harmonizes and "
+                                  "traces)") from err
         return fx.GraphModule(self.qnet, graph), harmonized
 
     def _hint(self) -> str:
         if self.harmonized:
             return ""
-        return (" This network was not harmonized: run labkit.quant.harmonize.harmonize(net) after the recipe "
-                "(or pact_recipe with network.quantize.harmonize enabled) and train/fine-tune it that way.")
+        return (" This network was not harmonized: run labkit.quant.harmonize.harmonize(net) after the "
+                "recipe (or pact_recipe with network.quantize.harmonize enabled) and train/fine-tune it that "
+                "way.")
 
     def _describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -167,9 +172,9 @@ class _Builder:
         for name, m in self.qmods.items():
             if isinstance(m, QuantizerBase) and not m.started:
                 raise IntegerizeError(
-                    f"integerize: quantizer '{name}' ({type(m).__name__}) has not started, it still runs in float: "
-                    "integerize a network after quantization-aware training (load its checkpoint), or call "
-                    "start() on its quantizers (the training controllers do it by their schedule)")
+                    f"integerize: quantizer '{name}' ({type(m).__name__}) has not started, it still runs in "
+                    "float: integerize a network after quantization-aware training (load its checkpoint), or "
+                    "call start() on its quantizers (the training controllers do it by their schedule)")
 
     def _shapes(self, gm: fx.GraphModule) -> None:
         param = next(gm.parameters(), None)
@@ -192,8 +197,8 @@ class _Builder:
 
     def _arg(self, node: fx.Node, arg: Any, what: str = "input") -> _Val:
         if not isinstance(arg, fx.Node) or arg not in self.env or not isinstance(self.env[arg], _Val):
-            raise IntegerizeError(f"integerize: {self._describe(node)}: its {what} {arg!r} is not a tensor of the "
-                                  "network; only tensor-to-tensor layers can be integerized")
+            raise IntegerizeError(f"integerize: {self._describe(node)}: its {what} {arg!r} is not a tensor "
+                                  "of the network; only tensor-to-tensor layers can be integerized")
         return self.env[arg]
 
     def _visit(self, node: fx.Node):
@@ -209,22 +214,24 @@ class _Builder:
         if node.op == "output":
             return self._output(node)
         if node.op == "get_attr":
-            raise IntegerizeError(f"integerize: {self._describe(node)} reads a float tensor attribute inside the "
-                                  "graph; fold it into a layer")
+            raise IntegerizeError(f"integerize: {self._describe(node)} reads a float tensor attribute inside "
+                                  "the graph; fold it into a layer")
         if node.op == "call_module":
             return self._module(node, self.qmods[node.target])
         if node.op == "call_function" and node.target in ADD_FUNCTIONS:
             raise IntegerizeError(
-                f"integerize: {self._describe(node)} in '{node.meta.get('labkit_scope') or 'the root'}' adds two "
-                "tensors in float: harmonize the network so the add becomes a PACTIntegerAdd (inputs on one "
-                "common eps)." + (self._hint() or " Was a quantizer removed after harmonization?"))
+                f"integerize: {self._describe(node)} in '{node.meta.get('labkit_scope') or 'the root'}' adds "
+                "two tensors in float: harmonize the network so the add becomes a PACTIntegerAdd (inputs on "
+                "one common eps)." + (self._hint() or " Was a quantizer removed after harmonization?"))
         if (node.op == "call_function" and node.target in SHAPE_FUNCTIONS) or \
                 (node.op == "call_method" and node.target in PASS_METHODS):
             v = self._arg(node, node.args[0])
             rest = tuple(a for a in node.args[1:])
-            if any(isinstance(a, fx.Node) for a in rest) or any(isinstance(a, fx.Node) for a in node.kwargs.values()):
-                raise IntegerizeError(f"integerize: {self._describe(node)} takes tensor arguments; only constant "
-                                      "shape arguments are supported")
+            if any(isinstance(a, fx.Node) for a in rest) or any(
+                isinstance(a, fx.Node) for a in node.kwargs.values()
+            ):
+                raise IntegerizeError(f"integerize: {self._describe(node)} takes tensor arguments; only "
+                                      "constant shape arguments are supported")
             fn = self.graph.call_function if node.op == "call_function" else self.graph.call_method
             return _replace(v, fn(node.target, args=(v.node, *rest), kwargs=dict(node.kwargs)))
         raise self._float_op(node)
@@ -254,9 +261,9 @@ class _Builder:
 
     def _float_op(self, node: fx.Node) -> IntegerizeError:
         return IntegerizeError(
-            f"integerize: {self._describe(node)} is a float operation on the path between quantized layers; it has "
-            "no integer form here. Replace it by a quantizer (e.g. list a ReLU/ReLU6 under PACTUnsignedAct in "
-            "network.quantize) or remove it, then fine-tune." + self._hint())
+            f"integerize: {self._describe(node)} is a float operation on the path between quantized layers; "
+            "it has no integer form here. Replace it by a quantizer (e.g. list a ReLU/ReLU6 under "
+            "PACTUnsignedAct in network.quantize) or remove it, then fine-tune." + self._hint())
 
     def _codes(self, node: fx.Node, eps: float, lo: int, hi: int, origin: str) -> _Val:
         one = torch.tensor(1.0, dtype=torch.float64)
@@ -299,8 +306,8 @@ class _Builder:
         bias = self._bias_codes(m, scale)
         if isinstance(m, PACTConv2d):
             if m.padding_mode != "zeros":
-                raise IntegerizeError(f"integerize: {self._describe(node)} pads with {m.padding_mode!r}; only zero "
-                                      "padding keeps the integer codes exact")
+                raise IntegerizeError(f"integerize: {self._describe(node)} pads with {m.padding_mode!r}; "
+                                      "only zero padding keeps the integer codes exact")
             padding = m.padding if not isinstance(m.padding, str) else _same_padding(m, node)
             layer = IntConv2d(codes, bias, m.stride, padding, m.dilation, m.groups, m.bits, x.bits)
         else:
@@ -319,9 +326,14 @@ class _Builder:
             raise IntegerizeError(f"integerize: {self._describe(node)} has no running statistics "
                                   "(track_running_stats=False), so it cannot be folded")
         if v.kind != "acc":
-            raise IntegerizeError(f"integerize: {self._describe(node)} normalises {v.origin}, a quantized tensor; "
-                                  "only a batch norm right after a conv/linear is folded into a requantization")
-        gamma = (m.weight.detach().double().cpu() if m.weight is not None else torch.ones_like(m.running_var.double().cpu()))
+            raise IntegerizeError(f"integerize: {self._describe(node)} normalises {v.origin}, a quantized "
+                                  "tensor; only a batch norm right after a conv/linear is folded into a "
+                                  "requantization")
+        gamma = (
+            m.weight.detach().double().cpu()
+            if m.weight is not None
+            else torch.ones_like(m.running_var.double().cpu())
+        )
         beta = (m.bias.detach().double().cpu() if m.bias is not None else torch.zeros_like(gamma))
         g = gamma / torch.sqrt(m.running_var.detach().double().cpu() + m.eps)
         b = beta - m.running_mean.detach().double().cpu() * g
@@ -330,17 +342,21 @@ class _Builder:
 
     def _requant(self, v: _Val, q: QuantizerBase, where: str) -> Requant:
         if q.signed and not (q.symm or q.tqt):
-            raise IntegerizeError(f"integerize: quantizer '{where}' has an asymmetric grid (lo and hi learned "
-                                  "separately), whose zero is not a code: set symm true for it and fine-tune")
+            raise IntegerizeError(f"integerize: quantizer '{where}' has an asymmetric grid (lo and hi "
+                                  "learned separately), whose zero is not a code: set symm true for it and "
+                                  "fine-tune")
         if q.signed and getattr(q, "act_kind", "identity") != "identity":
-            raise IntegerizeError(f"integerize: signed quantizer '{where}' applies act_kind={q.act_kind!r} in "
-                                  "float before quantizing; use act_kind 'identity' (or an unsigned quantizer)")
+            raise IntegerizeError(f"integerize: signed quantizer '{where}' applies act_kind={q.act_kind!r} "
+                                  "in float before quantizing; use act_kind 'identity' (or an unsigned "
+                                  "quantizer)")
         eps_out = float(q.get_eps().double().reshape(-1)[0])
         if q.get_eps().numel() != 1:
-            raise IntegerizeError(f"integerize: quantizer '{where}' has one step per channel; activations need one")
+            raise IntegerizeError(f"integerize: quantizer '{where}' has one step per channel; activations "
+                                  "need one")
         lo, hi, _ = tqt_code_range(q.n_levels, q.signed)
         half = 0.5 if q.rounding else 0.0
-        mul, add, d = requant_params(v.scale / eps_out, v.shift / eps_out + half, v.bound, self.d, self.d_max, where)
+        mul, add, d = requant_params(v.scale / eps_out, v.shift / eps_out + half, v.bound, self.d, self.d_max,
+                                     where)
         return Requant(mul, add, d, lo, hi, eps_out, q.signed, q.n_levels)
 
     def _act(self, node, m) -> _Val:
@@ -351,16 +367,19 @@ class _Builder:
 
     def _integer_add(self, node, m: PACTIntegerAdd) -> _Val:
         if node.kwargs or len(node.args) != m.num_args:
-            raise IntegerizeError(f"integerize: {self._describe(node)} must get its {m.num_args} inputs positionally")
+            raise IntegerizeError(f"integerize: {self._describe(node)} must get its {m.num_args} inputs "
+                                  "positionally")
         ins = [self._arg(node, a) for a in node.args]
         eps = [float(a.get_eps().reshape(-1)[0]) for a in m.acts]
         if max(eps) - min(eps) > 1e-5 * max(eps):
-            raise IntegerizeError(f"integerize: the inputs of adder '{node.target}' have different steps {eps}: "
-                                  "call sync_eps() on it (the activation controller does it before every batch)")
+            raise IntegerizeError(f"integerize: the inputs of adder '{node.target}' have different steps "
+                                  f"{eps}: call sync_eps() on it (the activation controller does it before "
+                                  "every batch)")
         acts = [self._requant(v, a, f"{node.target}.acts.{i}") for i, (v, a) in enumerate(zip(ins, m.acts))]
         one = torch.tensor(1.0, dtype=torch.float64)
         total = _Val(ins[0].node, "acc", one * acts[0].eps_out, one * 0.0,
-                     one * sum(max(abs(a.lo), abs(a.hi)) for a in acts), f"the integer sum of '{node.target}'")
+                     one * sum(max(abs(a.lo), abs(a.hi)) for a in acts),
+                     f"the integer sum of '{node.target}'")
         act_out = self._requant(total, m.act_out, f"{node.target}.act_out")
         shape = self.shape.get(node)
         for r in acts + [act_out]:
@@ -371,19 +390,21 @@ class _Builder:
     def _pool(self, node, m) -> _Val:
         v = self._arg(node, node.args[0])
         if v.kind != "codes":
-            raise IntegerizeError(f"integerize: {self._describe(node)} averages {v.origin}, which is not quantized")
+            raise IntegerizeError(f"integerize: {self._describe(node)} averages {v.origin}, which is not "
+                                  "quantized")
         shape_in = self.shape.get(node.args[0])
         if isinstance(m, nn.AdaptiveAvgPool2d):
             size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
             if tuple(s if s is not None else -1 for s in size) != (1, 1):
-                raise IntegerizeError(f"integerize: {self._describe(node)}: only global adaptive pooling (output 1) "
-                                      "is supported")
+                raise IntegerizeError(f"integerize: {self._describe(node)}: only global adaptive pooling "
+                                      "(output 1) is supported")
             window = shape_in[2] * shape_in[3]
             pool = IntSumPool()
         else:
             k = _pair(m.kernel_size)
             if _pair(m.padding) != (0, 0) or m.ceil_mode:
-                raise IntegerizeError(f"integerize: {self._describe(node)}: only unpadded average pools are supported")
+                raise IntegerizeError(f"integerize: {self._describe(node)}: only unpadded average pools are "
+                                      "supported")
             window = k[0] * k[1]
             pool = IntSumPool(k, _pair(m.stride or m.kernel_size))
         out = self._add_module(node.target, pool, (v.node,), self.shape.get(node))
@@ -396,8 +417,8 @@ class _Builder:
             raise IntegerizeError("integerize: the network must return one tensor")
         v = self._arg(node, arg, "output")
         if bool((v.shift != 0).any()):
-            raise IntegerizeError(f"integerize: the network output is {v.origin}, a float affine map of integers; "
-                                  "end the network with a conv/linear or a quantizer")
+            raise IntegerizeError(f"integerize: the network output is {v.origin}, a float affine map of "
+                                  "integers; end the network with a conv/linear or a quantizer")
         self.output_scale = v.scale.float()
         self.graph.output(v.node)
         return None
@@ -406,8 +427,8 @@ class _Builder:
 def _check_bound(layer: _IntLinearBase, bound: torch.Tensor, name: str) -> None:
     worst = float(bound.max())
     if worst >= 2.0 ** EXACT_BITS:
-        raise IntegerizeError(f"integerize: the accumulator of '{name}' can reach 2^{math.log2(worst):.1f}, beyond "
-                              "exact float64 integers; use fewer bits for its weights or inputs")
+        raise IntegerizeError(f"integerize: the accumulator of '{name}' can reach 2^{math.log2(worst):.1f}, "
+                              "beyond exact float64 integers; use fewer bits for its weights or inputs")
     layer.exact_float32 = worst < 2.0 ** 24
     layer.acc_bound = int(worst)
 
@@ -432,5 +453,6 @@ def _same_padding(m: nn.Conv2d, node) -> tuple:
     k, dil = _pair(m.kernel_size), _pair(m.dilation)
     pads = [dd * (kk - 1) // 2 for kk, dd in zip(k, dil)]
     if any((dd * (kk - 1)) % 2 for kk, dd in zip(k, dil)):
-        raise IntegerizeError(f"integerize: conv '{node.target}' uses asymmetric 'same' padding; use explicit padding")
+        raise IntegerizeError(f"integerize: conv '{node.target}' uses asymmetric 'same' padding; use "
+                              "explicit padding")
     return tuple(pads)

@@ -77,8 +77,9 @@ class IntConv2d(_IntLinearBase):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups).to(torch.int64)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
-                f"stride={self.stride}, groups={self.groups}, w_bits={self.w_bits}")
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+                f"kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, groups={self.groups}, "
+                f"w_bits={self.w_bits}")
 
 
 class IntLinear(_IntLinearBase):
@@ -100,9 +101,9 @@ class Requant(nn.Module):
 
     When ``mul`` is one power of two ``2^k`` the requantization is a pure shift and runs as
     ``((x << a) + c) >> s`` (``shift`` holds ``(a, c, s)``), with exactly the same result.
-    ``eps_out`` is the step of the output grid (the fake-quant quantizer it replaces). ``rounding_d``: the shift
-    at which ``mul`` and ``add`` were rounded (before the reduction), so ``floor`` sees the real value + 1/2
-    within ``(|x| + 1) / 2^(rounding_d + 1)``.
+    ``eps_out`` is the step of the output grid (the fake-quant quantizer it replaces). ``rounding_d``: the
+    shift at which ``mul`` and ``add`` were rounded (before the reduction), so ``floor`` sees the real value +
+    1/2 within ``(|x| + 1) / 2^(rounding_d + 1)``.
     """
 
     def __init__(self, mul: torch.Tensor, add: torch.Tensor, d: int, lo: int, hi: int, eps_out: float,
@@ -141,7 +142,9 @@ class Requant(nn.Module):
         return y.clamp_(self.lo, self.hi)
 
     def extra_repr(self) -> str:
-        form = "shift" if self.shift is not None else f"mul {'per channel' if self.mul.dim() else int(self.mul)}"
+        form = (
+            "shift" if self.shift is not None else f"mul {'per channel' if self.mul.dim() else int(self.mul)}"
+        )
         return f"{form}, d={self.d}, codes {self.lo}..{self.hi}, eps_out={self.eps_out:.6g}"
 
 
@@ -182,7 +185,8 @@ def _reduce_pow2(mul: torch.Tensor, add: torch.Tensor, d: int) -> tuple[torch.Te
 
 
 def _as_shift(mul: torch.Tensor, add: torch.Tensor, d: int):
-    """``(a, c, s)`` with ``floor((x mul + add) / 2^d) == ((x << a) + c) >> s`` when ``mul`` is one power of two."""
+    """``(a, c, s)`` with ``floor((x mul + add) / 2^d) == ((x << a) + c) >> s`` when ``mul`` is one power of
+    two."""
     values = mul.reshape(-1).unique()
     if values.numel() != 1 or int(values) <= 0 or int(values) & (int(values) - 1):
         return None
@@ -197,7 +201,8 @@ def _as_shift(mul: torch.Tensor, add: torch.Tensor, d: int):
 
 
 def integer_layers(inet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the integer network's layers in graph order (input, convs, requants, adds, pool)."""
+    """``(name, module)`` of the integer network's layers in graph order (input, convs, requants, adds,
+    pool)."""
     kinds = (QuantizeInput, IntConv2d, IntLinear, Requant, IntSumPool)
     return [(n, m) for n, m in inet.named_modules() if isinstance(m, kinds)]
 

@@ -1,4 +1,5 @@
-"""Requantization parameters: a real-valued affine map of integer codes as integer ``mul``, ``add`` and shift ``d``.
+"""Requantization parameters: a real-valued affine map of integer codes as integer ``mul``, ``add`` and shift
+``d``.
 
 A requantization turns an integer ``x`` (an accumulator, or codes) whose real value is ``scale * x + shift``
 into codes of a grid with step ``eps_out``::
@@ -7,8 +8,8 @@ into codes of a grid with step ``eps_out``::
                                                       add = round(2^d (shift / eps_out + 1/2))
 
 (the rounding half-step once, in ``add``). ``d`` is the largest value (at most ``d_max``) that keeps the
-worst case ``|x * mul| + |add|`` below ``2^(EXACT_BITS - 1)`` for every ``|x| <= bound``: exact in int64 and in
-float64 (the ONNX export computes in double).
+worst case ``|x * mul| + |add|`` below ``2^(EXACT_BITS - 1)`` for every ``|x| <= bound``: exact in int64 and
+in float64 (the ONNX export computes in double).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ __all__ = ["size_report", "geometry"]
 _QUANTIZERS = (QuantizeInput, Requant, IntAdd)
 
 
-def geometry(inet: fx.GraphModule) -> tuple[list[LayerGeometry], list[QuantizerGeometry], dict, dict, list[str]]:
+def geometry(inet: fx.GraphModule) -> tuple[list[LayerGeometry], list[QuantizerGeometry], dict, dict,
+                                            list[str]]:
     """``(layers, quantizers, w_bits, a_bits, order)`` of the integer network, in graph order."""
     mods = dict(inet.named_modules())
     layers, quantizers, w_bits, a_bits, order = [], [], {}, {}, []
@@ -24,7 +25,8 @@ def geometry(inet: fx.GraphModule) -> tuple[list[LayerGeometry], list[QuantizerG
         if isinstance(m, (IntConv2d, IntLinear)):
             conv = isinstance(m, IntConv2d)
             op = "dw conv" if conv and 1 < m.groups == m.weight.shape[0] else ("conv" if conv else "linear")
-            layers.append(LayerGeometry(node.target, op, m.weight.numel(), 0 if m.bias is None else m.bias.numel(),
+            layers.append(LayerGeometry(node.target, op, m.weight.numel(),
+                                        0 if m.bias is None else m.bias.numel(),
                                         m.macs, _producer(node.args[0], mods)))
             w_bits[node.target] = m.w_bits
         elif isinstance(m, _QUANTIZERS):

@@ -1,4 +1,5 @@
-"""torchvision weights -> a labkit checkpoint, as notebook 01 shows it: the key map, the logit check, the file."""
+"""torchvision weights -> a labkit checkpoint, as notebook 01 shows it: the key map, the logit check, the
+file."""
 
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ class Conversion:
 
     def summary(self) -> str:
         net = self.net
-        s = (f"{self.source}: {len(self.state)} tensors -> MobileNetV2 capacity {net.capacity}, {net.num_classes} "
-             f"classes; max |logit difference| to torchvision's network {self.max_diff:.3g} "
-             f"({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'})")
+        s = (f"{self.source}: {len(self.state)} tensors -> MobileNetV2 capacity {net.capacity}, "
+             f"{net.num_classes} classes; max |logit difference| to torchvision's network "
+             f"{self.max_diff:.3g} ({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'})")
         if self.checkpoint:
             return s + f"; wrote {self.checkpoint} (use it as network.pretrained)"
-        return s + "; a random demo network, so no checkpoint was written (give the real weights file to convert it)"
+        return (
+            s
+            + "; a random demo network, so no checkpoint was written (give the real weights file to"
+            " convert it)"
+        )
 
     def key_table(self, first: int = 12) -> Table:
         table = key_table(self.state)
@@ -45,10 +50,12 @@ class Conversion:
     def what_we_saw(self) -> Lines:
         """The conversion's key numbers: tensors, network, the logit check, the file written (or why none)."""
         written = (f"wrote {self.checkpoint}: use it as network.pretrained" if self.checkpoint else
-                   "no checkpoint written: the demo network's weights are random (give real weights to convert them)")
+                   "no checkpoint written: the demo network's weights are random (give real weights to "
+                   "convert them)")
         return Lines([f"{len(self.state)} torchvision tensors -> MobileNetV2 capacity {self.net.capacity}, "
                       f"{self.net.num_classes} classes", f"max |logit difference| {self.max_diff:.3g} "
-                      f"({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'}: the bound is 1e-5)", written],
+                      f"({'identical' if self.max_diff <= 1e-5 else 'DIFFERENT'}: the bound is 1e-5)",
+                      written],
                      f"what we saw: {self.source}")
 
     def _repr_html_(self) -> str:
@@ -66,11 +73,13 @@ def convert_torchvision(weights: str | None, output_dir: str | Path) -> Conversi
     net = from_torchvision(state).eval()
     diff = conversion_error(state, net)
     source = "random torchvision mobilenet_v2 (demo)" if demo else str(weights or torchvision_hub_file())
-    path = None if demo else save_converted(net, resolve(output_dir) / f"mobilenetv2_{net.capacity}.ckpt", source)
+    path = None if demo else save_converted(net, resolve(output_dir) / f"mobilenetv2_{net.capacity}.ckpt",
+                                            source)
     return Conversion(source, demo, state, net, diff, path)
 
 
-def evaluate_converted(conversion: Conversion, config: str, data_root: str | None, device: str = "auto") -> str:
+def evaluate_converted(conversion: Conversion, config: str, data_root: str | None,
+                       device: str = "auto") -> str:
     """Top-1 of converted weights on ImageNet (``data_root``), or why it is skipped."""
     if data_root is None:
         return "data_root not set: skipping the ImageNet evaluation"

@@ -8,14 +8,15 @@ from labkit.config.tables import Table
 
 
 class Collapsed:
-    """A table shown closed under a one-line summary (HTML ``<details>``); its text is the summary line only."""
+    """A table shown closed under a one-line summary (HTML ``<details>``); its text is the summary line
+    only."""
 
     def __init__(self, table: Table, summary: str):
         self.table, self.summary = table, summary
 
     def _repr_html_(self) -> str:
-        return (f"<details><summary>{html.escape(self.summary)} · {len(self.table)} rows (click to open)</summary>"
-                f"{self.table._repr_html_()}</details>")
+        return (f"<details><summary>{html.escape(self.summary)} · {len(self.table)} rows (click to "
+                f"open)</summary>{self.table._repr_html_()}</details>")
 
     def __repr__(self) -> str:
         return f"{self.summary} ({len(self.table)} rows; open the table in JupyterLab)"

@@ -1,4 +1,5 @@
-"""Notebooks run in batch: papermill executes them from their own folder, the console gets the trainer's lines."""
+"""Notebooks run in batch: papermill executes them from their own folder, the console gets the trainer's
+lines."""
 
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ MAIN_RUNS = {"02_fp32_check": "runs/embedded-fp32", "03_pact_training": "runs/em
              "04_tqt_training": "runs/embedded-tqt"}
 
 
-#: the kernel's own log (a TCP-without-encryption warning at start, a KeyboardInterrupt at shutdown) would land
+#: the kernel's own log (a TCP-without-encryption warning at start, a KeyboardInterrupt at shutdown) would
+# land
 #: in the executed notebook as stderr; user code's warnings and errors still show
 KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 #: the console lines of ``labkit lab`` (without --verbose): a trainer's epoch, resume and skip lines
-CONSOLE_LINE = re.compile(r"^(epoch +\d+/\d+|resuming |no checkpoint in |\S+ is complete|\S+ is missing: training|"
+CONSOLE_LINE = re.compile(r"^(epoch +\d+/\d+|resuming |no checkpoint in |\S+ is complete|\S+ is missing: "
+                          r"training|"
                           r"\S+ holds no run: training|\[\w+ controller\])")
 
 
@@ -42,7 +45,8 @@ class NotebookError(LabkitError):
 
 
 class _Lines:
-    """A file-like sink for a kernel's stdout: complete lines that ``keep`` accepts go to ``log``, prefixed."""
+    """A file-like sink for a kernel's stdout: complete lines that ``keep`` accepts go to ``log``,
+    prefixed."""
 
     def __init__(self, log: Callable[[str], None], prefix: str, keep: Callable[[str], bool]):
         self.log, self.prefix, self.keep, self.rest = log, prefix, keep, ""
@@ -61,7 +65,8 @@ def execute_notebook(name: str, target: str | Path, parameters: dict[str, Any] |
                      log: Callable[[str], None] | None = None, verbose: bool = False) -> Path:
     """Run ``notebooks/<name>.ipynb`` top to bottom with papermill into ``target`` (from its own folder, so
     relative paths in it work); a failing cell raises ``papermill.PapermillExecutionError``. With ``log``, the
-    trainer's epoch lines (every printed line with ``verbose``) go there as they come, prefixed by ``name``."""
+    trainer's epoch lines (every printed line with ``verbose``) go there as they come, prefixed by
+    ``name``."""
     source = resolve(f"{NOTEBOOK_DIR}/{name}.ipynb")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +90,8 @@ def run_notebooks(output_dir: str = "runs/lab", names=MAIN_FLOW, parameters: dic
             executed.append(execute_notebook(name, target, (parameters or {}).get(name, {}), log, verbose))
         except papermill.PapermillExecutionError as err:
             raise NotebookError(f"{name}.ipynb failed in cell {err.exec_count}: {err.ename}: "
-                                f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (the executed notebook: "
-                                f"{target})") from None
+                                f"{str(err.evalue).splitlines()[0] if err.evalue else ''} (the executed "
+                                f"notebook: {target})") from None
     return executed
 
 
@@ -99,14 +104,23 @@ def lab_results(executed: list[Path]) -> Table:
         last = history[-1] if history else {}
         rows.append({"step": name, "network": Path(run).name.split("-", 1)[-1].upper(),
                      "top-1 %": last.get("valid", {}).get("top1"), "best %": last.get("best_top1"),
-                     "integer agreement": "", "where": str(resolve(run).absolute()) if history else "not run"})
+                     "integer agreement": "",
+                     "where": str(resolve(run).absolute()) if history else "not run"})
     summary = resolve(INTEGER_DIR) / INTEGER_SUMMARY
     for twin in (json.loads(summary.read_text()) if summary.is_file() else []):
-        rows.append({"step": "05_integerize_export", "network": f"{twin['network']} integer",
-                     "top-1 %": twin["top1_int"], "best %": None,
-                     "integer agreement": f"{twin['predictions']:g}% predictions (fake-quant top-1 "
-                                          f"{twin['top1_fake']:.2f}%), worst layer {twin['min_identical']:g}%",
-                     "where": twin["export"]})
+        rows.append(
+            {
+                "step": "05_integerize_export",
+                "network": f"{twin['network']} integer",
+                "top-1 %": twin["top1_int"],
+                "best %": None,
+                "integer agreement": (
+                    f"{twin['predictions']:g}% predictions (fake-quant top-1 "
+                    f"{twin['top1_fake']:.2f}%), worst layer {twin['min_identical']:g}%"
+                ),
+                "where": twin["export"],
+            }
+        )
     notebooks = ", ".join(p.name for p in executed)
-    return Table(rows, title=f"labkit lab: results (executed notebooks in {executed[0].parent if executed else '-'}: "
-                             f"{notebooks})")
+    return Table(rows, title="labkit lab: results (executed notebooks in "
+                             f"{executed[0].parent if executed else '-'}: {notebooks})")

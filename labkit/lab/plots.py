@@ -1,7 +1,8 @@
 """matplotlib figures drawn from run histories and networks (they read; they never train or mutate).
 
-Figures use constrained layout (titles never overlap), integer epoch ticks, and name the layers that move most.
-Notebooks get them wrapped in :class:`Plot`: a PNG with a one-line description as its text, not a figure repr.
+Figures use constrained layout (titles never overlap), integer epoch ticks, and name the layers that move
+most. Notebooks get them wrapped in :class:`Plot`: a PNG with a one-line description as its text, not a figure
+repr.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from labkit.train.runs import read_history
 
 #: layers labelled per clip panel: the ones whose bound moved most (relative to its first value)
 TOP_K = 3
-PANEL_TITLES = {("activations", "hi"): "activation clip bound (alpha)", ("weights", "hi"): "weight clip bound",
+PANEL_TITLES = {("activations", "hi"): "activation clip bound (alpha)",
+                ("weights", "hi"): "weight clip bound",
                 ("activations", "log2_t"): "activation log2 t (TQT)"}
 
 
@@ -84,23 +86,27 @@ def _layer_groups(history: list[dict]) -> dict[str, list[str]]:
 
 
 def _series(history: list[dict], name: str, key: str) -> list[tuple[float, float]]:
-    """``(x, value)`` of one quantizer over the records; ``x`` is ``record["x"]`` (a fraction of an epoch, live
-    plots) or the epoch count."""
-    points = [(r.get("x", r["epoch"] + 1), r["quant"][name].get(key)) for r in history if name in r.get("quant", {})]
+    """``(x, value)`` of one quantizer over the records; ``x`` is ``record["x"]`` (a fraction of an epoch,
+    live plots) or the epoch count."""
+    points = [(r.get("x", r["epoch"] + 1),
+               r["quant"][name].get(key)) for r in history if name in r.get("quant", {})]
     return [(x, v) for x, v in points if v is not None]
 
 
-def top_movers(series: dict[str, list[tuple[float, float]]], k: int = TOP_K, relative: bool = True) -> list[str]:
+def top_movers(series: dict[str, list[tuple[float, float]]], k: int = TOP_K,
+               relative: bool = True) -> list[str]:
     """The ``k`` names whose value moved most from its first point (relative to that value, or absolute)."""
     def moved(points):
         first, last = points[0][1], points[-1][1]
         return abs(last - first) / (max(abs(first), 1e-12) if relative else 1.0)
-    return sorted((n for n, p in series.items() if len(p) > 1 and moved(p) > 0), key=lambda n: -moved(series[n]))[:k]
+    return sorted((n for n, p in series.items() if len(p) > 1 and moved(p) > 0),
+                  key=lambda n: -moved(series[n]))[:k]
 
 
 def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None, title: str = "", fig=None):
     """Clipping bounds per quantized layer: activation ``hi`` (alpha), weight ``hi`` (mean over channels), and
-    ``log2 t`` when the run is TQT. Every layer a grey line; the :data:`TOP_K` that moved most in colour, named."""
+    ``log2 t`` when the run is TQT. Every layer a grey line; the :data:`TOP_K` that moved most in colour,
+    named."""
     groups = _layer_groups(history)
     if layers is not None:
         groups = {k: [n for n in v if n in layers] for k, v in groups.items()}
@@ -134,16 +140,18 @@ def plot_clip_trajectories(history: list[dict], layers: list[str] | None = None,
     return Plot(fig, f"{title or 'clipping bounds'} ({n} quantizers, {len(history)} points)")
 
 
-def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_levels: int, title: str = "", ax=None,
+def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_levels: int, title: str = "",
+                             ax=None,
                              bounds: str = "clip bounds", outside: float | None = None):
-    """Histogram of ``values`` with the clip bounds ``lo``/``hi`` (legend: ``bounds``, i.e. whose they are) and,
-    for <= 64 levels, the grid ``lo + k eps``. ``outside``: the share (%) of values outside their own bounds
-    (default: outside ``lo``/``hi``)."""
+    """Histogram of ``values`` with the clip bounds ``lo``/``hi`` (legend: ``bounds``, i.e. whose they are)
+    and, for <= 64 levels, the grid ``lo + k eps``. ``outside``: the share (%) of values outside their own
+    bounds (default: outside ``lo``/``hi``)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     v = values.detach().flatten().float().cpu()
     span = max(hi - lo, 1e-12)
-    ax.hist(v.numpy(), bins=120, range=(min(float(v.min()), lo - 0.1 * span), max(float(v.max()), hi + 0.1 * span)),
+    ax.hist(v.numpy(), bins=120, range=(min(float(v.min()), lo - 0.1 * span),
+                                        max(float(v.max()), hi + 0.1 * span)),
             color="#4c72b0", alpha=0.8, log=True)
     if n_levels <= 64:
         eps = (hi - lo) / (n_levels - 1)
@@ -159,12 +167,18 @@ def plot_quantized_histogram(values: torch.Tensor, lo: float, hi: float, n_level
     return ax
 
 
-def _widest_channel(lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> tuple[float, float, str, float]:
+def _widest_channel(lo: torch.Tensor, hi: torch.Tensor, values: torch.Tensor) -> tuple[float, float, str,
+                                                                                       float]:
     """Bounds to draw for one quantizer: its own (per tensor) or those of its widest channel (per channel, dim
     0 of ``values``); and the share (%) of ``values`` outside their own channel's bounds."""
     lo, hi, v = lo.detach().float().flatten(), hi.detach().float().flatten(), values.detach().float()
     if hi.numel() == 1:
-        return float(lo), float(hi), "clip bounds (per tensor)", float(((v < lo) | (v > hi)).float().mean()) * 100
+        return (
+            float(lo),
+            float(hi),
+            "clip bounds (per tensor)",
+            float(((v < lo) | (v > hi)).float().mean()) * 100,
+        )
     shape = (-1,) + (1,) * (v.dim() - 1)
     outside = float(((v < lo.view(shape)) | (v > hi.view(shape))).float().mean()) * 100
     c = int((hi - lo).argmax())
@@ -188,9 +202,11 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
         qnet.train(was_training)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     lo_w, hi_w, whose_w, out_w = _widest_channel(*conv.get_clip_w(), conv.weight)
-    plot_quantized_histogram(conv.weight, lo_w, hi_w, conv.n_levels, f"{weight_layer} weights", axes[0], whose_w, out_w)
+    plot_quantized_histogram(conv.weight, lo_w, hi_w, conv.n_levels, f"{weight_layer} weights", axes[0],
+                             whose_w, out_w)
     lo_a, hi_a, whose_a, out_a = _widest_channel(*act.get_clip(), captured["x"])
-    plot_quantized_histogram(captured["x"], lo_a, hi_a, act.n_levels, f"{act_layer} input ({len(batch)} images)",
+    plot_quantized_histogram(captured["x"], lo_a, hi_a, act.n_levels, f"{act_layer} input ({len(batch)} "
+                                                                      "images)",
                              axes[1], whose_a, out_a)
     return Plot(fig, f"histograms: {weight_layer} weights, {act_layer} input, with their clip bounds")
 
@@ -198,7 +214,8 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
 class LiveClipPlot:
     """Training callback for notebooks: clip bounds redrawn in place after the first batch, then at most every
     ``interval`` seconds and after every epoch. Axes show from the start; with ``run`` (a run folder being
-    continued) a line says how many epochs it holds, and its epochs so far are drawn with the first new batch."""
+    continued) a line says how many epochs it holds, and its epochs so far are drawn with the first new
+    batch."""
 
     def __init__(self, title: str = "", interval: float = 3.0, run=None):
         self.title, self.interval, self.shown = title, interval, 0.0
@@ -207,8 +224,9 @@ class LiveClipPlot:
         plt.close(self.fig)  # shown through the display handle only, never by the inline backend
         self.handle = DisplayHandle()
         if self.points:  # a finished run trains nothing: a line, not a second copy of the history plot
-            self.handle.display({"text/plain": f"{title}: {run} holds {len(self.points)} epochs; the live plot "
-                                               "starts with the next training batch (the history is plotted below)"},
+            self.handle.display({"text/plain": f"{title}: {run} holds {len(self.points)} epochs; the live "
+                                               "plot starts with the next training batch (the history is "
+                                               "plotted below)"},
                                 raw=True)
             return
         for ax in self.fig.subplots(1, 2):
@@ -235,9 +253,9 @@ class LiveClipPlot:
 
 
 def plot_sensitivity(sensitivity, floor: float = 1e-4, fig=None):
-    """Heat maps, layers x bits, of a :class:`labkit.precision.sensitivity.Sensitivity`: the calibration-loss increase with
-    only that layer's weights (left) or that activation group (right) quantized; log colours, values below
-    ``floor`` (also negative ones) drawn at ``floor``. Returns the figure."""
+    """Heat maps, layers x bits, of a :class:`labkit.precision.sensitivity.Sensitivity`: the calibration-loss
+    increase with only that layer's weights (left) or that activation group (right) quantized; log colours,
+    values below ``floor`` (also negative ones) drawn at ``floor``. Returns the figure."""
     parts = [("weights", sensitivity.weights), ("activations", sensitivity.activations)]
     rows = max(len(p) for _, p in parts)
     if fig is None:
@@ -249,13 +267,15 @@ def plot_sensitivity(sensitivity, floor: float = 1e-4, fig=None):
     norm = LogNorm(vmin=floor, vmax=top)
     for ax, (title, part) in zip(axes, parts):
         names = list(part)
-        values = np.array([[max(part[n][b], floor) for b in bits] for n in names]).reshape(len(names), len(bits))
+        values = np.array([[max(part[n][b], floor) for b in bits] for n in names]).reshape(len(names),
+                                                                                           len(bits))
         image = ax.imshow(values, aspect="auto", cmap="magma_r", norm=norm, interpolation="nearest")
         ax.set_xticks(range(len(bits)), [f"{b}" for b in bits])
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.set(xlabel="bits", title=f"{title}: loss increase")
     fig.colorbar(image, ax=list(axes), label="calibration-loss increase (nats/image)")
-    fig.suptitle(f"per-layer sensitivity, {sensitivity.n_calib} calibration images, L0 = {sensitivity.base_loss:.4f}")
+    fig.suptitle(f"per-layer sensitivity, {sensitivity.n_calib} calibration images, L0 = "
+                 f"{sensitivity.base_loss:.4f}")
     return fig
 
 
@@ -284,7 +304,8 @@ def plot_pareto(points, x: str = "weight_bytes", ax=None):
         if seeds:  # every seed's run, beside its plan's mean
             ax.scatter(*zip(*seeds), s=12, color=colour, alpha=0.45, marker="_", linewidths=1.5, zorder=3)
         for r in mine:
-            ax.annotate(textwrap.fill(f"{r['label']} (n={r['n']})", 34), (r[x], r["top1"]), textcoords="offset points",
+            ax.annotate(textwrap.fill(f"{r['label']} (n={r['n']})", 34), (r[x], r["top1"]),
+                        textcoords="offset points",
                         xytext=(6, 4), fontsize=7)
     front = pareto_front(quantized, x)
     if len(front) > 1:

@@ -35,7 +35,8 @@ def describe(cfg: dict) -> str:
     kwargs = cfg["network"]["kwargs"]
     quantized = "PACT/TQT" if cfg["network"].get("quantize") else "FP32"
     return (f"{cfg['name']}: {quantized} MobileNetV2 {kwargs} on '{cfg['data']['name']}', "
-            f"{cfg['training']['n_epochs']} epochs, starts from {cfg['network'].get('pretrained') or 'scratch'}")
+            f"{cfg['training']['n_epochs']} epochs, starts from "
+            f"{cfg['network'].get('pretrained') or 'scratch'}")
 
 
 def run_summary(run: str | Path) -> str:
@@ -67,19 +68,23 @@ def what_we_saw(run: str | Path, expect_top1: float | None = None) -> Lines:
         moved = {n: (first["quant"][n]["hi"], s["hi"]) for n, s in last["quant"].items()
                  if s.get("kind") == "activations" and n in first.get("quant", {})}
         if moved:
-            n, (a, b) = max(moved.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]) / max(abs(kv[1][0]), 1e-12))
+            n, (a, b) = max(moved.items(), key=lambda kv: abs(kv[1][1] - kv[1][0]) / max(abs(kv[1][0]),
+                                                                                         1e-12))
             lines.append(f"{len(last['quant'])} quantizers; the activation bound that moved most: {n} "
                          f"{a:.3g} -> {b:.3g} (epoch 1 -> {len(history)})")
     chance = 100.0 / validate(cfg).network.kwargs.num_classes
     if last["best_top1"] <= 2 * chance or (expect_top1 is not None and last["best_top1"] < expect_top1):
-        lines.append(f"WARNING: best top-1 {last['best_top1']:.2f}% is a poor baseline (chance {chance:.1f}%"
-                     + (f", expected >= {expect_top1:g}%" if expect_top1 is not None else "") + "): train longer "
-                     "(epochs) or check the data before quantizing from it")
+        lines.append(
+            f"WARNING: best top-1 {last['best_top1']:.2f}% is a poor baseline (chance {chance:.1f}%"
+            + (f", expected >= {expect_top1:g}%" if expect_top1 is not None else "")
+            + "): train longer (epochs) or check the data before quantizing from it"
+        )
     return Lines(lines, f"what we saw: {folder.path.name}")
 
 
 def qat_config(config: str, **parameters) -> dict:
-    """:func:`run_config` of a PACT/TQT notebook, with the FP32 checkpoint it starts from made when missing."""
+    """:func:`run_config` of a PACT/TQT notebook, with the FP32 checkpoint it starts from made when
+    missing."""
     cfg = run_config(config, **parameters)
     ensure_pretrained(cfg)
     return cfg
@@ -93,8 +98,8 @@ def quant_report(cfg: dict, first: int = 8, last: int = 4) -> Table:
         counts[row["type"]] = counts.get(row["type"], 0) + 1
     rows = report[:first] + report[-last:]
     return Table(rows, ["name", "type", "source", "bits", "per_channel", "init_clip", "learn_clip", "tqt"],
-                 title=f"{cfg['name']}: {', '.join(f'{n} {k}' for k, n in counts.items())}; first {first} and last "
-                       f"{last} of {len(report)} quantized layers")
+                 title=f"{cfg['name']}: {', '.join(f'{n} {k}' for k, n in counts.items())}; first {first} "
+                       f"and last {last} of {len(report)} quantized layers")
 
 
 def validation_batch(cfg: dict, n: int = 64) -> torch.Tensor:
@@ -111,7 +116,9 @@ def train_config(config: str | Path, output_dir: str | Path, epochs: int = 0, de
         return "epochs = 0: not training (set epochs to train this config)"
     cfg = qat_config(str(config), epochs=epochs, pretrained=pretrained)
     result = train(cfg, resolve(output_dir), resume=True, device=device)
-    return f"{cfg['name']}: final valid top-1 {result['valid']['top1']:.2f}% (best {result['best_top1']:.2f}%)"
+    return (
+        f"{cfg['name']}: final valid top-1 {result['valid']['top1']:.2f}% (best {result['best_top1']:.2f}%)"
+    )
 
 
 def run_config(config: str, *, data_root: str | None = None, epochs: int | None = None,
@@ -139,20 +146,24 @@ def run_config(config: str, *, data_root: str | None = None, epochs: int | None 
 
 
 def ensure_pretrained(cfg: dict, fp32_config: str = FP32_CONFIG, progress: bool = True) -> str | None:
-    """Train the FP32 network that ``cfg`` starts from when its checkpoint is missing (embedded default only)."""
+    """Train the FP32 network that ``cfg`` starts from when its checkpoint is missing (embedded default
+    only)."""
     path = cfg["network"].get("pretrained")
     if not path or Path(path).is_file():
         return path
     if cfg["data"]["name"] != "embedded":
-        raise FileNotFoundError(f"network.pretrained '{path}' not found: convert torchvision weights "
-                                "(notebook 01 / labkit convert) or train the FP32 network first (notebook 02)")
+        raise FileNotFoundError(
+            f"network.pretrained '{path}' not found: convert torchvision weights "
+            "(notebook 01 / labkit convert) or train the FP32 network first (notebook 02)"
+        )
     folder = Path(path).parent
     print(f"{path} is missing: training the FP32 network first ({fp32_config} into {folder})")
     train(load_config(fp32_config), folder, resume=True, progress=progress)
     return path
 
 
-def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: int = 2, device: str = "cpu") -> Path:
+def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: int = 2,
+               device: str = "cpu") -> Path:
     """The run folder ``run`` when it holds a trained run, else a short run of ``config`` (the embedded
     default on a quarter of the data, ``epochs`` epochs) in ``fallback_dir`` (reused when already there)."""
     folder = resolve(run)
@@ -166,7 +177,8 @@ def ensure_run(run: str | Path, config: str, fallback_dir: str | Path, epochs: i
         if fp32 and not Path(fp32).is_file():
             short_fp32 = target.parent / "short-fp32"
             if not RunFolder(short_fp32).checkpoint("best").is_file():
-                train(load_config(FP32_CONFIG, {**SHORT_RUN, "training.n_epochs": 6}), short_fp32, resume=True,
+                train(load_config(FP32_CONFIG, {**SHORT_RUN, "training.n_epochs": 6}), short_fp32,
+                      resume=True,
                       progress=False, log=None, device=device)
             cfg["network"]["pretrained"] = str(RunFolder(short_fp32).checkpoint("best"))
         train(cfg, target, resume=True, progress=False, log=None, device=device)
@@ -181,13 +193,15 @@ def quantizer_log(run: str | Path, show: int = 0) -> Collapsed:
     rows = [{"epoch": e["epoch"] + 1 if e["epoch"] is not None else None, "controller": e["controller"],
              "command": e["command"], "quantizer": q["name"], "lo": q["lo"], "hi": q["hi"], "eps": q["eps"],
              "levels": q["n_levels"]} for e in events for q in e["quantizers"]]
-    what = "; ".join(f"epoch {e['epoch'] + 1 if e['epoch'] is not None else '?'} {e['controller']} {e['command']}"
+    what = "; ".join(f"epoch {e['epoch'] + 1 if e['epoch'] is not None else '?'} {e['controller']} "
+                     f"{e['command']}"
                      for e in events) or "no controller commands logged"
     return Collapsed(Table(rows, title=f"{path}"), f"quantizer bounds at each controller command ({what})")
 
 
 def sweep_summary(output_dir: str | Path) -> Lines:
-    """A finished sweep's ``results.csv`` as one line per run (final and best top-1, time) plus the best run."""
+    """A finished sweep's ``results.csv`` as one line per run (final and best top-1, time) plus the best
+    run."""
     path = resolve(output_dir) / "results.csv"
     if not path.is_file():
         return Lines([f"{path} not found: the sweep has not finished"], "what we saw")
@@ -195,11 +209,13 @@ def sweep_summary(output_dir: str | Path) -> Lines:
         rows = list(csv.DictReader(f))
     ok = [r for r in rows if r.get("status") == "ok"]
     lines = [f"{r['run']}: final top-1 {float(r['final_top1']):.2f}%, best {float(r['best_top1']):.2f}% "
-             f"({float(r['seconds']):.0f} s)" if r in ok else f"{r['run']}: {r.get('status')} ({r.get('error', '')})"
+             f"({float(r['seconds']):.0f} s)" if r in ok else f"{r['run']}: {r.get('status')} "
+                                                              f"({r.get('error', '')})"
              for r in rows]
     if ok:
         best = max(ok, key=lambda r: float(r["best_top1"]))
-        lines.append(f"best: {best['run']} at {float(best['best_top1']):.2f}%; {len(ok)} of {len(rows)} runs finished")
+        lines.append(f"best: {best['run']} at {float(best['best_top1']):.2f}%; {len(ok)} of {len(rows)} runs "
+                     "finished")
     return Lines(lines, f"what we saw: {path}")
 
 
@@ -210,7 +226,8 @@ def integer_twins(runs: list[str], fallback_dir: str | Path, *, short_epochs: in
     out = {}
     for run in runs:
         data, _, name = resolve(run).name.partition("-")
-        folder = ensure_run(run, f"configs/{data}/config.{name}.json", resolve(fallback_dir) / f"short-{name}",
+        folder = ensure_run(run, f"configs/{data}/config.{name}.json",
+                            resolve(fallback_dir) / f"short-{name}",
                             short_epochs, device)
         twin = integerize_run(folder, input_bits=input_bits, d=d)
         out[twin.name] = twin

@@ -1,10 +1,11 @@
 """Per-layer bit-width editor (ipywidgets): one row per quantized layer, bulk actions, live totals, saving.
 
-The editor edits a :class:`labkit.precision.bitplan.BitPlan`; every change goes through the plan, so what the rows
-show, the totals, the cost table and chart below (:attr:`BitWidthEditor.outputs`) and the save status always
-agree. A value outside 2..16 bits is refused with a message next to its box (the plan keeps the last valid
-value). **propose** fills the rows with the optimal bits for a budget (:func:`labkit.precision.allocate.propose`); they
-stay editable. The saved JSON is a complete config that ``labkit train`` accepts; its name and description state the plan.
+The editor edits a :class:`labkit.precision.bitplan.BitPlan`; every change goes through the plan, so what the
+rows show, the totals, the cost table and chart below (:attr:`BitWidthEditor.outputs`) and the save status
+always agree. A value outside 2..16 bits is refused with a message next to its box (the plan keeps the last
+valid value). **propose** fills the rows with the optimal bits for a budget
+(:func:`labkit.precision.allocate.propose`); they stay editable. The saved JSON is a complete config that
+``labkit train`` accepts; its name and description state the plan.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from labkit.train.checkpoint import write_text_atomic
 
 BULK_TARGETS = ("all layers", "depthwise", "pointwise", "first and last")
 DEFAULT_SAVE = "runs/mixed/config.mixed.json"
-COLUMNS = (("layer", "300px"), ("type", "90px"), ("W bits", "70px"), ("A bits", "70px"), ("per-channel", "90px"))
+COLUMNS = (("layer", "300px"), ("type", "90px"), ("W bits", "70px"), ("A bits", "70px"),
+           ("per-channel", "90px"))
 RED = "color:#b00"
 
 
 class _Text(W.HTML):
-    """An HTML widget whose plain-text form (a saved notebook's fallback) is its text, not the widget's repr."""
+    """An HTML widget whose plain-text form (a saved notebook's fallback) is its text, not the widget's
+    repr."""
 
     def __repr__(self) -> str:
         return re.sub(r"<[^>]+>", "", self.value)
@@ -54,8 +57,9 @@ def _mib(n_bytes: float) -> str:
 
 
 class BitWidthEditor:
-    """``BitWidthEditor(base_config)``; display the editor itself (or ``editor.widget``) and ``editor.outputs``;
-    ``editor.config()`` / ``editor.save(path)``. The plan starts as the PACT/TQT ``base_config`` stands."""
+    """``BitWidthEditor(base_config)``; display the editor itself (or ``editor.widget``) and
+    ``editor.outputs``; ``editor.config()`` / ``editor.save(path)``. The plan starts as the PACT/TQT
+    ``base_config`` stands."""
 
     def __init__(self, base_config: dict, save_to: str | Path = DEFAULT_SAVE):
         self.base_config = base_config
@@ -82,7 +86,8 @@ class BitWidthEditor:
         """An editor whose plan starts from bulk settings: every layer at ``bits``, then the first and last
         layer at ``first_last_bits``, then the depthwise layers at ``depthwise_bits`` (None: unchanged)."""
         editor = cls(base_config, save_to)
-        for target, b in (("all layers", bits), ("first and last", first_last_bits), ("depthwise", depthwise_bits)):
+        for target, b in (("all layers", bits), ("first and last", first_last_bits),
+                          ("depthwise", depthwise_bits)):
             if b:
                 editor.apply_bulk(target, b, b)
         return editor
@@ -112,7 +117,8 @@ class BitWidthEditor:
             self.rows[row.name] = (w, a, pc)
             self.notes[row.name] = W.HTML()
             lines.append(W.HBox([W.Label(row.name, layout=W.Layout(width="300px")),
-                                 W.Label(row.kind, layout=W.Layout(width="90px")), w, a, pc, self.notes[row.name]]))
+                                 W.Label(row.kind, layout=W.Layout(width="90px")), w, a, pc,
+                                 self.notes[row.name]]))
         # display "block": a height-limited flex column would squeeze every row to a few pixels in the browser
         return W.VBox(lines, layout=W.Layout(max_height="420px", overflow="auto", display="block"))
 
@@ -124,13 +130,15 @@ class BitWidthEditor:
         self.bulk_note = W.HTML()
         self.bulk_apply = W.Button(description="apply", button_style="primary", layout=W.Layout(width="80px"))
         self.bulk_apply.on_click(lambda _: self._bulk_clicked())
-        return W.HBox([self.bulk_target, W.Label("W"), self.bulk_w, W.Label("A"), self.bulk_a, self.bulk_apply,
+        return W.HBox([self.bulk_target, W.Label("W"), self.bulk_w, W.Label("A"), self.bulk_a,
+                       self.bulk_apply,
                        self.bulk_note])
 
     def _propose_bar(self) -> W.VBox:
         self.budget_box = W.Text(value="", placeholder="weight_bytes=uniform:3,act_bytes=uniform:3",
                                  description="budget", layout=W.Layout(width="460px"))
-        self.propose_button = W.Button(description="propose", button_style="info", layout=W.Layout(width="90px"))
+        self.propose_button = W.Button(description="propose", button_style="info",
+                                       layout=W.Layout(width="90px"))
         self.propose_button.on_click(lambda _: self._propose_clicked())
         self.propose_status = _Text()
         return W.VBox([W.HBox([self.budget_box, self.propose_button]), self.propose_status])
@@ -149,7 +157,9 @@ class BitWidthEditor:
         bad = [f"{what} {box.value} bit{'s' * (box.value != 1)}" for what, box in (("W", w), ("A", a))
                if not box.disabled and not MIN_BITS <= box.value <= MAX_BITS]
         if bad:
-            self.notes[name].value = f"<span style='{RED}'>{', '.join(bad)}: choose {MIN_BITS} to {MAX_BITS}</span>"
+            self.notes[name].value = (
+                f"<span style='{RED}'>{', '.join(bad)}: choose {MIN_BITS} to {MAX_BITS}</span>"
+            )
             return  # the plan keeps its last valid bits
         try:
             self.plan.set(name, w.value, a.value if not a.disabled else None, pc.value)
@@ -162,7 +172,9 @@ class BitWidthEditor:
         bad = [f"{what} {box.value}" for what, box in (("W", self.bulk_w), ("A", self.bulk_a))
                if not MIN_BITS <= box.value <= MAX_BITS]
         if bad:
-            self.bulk_note.value = f"<span style='{RED}'>{', '.join(bad)} bits: choose {MIN_BITS} to {MAX_BITS}</span>"
+            self.bulk_note.value = (
+                f"<span style='{RED}'>{', '.join(bad)} bits: choose {MIN_BITS} to {MAX_BITS}</span>"
+            )
             return
         self.bulk_note.value = ""
         self.apply_bulk(self.bulk_target.value, self.bulk_w.value, self.bulk_a.value)
@@ -186,11 +198,14 @@ class BitWidthEditor:
             self.propose_status.value = f"<span style='{RED}'>{err}</span>"
 
     def propose(self, budget, bits=DEFAULT_BITS, n_calib: int = 64) -> Allocation:
-        """Fill the plan with the bits :func:`labkit.precision.allocate.propose` chooses for ``budget`` (the sensitivity of
-        the base config's pretrained checkpoint at ``bits`` on ``n_calib`` training images, cached beside it);
-        the rows stay editable. Returns the :class:`~labkit.precision.allocate.Allocation`."""
+        """Fill the plan with the bits :func:`labkit.precision.allocate.propose` chooses for ``budget`` (the
+        sensitivity of the base config's pretrained checkpoint at ``bits`` on ``n_calib`` training images,
+        cached beside it); the rows stay editable. Returns the
+        :class:`~labkit.precision.allocate.Allocation`."""
         self.propose_settings = {"bits": tuple(bits), "n_calib": n_calib}
-        self.propose_status.value = "measuring the sensitivity (cached after the first time) and allocating ..."
+        self.propose_status.value = (
+            "measuring the sensitivity (cached after the first time) and allocating ..."
+        )
         ensure_pretrained(self.base_config)  # the embedded FP32 run is trained first when missing
         allocation = propose(self.base_config, budget, bits=bits, n_calib=n_calib)
         self.plan.w_bits.update(allocation.plan.w_bits)
@@ -201,8 +216,8 @@ class BitWidthEditor:
         totals = self.plan.totals()
         within = ", ".join(f"{metric} {int(totals[metric]):,} &le; {limit:,}"
                            for metric, limit in allocation.budget.items())
-        self.propose_status.value = (f"proposed for <code>{self.budget_box.value}</code>: {within}; predicted "
-                                     f"calibration-loss increase {allocation.objective:.4f}")
+        self.propose_status.value = (f"proposed for <code>{self.budget_box.value}</code>: {within}; "
+                                     f"predicted calibration-loss increase {allocation.objective:.4f}")
         return allocation
 
     def _sync_rows(self) -> None:
@@ -223,9 +238,10 @@ class BitWidthEditor:
             f"<b>activations</b> {_mib(t['act_bytes'])} in all, largest {_mib(t['peak_act_bytes'])} · "
             f"<b>BOPs</b> {t['BOPs'] / 1e9:.2f} G ({100 * t['bops_vs_fp32']:.2f}% of FP32) · "
             f"input {'x'.join(map(str, self.plan.input_shape[1:]))}")
-        self.summary.value = (f"<b>{self.name()}</b>: {self.plan.describe()}; weights {int(t['weight_bytes']):,} bytes "
-                              f"({t['compression']:.1f}x smaller than FP32), activations {int(t['act_bytes']):,} "
-                              f"bytes, {100 * t['bops_vs_fp32']:.2f}% of FP32's BOPs")
+        self.summary.value = (f"<b>{self.name()}</b>: {self.plan.describe()}; weights "
+                              f"{int(t['weight_bytes']):,} bytes ({t['compression']:.1f}x smaller than "
+                              f"FP32), activations {int(t['act_bytes']):,} bytes, "
+                              f"{100 * t['bops_vs_fp32']:.2f}% of FP32's BOPs")
         costs = self.plan.costs()
         self.costs.value = cost_html(costs, t)
         self.chart.value = cost_bars(costs)
@@ -235,11 +251,13 @@ class BitWidthEditor:
         if self.saved is None:
             self.save_status.value = "not saved yet: <b>save config</b> writes the plan above"
         elif self.saved[1] != self.config():
-            self.save_status.value = (f"<span style='{RED}'>edited since saved to <code>{self.saved[0]}</code>: "
-                                      "<b>save config</b> again</span>")
+            self.save_status.value = (f"<span style='{RED}'>edited since saved to "
+                                      f"<code>{self.saved[0]}</code>: <b>save config</b> again</span>")
         else:
             path = self.saved[0]
-            self.save_status.value = f"saved <code>{path}</code> ({self.name()}): <code>labkit train {path}</code>"
+            self.save_status.value = (
+                f"saved <code>{path}</code> ({self.name()}): <code>labkit train {path}</code>"
+            )
 
     def _save_clicked(self) -> None:
         try:
@@ -250,19 +268,22 @@ class BitWidthEditor:
 
     # ------------------------------------------------------------------ results
     def name(self) -> str:
-        """The saved config's name: the base's, ``mixed``, the bit ranges (``embedded-pact-mixed-W4-8-A4-8``)."""
-        plan = self.plan.describe().removesuffix(" bits").replace("W ", "W").replace("A ", "A").replace(" / ", "-")
+        """The saved config's name: the base's, ``mixed``, the bit ranges
+        (``embedded-pact-mixed-W4-8-A4-8``)."""
+        plan = self.plan.describe().removesuffix(" bits").replace("W ", "W").replace("A ", "A").replace(" / ",
+                                                                                                        "-")
         return f"{self.base_config.get('name', 'config')}-mixed-{plan}"
 
     def config(self) -> dict:
-        """The complete config: ``base_config`` with the plan's bits in its per-layer entries, named for the plan."""
+        """The complete config: ``base_config`` with the plan's bits in its per-layer entries, named for the
+        plan."""
         return {"name": self.name(), **self.plan.apply_to(self.base_config, self.description())}
 
     def description(self) -> str:
         base = self.base_config.get("name", "the base config")
         w, a = self.plan.w_bits.values(), [r.a_bits for r in self.plan.rows if r.a_bits]
-        return (f"Mixed precision ({self.plan.describe()}; weights: {_counts(w)}; activations: {_counts(a)}) edited "
-                f"in the bit-width editor from {base}")
+        return (f"Mixed precision ({self.plan.describe()}; weights: {_counts(w)}; activations: {_counts(a)}) "
+                f"edited in the bit-width editor from {base}")
 
     def save(self, path: str | Path | None = None) -> W.HTML:
         """Write :meth:`config` to ``path`` (default: the *save to* box) atomically; returns the save status,
@@ -289,10 +310,12 @@ def cost_html(costs: list[dict], totals: dict, max_height: str = "320px") -> str
     bytes there include the quantizers that follow no layer); the header row stays in view."""
     head = "".join(f"<th style='position:sticky;top:0;background:var(--jp-layout-color1,#fff)'>{c}</th>"
                    for c in ("layer", "type", "W", "A", "weight bytes", "activation bytes", "BOPs"))
-    body = "".join(f"<tr><td>{c['name']}</td><td>{c['kind']}</td><td>{c['w_bits']}</td><td>{c['a_bits'] or ''}</td>"
-                   f"<td>{int(c['weight_bytes']):,}</td><td>{int(c['act_bytes']):,}</td>"
-                   f"<td>{int(c['BOPs']):,}</td></tr>"
-                   for c in costs)
+    body = "".join(
+        f"<tr><td>{c['name']}</td><td>{c['kind']}</td><td>{c['w_bits']}</td><td>{c['a_bits'] or ''}</td>"
+        f"<td>{int(c['weight_bytes']):,}</td><td>{int(c['act_bytes']):,}</td>"
+        f"<td>{int(c['BOPs']):,}</td></tr>"
+        for c in costs
+    )
     total = {k: int(totals[k]) for k in ("weight_bytes", "act_bytes", "BOPs")}
     foot = (f"<tr><td><b>total</b></td><td></td><td></td><td></td><td><b>{total['weight_bytes']:,}</b></td>"
             f"<td><b>{total['act_bytes']:,}</b></td><td><b>{total['BOPs']:,}</b></td></tr>")
@@ -300,16 +323,19 @@ def cost_html(costs: list[dict], totals: dict, max_height: str = "320px") -> str
             f"<tbody>{body}{foot}</tbody></table></div>")
 
 
-def _bars(values: list[float], colour: str, title: str, unit: str, width: int = 520, height: int = 130) -> str:
+def _bars(values: list[float], colour: str, title: str, unit: str, width: int = 520,
+          height: int = 130) -> str:
     """An SVG bar chart, one bar per value (drawn in microseconds, so it follows every edit)."""
     top = max(values) or 1.0
     step = width / max(len(values), 1)
-    bars = "".join(f"<rect x='{i * step:.1f}' y='{height - v / top * height:.1f}' width='{max(step - 1, 1):.1f}' "
-                   f"height='{v / top * height:.1f}' fill='{colour}'><title>{v:,.0f} {unit}</title></rect>"
+    bars = "".join(f"<rect x='{i * step:.1f}' y='{height - v / top * height:.1f}' "
+                   f"width='{max(step - 1, 1):.1f}' height='{v / top * height:.1f}' "
+                   f"fill='{colour}'><title>{v:,.0f} {unit}</title></rect>"
                    for i, v in enumerate(values))
-    return (f"<div style='display:inline-block;margin-right:24px'><div><b>{title}</b> (largest {top:,.0f} {unit})"
-            f"</div><svg width='{width}' height='{height}' style='border-bottom:1px solid #888'>{bars}</svg>"
-            "<div style='font-size:80%;color:#666'>layers in network order (hover a bar for its value)</div></div>")
+    return (f"<div style='display:inline-block;margin-right:24px'><div><b>{title}</b> (largest {top:,.0f} "
+            f"{unit})</div><svg width='{width}' height='{height}' style='border-bottom:1px solid "
+            f"#888'>{bars}</svg><div style='font-size:80%;color:#666'>layers in network order (hover a bar "
+            "for its value)</div></div>")
 
 
 def cost_bars(costs: list[dict]) -> str:

@@ -31,7 +31,8 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
-def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True) -> nn.Sequential:
+def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
+            relu6: bool = True) -> nn.Sequential:
     """``Sequential(Conv2d(bias=False, padding=(k-1)//2), BatchNorm2d[, ReLU6])`` -> names ``.0 .1 .2``."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),

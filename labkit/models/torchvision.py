@@ -48,7 +48,9 @@ def key_table(state_dict: dict):
 
 
 def is_torchvision_state_dict(state_dict: dict) -> bool:
-    return any(k.startswith("features.0.0.") for k in state_dict) and not any(k.startswith("pilot.") for k in state_dict)
+    return any(k.startswith("features.0.0.") for k in state_dict) and not any(
+        k.startswith("pilot.") for k in state_dict
+    )
 
 
 def from_torchvision(model_or_state_dict: nn.Module | dict, capacity: float | None = None,
@@ -57,7 +59,8 @@ def from_torchvision(model_or_state_dict: nn.Module | dict, capacity: float | No
 
     ``capacity`` (width) and ``num_classes`` are read off the tensor shapes when not given.
     """
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict,
+                                                           nn.Module) else model_or_state_dict
     mapped = {torchvision_key(k): v for k, v in state.items()}
     num_classes = mapped["classifier.1.weight"].shape[0]
     candidates = [capacity] if capacity is not None else CAPACITIES

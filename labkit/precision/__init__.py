@@ -1,1 +1,2 @@
-"""Stage 5, precision: the cost model, per-layer bit plans, sensitivity, allocation under a budget, Pareto points."""
+"""Stage 5, precision: the cost model, per-layer bit plans, sensitivity, allocation under a budget, Pareto
+points."""

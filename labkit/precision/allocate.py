@@ -1,11 +1,13 @@
 """Bit allocation: the per-layer bits that minimise the summed sensitivity under a budget, solved exactly.
 
 **Model.** Choose for every quantized conv/linear l a weight bit-width ``w_l`` in W and for every activation
-group g an activation bit-width ``a_g`` in A, minimising the predicted loss increase (:mod:`labkit.precision.sensitivity`)
+group g an activation bit-width ``a_g`` in A, minimising the predicted loss increase
+(:mod:`labkit.precision.sensitivity`)
 
     S = sum_l s_w(l, w_l) + sum_g s_a(g, a_g)
 
-subject to each budgeted total of :mod:`labkit.precision.costs` (exactly what :meth:`BitPlan.totals` computes):
+subject to each budgeted total of :mod:`labkit.precision.costs` (exactly what :meth:`BitPlan.totals`
+computes):
 
     weight_bytes = sum_l weight_bytes(params_l, w_l, bias_l)                              <= B_w
     act_bytes    = act_bytes(input, 8) + sum_g sum_{q in g} act_bytes(elements_q, a_g)     <= B_a
@@ -15,15 +17,15 @@ subject to each budgeted total of :mod:`labkit.precision.costs` (exactly what :m
 adder's inputs share one grid so their codes add, and its output takes the same ``n_levels`` (one per
 ``PACTIntegerAdd``); a quantizer that only requantizes another's codes (the pool requantizer after the last
 activation) takes that one's bits; the input quantizer keeps its bits. Nothing else must tie: every other
-boundary between quantizers is an integer requantization (mul/add/shift), which maps any grid to any grid, and a
-layer's weight bits do not constrain its neighbours'.
+boundary between quantizers is an integer requantization (mul/add/shift), which maps any grid to any grid, and
+a layer's weight bits do not constrain its neighbours'.
 
 **Solver.** A 0/1 integer program: one-hot ``x[l, w]``, ``y[g, a]``; the BOPs products ``x[l, w] y[g, a]``
 become ``z[l, w, a] >= 0`` with ``sum_a z[l, w, a] = x[l, w]`` and ``sum_w z[l, w, a] = y[g, a]`` (for one-hot
 x and y the only solution is z = x y, and the relaxation stays tight). HiGHS
 (:func:`scipy.optimize.milp`) solves it to a zero relative gap, so the result is optimal for this model up to
-the solver's absolute gap (1e-6, with the objective scaled so that the largest sensitivity is 1e4: 1e-10 of it);
-a test compares it with brute force. An
+the solver's absolute gap (1e-6, with the objective scaled so that the largest sensitivity is 1e4: 1e-10 of
+it); a test compares it with brute force. An
 assignment that misses a budget only within the solver's feasibility tolerance is cut off and the program
 solved again, so the returned plan always meets the budget as :mod:`labkit.precision.costs` counts it.
 """
@@ -56,8 +58,10 @@ from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sens
 
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
-#: structural limits :func:`propose` adds unless the budget states them: the first conv's weights at 8 bits (it
-#: reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the activations it
+#: structural limits :func:`propose` adds unless the budget states them: the first conv's weights at 8 bits
+# (it
+#: reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the
+# activations it
 #: reads (the last feature activation and the pool requantizer) at 4 bits at least
 DEFAULT_FLOORS = {"first": 8, "last": 4}
 
@@ -65,7 +69,8 @@ DEFAULT_FLOORS = {"first": 8, "last": 4}
 @dataclass
 class Allocation:
     """A proposed plan: ``plan`` (a :class:`BitPlan` with the chosen bits), the resolved ``budget``
-    ``{metric: limit}``, its ``totals`` and the predicted loss increase ``objective`` (sum of sensitivities)."""
+    ``{metric: limit}``, its ``totals`` and the predicted loss increase ``objective`` (sum of
+    sensitivities)."""
 
     plan: BitPlan
     spec: dict
@@ -78,9 +83,10 @@ class Allocation:
 
     def description(self) -> str:
         base = getattr(self.plan, "base_config", {}).get("name", "the base config")
-        return (f"Proposed mixed precision ({self.plan.describe()}) for {describe_budget(self.spec)}; the bits that "
-                f"minimise the summed per-layer sensitivity (labkit.precision.allocate; {self.sensitivity.method} method on "
-                f"{self.sensitivity.n_calib} training images of {self.sensitivity.checkpoint}), edited from {base}")
+        return (f"Proposed mixed precision ({self.plan.describe()}) for {describe_budget(self.spec)}; the "
+                "bits that minimise the summed per-layer sensitivity (labkit.precision.allocate; "
+                f"{self.sensitivity.method} method on {self.sensitivity.n_calib} training images of "
+                f"{self.sensitivity.checkpoint}), edited from {base}")
 
     def config(self, description: str | None = None) -> dict:
         """The base config with the proposal's bits in its per-layer entries (:meth:`BitPlan.apply_to`)."""
@@ -101,7 +107,8 @@ class Allocation:
         rows = []
         for r in self.plan.rows:
             group = self.plan.leader(r.act) if r.act else None
-            rows.append({"layer": r.name, "kind": r.kind, "w_bits": r.w_bits, "s_w": s.weights[r.name][r.w_bits],
+            rows.append({"layer": r.name, "kind": r.kind, "w_bits": r.w_bits,
+                         "s_w": s.weights[r.name][r.w_bits],
                          "output": r.act or "", "a_bits": r.a_bits,
                          "s_a": s.activations[group][r.a_bits] if group in s.activations else None})
         return Table(rows, title=self.summary())
@@ -116,7 +123,8 @@ class Allocation:
         return str(self.table())
 
 
-def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, w_bits=None, a_bits=None,
+def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, w_bits=None,
+            a_bits=None,
             n_calib: int = 256, progress: bool = False) -> Allocation:
     """Measure (or read the cached) sensitivity of PACT/TQT config ``cfg`` with the weights of ``checkpoint``
     (default ``network.pretrained``) at ``bits``, and allocate bits (``w_bits`` / ``a_bits``: the allowed
@@ -137,7 +145,8 @@ def with_default_floors(spec: dict, most_bits: int = max(DEFAULT_BITS)) -> dict:
     """``spec`` with each structural limit of :data:`DEFAULT_FLOORS` it does not state (at most ``most_bits``,
     the most any choice allows); a budget overrides a default by stating it, e.g. ``min_bits:last=2``."""
     stated = budget_floors(spec)
-    return {**spec, **{f"{MIN_BITS_KEY}{k}": min(b, most_bits) for k, b in DEFAULT_FLOORS.items() if k not in stated}}
+    return {**spec, **{f"{MIN_BITS_KEY}{k}": min(b, most_bits) for k,
+                       b in DEFAULT_FLOORS.items() if k not in stated}}
 
 
 def resolve_budget(plan: BitPlan, spec: dict) -> dict[str, int]:
@@ -148,9 +157,10 @@ def resolve_budget(plan: BitPlan, spec: dict) -> dict[str, int]:
 
 def allowed_bits(plan: BitPlan, spec: dict, w_choices: tuple, a_choices: tuple) -> tuple[dict, dict]:
     """``(per layer, per activation group)``: the allowed bits that meet the budget's structural limits
-    (:func:`labkit.config.budget.budget_floors`; ``first``: the first layer, ``last``: the last, else layers and
-    activation quantizers whose names the regex matches from the start). A named layer's weights and the group of
-    the quantizer it reads (not the input) take at least the limit; so does a named quantizer's group."""
+    (:func:`labkit.config.budget.budget_floors`; ``first``: the first layer, ``last``: the last, else layers
+    and activation quantizers whose names the regex matches from the start). A named layer's weights and the
+    group of the quantizer it reads (not the input) take at least the limit; so does a named quantizer's
+    group."""
     groups = plan.activation_groups()
     w_min = dict.fromkeys(plan.w_bits, 0)
     a_min = dict.fromkeys(groups, 0)
@@ -162,8 +172,10 @@ def allowed_bits(plan: BitPlan, spec: dict, w_choices: tuple, a_choices: tuple) 
             named = [n for n in layers if re.match(selector, n)]
             quantizers = [q for q in plan.a_bits if q not in (INPUT, FLOAT) and re.match(selector, q)]
         if not named and not quantizers:
-            raise BudgetError(f"budget min_bits:{selector} names no layer or activation of this network (layers "
-                              f"{layers[0]} ... {layers[-1]}): use first, last or a module name regex")
+            raise BudgetError(
+                f"budget min_bits:{selector} names no layer or activation of this network "
+                f"(layers {layers[0]} ... {layers[-1]}): use first, last or a module name regex"
+            )
         reads = [g.input for g in plan.layers if g.name in named and g.input not in (INPUT, FLOAT)]
         for n in named:
             w_min[n] = max(w_min[n], b)
@@ -175,13 +187,15 @@ def allowed_bits(plan: BitPlan, spec: dict, w_choices: tuple, a_choices: tuple) 
                                              ("activation", a_allowed, a_min, a_choices)):
         empty = next((n for n, c in allowed.items() if not c), None)
         if empty is not None:
-            raise BudgetError(f"budget: the {what} '{empty}' must take at least {minimum[empty]} bits, but the "
-                              f"allowed bits are {', '.join(map(str, choices))}: allow more bits or lower the limit")
+            raise BudgetError(f"budget: the {what} '{empty}' must take at least {minimum[empty]} bits, but "
+                              f"the allowed bits are {', '.join(map(str, choices))}: allow more bits or "
+                              "lower the limit")
     return w_allowed, a_allowed
 
 
 def uniform_totals(plan: BitPlan, w_bits: int, a_bits: int) -> dict:
-    """:meth:`BitPlan.totals` of ``plan`` with every weight at ``w_bits`` and every activation at ``a_bits``."""
+    """:meth:`BitPlan.totals` of ``plan`` with every weight at ``w_bits`` and every activation at
+    ``a_bits``."""
     uniform = copy.deepcopy(plan)
     uniform.set_all(w_bits, a_bits)
     return uniform.totals()
@@ -194,7 +208,8 @@ def predicted_increase(plan: BitPlan, sensitivity: Sensitivity) -> float:
 
 
 def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bits=None) -> Allocation:
-    """The optimal plan (module docstring) for ``budget``; ``plan`` is not changed (the result holds a copy)."""
+    """The optimal plan (module docstring) for ``budget``; ``plan`` is not changed (the result holds a
+    copy)."""
     spec = parse_budget(budget)
     limits = resolve_budget(plan, spec)
     w_choices = _choices(w_bits, sensitivity.bits, "weight")
@@ -213,18 +228,23 @@ def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bit
             result.set_quantizer(group, b)
         totals = result.totals()
         if all(totals[k] <= v for k, v in limits.items()):
-            return Allocation(result, spec, limits, predicted_increase(result, sensitivity), totals, sensitivity,
+            return Allocation(result, spec, limits, predicted_increase(result, sensitivity), totals,
+                              sensitivity,
                               w_choices, a_choices)
         program.cut(chosen)  # over a budget by the solver's tolerance only: exclude this assignment
-    raise RuntimeError(f"no plan within the budget after {MAX_CUTS} solver tolerance cuts: report this budget")
+    raise RuntimeError(
+        f"no plan within the budget after {MAX_CUTS} solver tolerance cuts: report this budget"
+    )
 
 
 def _choices(bits, measured: tuple[int, ...], what: str) -> tuple[int, ...]:
     out = tuple(sorted(set(measured if bits is None else bits)))
     missing = [b for b in out if b not in measured]
     if not out or missing:
-        raise BudgetError(f"{what} bits {missing or list(out)}: the sensitivity was measured at "
-                          f"{', '.join(map(str, measured))} bits only; allow those or measure it at these too")
+        raise BudgetError(
+            f"{what} bits {missing or list(out)}: the sensitivity was measured at "
+            f"{', '.join(map(str, measured))} bits only; allow those or measure it at these too"
+        )
     return out
 
 
@@ -233,8 +253,8 @@ def _check_covered(plan: BitPlan, sensitivity: Sensitivity, groups: dict) -> Non
                               (list(groups), sensitivity.activations, "activation group")):
         missing = [n for n in names if n not in have]
         if missing:
-            raise BudgetError(f"the sensitivity has no {what} '{missing[0]}' ({len(missing)} missing): it was "
-                              "measured on another network; measure it with this config")
+            raise BudgetError(f"the sensitivity has no {what} '{missing[0]}' ({len(missing)} missing): it "
+                              "was measured on another network; measure it with this config")
 
 
 def _check_feasible(plan: BitPlan, limits: dict, w_allowed: dict, a_allowed: dict) -> None:
@@ -246,7 +266,8 @@ def _check_feasible(plan: BitPlan, limits: dict, w_allowed: dict, a_allowed: dic
     for group, choices in a_allowed.items():
         cheapest.set_quantizer(group, choices[0])
     totals = cheapest.totals()
-    w_low, a_low = min(c[0] for c in w_allowed.values()), min((c[0] for c in a_allowed.values()), default=None)
+    w_low, a_low = min(c[0] for c in w_allowed.values()), min((c[0] for c in a_allowed.values()),
+                                                              default=None)
     floors = any(c[0] != w_low for c in w_allowed.values()) or any(c[0] != a_low for c in a_allowed.values())
     for metric, limit in limits.items():
         if totals[metric] > limit:
@@ -309,7 +330,8 @@ class _Program:
                 fixed = act_bytes(math.prod(geometry[INPUT].shape), plan.a_bits[INPUT])
                 for leader, members in groups.items():
                     for b in a_choices:
-                        row[index["a", leader, b]] = sum(act_bytes(math.prod(geometry[q].shape), b) for q in members)
+                        row[index["a", leader, b]] = sum(act_bytes(math.prod(geometry[q].shape),
+                                                                   b) for q in members)
             else:
                 row = _bops_row(plan, index, w_choices, a_choices, rows, z, len(cost))
             rows.append(({c: v / (limit - fixed) for c, v in row.items()}, -np.inf, 1.0))
@@ -335,7 +357,8 @@ class _Program:
         res = milp(self.c, integrality=integrality, bounds=Bounds(0, self.upper), constraints=constraint,
                    options={"mip_rel_gap": 0.0, "presolve": True})
         if res.x is None:
-            raise BudgetError(f"the bit allocation found no plan ({res.message}): raise the budget or allow fewer bits")
+            raise BudgetError(f"the bit allocation found no plan ({res.message}): raise the budget or allow "
+                              "fewer bits")
         on = res.x > 0.5
         return {"w": {name: b for (name, b), o in zip(self.x, on[:len(self.x)]) if o},
                 "a": {name: b for (name, b), o in zip(self.y, on[len(self.x):self.n_int]) if o}}

@@ -5,7 +5,8 @@ A plan is read off a config's quantized network (:meth:`BitPlan.from_config`) an
 (:meth:`BitPlan.apply_to`): every other key stays. Rows, one per quantized conv/linear, pair the layer's
 weight bits with the bits of the quantizer that requantizes its output (its activation, or the adder /
 signed requantizer that harmonization put after a projection conv); a quantizer that only requantizes
-another one (the pool requantizer) follows it. Costs come from :mod:`labkit.precision.costs` (shapes of one pass).
+another one (the pool requantizer) follows it. Costs come from :mod:`labkit.precision.costs` (shapes of one
+pass).
 """
 
 from __future__ import annotations
@@ -63,14 +64,16 @@ class BitPlan:
     def __init__(self, qnet: fx.GraphModule, input_shape: tuple, input_bits: int = INPUT_BITS):
         self.input_shape, self.input_bits = tuple(input_shape), input_bits
         modules = dict(qnet.named_modules())
-        found = harmonize_plan(qnet, requant_pool=False)  # what the (harmonized) network has, nothing to insert
+        # what the (harmonized) network has, nothing to insert
+        found = harmonize_plan(qnet, requant_pool=False)
         self.links, self.follows = found.links, found.follows
         self.inserted = {d["name"] for d in harmonized_layers(qnet)}
         layer_mods = {n: m for n, m in modules.items() if isinstance(m, (PACTConv2d, PACTLinear))}
         inside_adders = {f"{n}.{c}" for n, m in modules.items() if isinstance(m, PACTIntegerAdd)
                          for c, _ in m.named_modules() if c}
         quantizers = [n for n, m in modules.items() if n not in inside_adders and
-                      (isinstance(m, PACTIntegerAdd) or (isinstance(m, QuantizerBase) and n not in layer_mods))]
+                      (isinstance(m, PACTIntegerAdd) or (isinstance(m,
+                                                                    QuantizerBase) and n not in layer_mods))]
         self.w_bits = {n: m.spec.bits for n, m in layer_mods.items()}
         self.per_channel = {n: m.spec.per_channel for n, m in layer_mods.items()}
         self.a_bits = {INPUT: input_bits, **{n: modules[n].spec.bits for n in quantizers}}
@@ -86,7 +89,8 @@ class BitPlan:
                               "Start from e.g. configs/embedded/config.pact.json")
         qnet, _ = build_network(cfg, pretrained=False)
         if not isinstance(qnet, fx.GraphModule):
-            raise ConfigError("network.quantize.harmonize", "is false: a bit-width plan needs the harmonized network")
+            raise ConfigError("network.quantize.harmonize", "is false: a bit-width plan needs the harmonized "
+                                                            "network")
         plan = cls(qnet, (1, 3, input_size(cfg["data"]), input_size(cfg["data"])))
         plan.base_config = cfg
         return plan
@@ -99,14 +103,19 @@ class BitPlan:
                 ShapeProp(qnet).propagate(torch.zeros(self.input_shape))
         finally:
             qnet.train(was)
-        shapes = {n.target: tuple(n.meta["tensor_meta"].shape[1:]) for n in qnet.graph.nodes if n.op == "call_module"}
+        shapes = {
+            n.target: tuple(n.meta["tensor_meta"].shape[1:])
+            for n in qnet.graph.nodes
+            if n.op == "call_module"
+        }
         self.layers = [LayerGeometry(n, "dw conv" if self.kinds[n] == "depthwise" else
                                      ("linear" if self.kinds[n] == "linear" else "conv"),
                                      m.weight.numel(), 0 if m.bias is None else m.bias.numel(),
                                      math.prod(shapes[n]) * m.weight[0].numel(), self._input_of(n))
                        for n, m in layer_mods.items()]
         self.quantizers = [QuantizerGeometry(INPUT, "input quant", self.input_shape[1:])] + [
-            QuantizerGeometry(n, "integer add" if n.endswith("integer_add") else "requant", shapes[n]) for n in quantizers]
+            QuantizerGeometry(n, "integer add" if n.endswith("integer_add") else "requant",
+                              shapes[n]) for n in quantizers]
         order = {INPUT: -1, **{n.target: i for i, n in enumerate(qnet.graph.nodes)}}
         self.order = sorted([g.name for g in self.layers] + [q.name for q in self.quantizers], key=order.get)
 
@@ -125,16 +134,20 @@ class BitPlan:
     @property
     def rows(self) -> list[LayerBits]:
         return [LayerBits(g.name, self.kinds[g.name], self.links[g.name]["output"], self.w_bits[g.name],
-                          self.a_bits.get(self.links[g.name]["output"]), self.per_channel[g.name]) for g in self.layers]
+                          self.a_bits.get(self.links[g.name]["output"]),
+                          self.per_channel[g.name]) for g in self.layers]
 
     def __getitem__(self, name: str) -> LayerBits:
         for row in self.rows:
             if row.name == name:
                 return row
-        raise KeyError(f"no quantized layer named {name!r}; layers: {self.layers[0].name} ... {self.layers[-1].name}")
+        raise KeyError(f"no quantized layer named {name!r}; layers: {self.layers[0].name} ... "
+                       f"{self.layers[-1].name}")
 
-    def set(self, name: str, w_bits: int | None = None, a_bits: int | None = None, per_channel: bool | None = None):
-        """Bits of layer ``name``'s weights, of the quantizer of its output (and of quantizers following it)."""
+    def set(self, name: str, w_bits: int | None = None, a_bits: int | None = None,
+            per_channel: bool | None = None):
+        """Bits of layer ``name``'s weights, of the quantizer of its output (and of quantizers following
+        it)."""
         row = self[name]
         if w_bits is not None:
             self.w_bits[name] = check_bits(w_bits, f"{name} weight bits")
@@ -152,9 +165,10 @@ class BitPlan:
                 self.set_quantizer(follower, bits)
 
     def activation_groups(self) -> dict[str, list[str]]:
-        """Activation quantizers whose bits are one choice, ``{leader: [leader, *followers]}`` in network order:
-        each activation key of :attr:`a_bits` (an integer adder counts once: its inputs and output share one
-        ``n_levels``) with the quantizers that follow it (:attr:`follows`); the input quantizer is fixed."""
+        """Activation quantizers whose bits are one choice, ``{leader: [leader, *followers]}`` in network
+        order: each activation key of :attr:`a_bits` (an integer adder counts once: its inputs and output
+        share one ``n_levels``) with the quantizers that follow it (:attr:`follows`); the input quantizer is
+        fixed."""
         groups: dict[str, list[str]] = {}
         for name in self.a_bits:
             if name != INPUT:
@@ -185,7 +199,8 @@ class BitPlan:
 
     # ------------------------------------------------------------------ costs
     def cost_table(self) -> Table:
-        """Per layer and per quantizer: bits, weight/activation bytes, MACs, BOPs (:mod:`labkit.precision.costs`)."""
+        """Per layer and per quantizer: bits, weight/activation bytes, MACs, BOPs
+        (:mod:`labkit.precision.costs`)."""
         return cost_table(self.layers, self.quantizers, self.w_bits, self.a_bits, self.order)
 
     def totals(self) -> dict:
@@ -204,7 +219,9 @@ class BitPlan:
 
     def describe(self) -> str:
         """``W 4-8 / A 4-8 bits`` style summary of the plan."""
-        w, a = sorted(set(self.w_bits.values())), sorted({v for k, v in self.a_bits.items() if k not in (INPUT, FLOAT)})
+        w, a = sorted(set(self.w_bits.values())), sorted({v for k,
+                                                          v in self.a_bits.items() if k not in (INPUT,
+                                                                                                FLOAT)})
         span = lambda b: str(b[0]) if len(b) == 1 else f"{b[0]}-{b[-1]}"  # noqa: E731
         return f"W {span(w)} / A {span(a)} bits"
 
@@ -216,7 +233,8 @@ class BitPlan:
         cfg = copy.deepcopy(cfg)
         quantize = cfg["network"]["quantize"]
         section = quantize["kwargs"]["config"] if "function" in quantize else quantize
-        final = {n: {"n_levels": 2 ** self.w_bits[n], "quantize": "per_channel" if self.per_channel[n] else "per_layer"}
+        final = {n: {"n_levels": 2 ** self.w_bits[n],
+                     "quantize": "per_channel" if self.per_channel[n] else "per_layer"}
                  for n in self.kinds}
         final.update({n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n not in (INPUT, FLOAT)})
         w0, a0, pc0 = self.original  # only what the plan changes is written
@@ -226,10 +244,13 @@ class BitPlan:
                 changed.setdefault(n, {})["n_levels"] = final[n]["n_levels"]
             if self.per_channel[n] != pc0[n]:
                 changed.setdefault(n, {})["quantize"] = final[n]["quantize"]
-        changed.update({n: {"n_levels": 2 ** b} for n, b in self.a_bits.items() if n not in (INPUT, FLOAT) and b != a0[n]})
+        changed.update(
+            {n: {"n_levels": 2**b} for n, b in self.a_bits.items() if n not in (INPUT, FLOAT) and b != a0[n]}
+        )
         groups = {"PACTConv2d": [n for n, k in self.kinds.items() if k != "linear"],
                   "PACTLinear": [n for n, k in self.kinds.items() if k == "linear"],
-                  "PACTUnsignedAct": [n for n in self.a_bits if n not in (INPUT, FLOAT) and n not in self.inserted]}
+                  "PACTUnsignedAct": [n for n in self.a_bits if n not in (INPUT,
+                                                                          FLOAT) and n not in self.inserted]}
         for class_key, names in groups.items():
             todo = {n: changed[n] for n in names if n in changed}
             if todo:
@@ -240,7 +261,8 @@ class BitPlan:
             harmonize = section.get("harmonize")
             harmonize = {} if harmonize in (None, True) else harmonize
             if harmonize is False:
-                raise ConfigError("network.quantize.harmonize", "is false, so the plan's inserted quantizers do not exist")
+                raise ConfigError("network.quantize.harmonize", "is false, so the plan's inserted quantizers "
+                                                                "do not exist")
             section["harmonize"] = harmonize
             _edit_entries(harmonize.setdefault("layers", {}), inserted, {n: final[n] for n in self.inserted},
                           "network.quantize.harmonize.layers")
@@ -258,7 +280,8 @@ class BitPlan:
 def _edit_entries(section: dict, changed: dict[str, dict], final: dict[str, dict], where: str) -> None:
     """Give each module of ``changed`` its new settings through the regex entry of ``section`` that matches it
     (an exact ``re.escape(name)$`` entry is added where none does). An entry that also covers other modules is
-    edited only when all of them end with the same value (``final``: every module's settings after the plan)."""
+    edited only when all of them end with the same value (``final``: every module's settings after the
+    plan)."""
     claims = {regex: [n for n in final if re.match(regex, n)] for regex in section if regex != "kwargs"}
     for name, settings in changed.items():
         regex = next((r for r, hits in claims.items() if name in hits), None)
@@ -269,14 +292,15 @@ def _edit_entries(section: dict, changed: dict[str, dict], final: dict[str, dict
         for key, value in settings.items():
             clash = next((n for n in claims[regex] if final[n].get(key) != value), None)
             if clash is not None:
-                raise ConfigError(f"{where}[{regex!r}]", f"covers '{name}' and '{clash}', which the plan gives "
-                                  f"different {key}", "List these layers one by one in the config")
+                raise ConfigError(f"{where}[{regex!r}]", f"covers '{name}' and '{clash}', which the plan "
+                                  f"gives different {key}", "List these layers one by one in the config")
             entry[key] = value
         section[regex] = entry
 
 
 def check_bits(bits, what: str) -> int:
-    """``bits`` as an integer from :data:`MIN_BITS` to :data:`MAX_BITS`, else ``ValueError`` naming ``what``."""
+    """``bits`` as an integer from :data:`MIN_BITS` to :data:`MAX_BITS`, else ``ValueError`` naming
+    ``what``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{what}: {bits!r} is not a bit-width from {MIN_BITS} to {MAX_BITS}")
     return bits

@@ -76,7 +76,8 @@ def cost_table(layers: list[LayerGeometry], quantizers: list[QuantizerGeometry],
     for q in quantizers:
         a = a_bits[q.name]
         rows[q.name] = {"layer": q.name, "op": q.op, "output": "x".join(map(str, q.shape)), "w_bits": None,
-                        "a_bits": a, "params": 0, "weight_bytes": 0, "act_bytes": act_bytes(math.prod(q.shape), a),
+                        "a_bits": a, "params": 0, "weight_bytes": 0,
+                        "act_bytes": act_bytes(math.prod(q.shape), a),
                         "MACs": 0, "BOPs": 0}
     ordered = [rows[n] for n in order if n in rows] if order else list(rows.values())
     totals = {k: sum(r[k] for r in ordered) for k in TOTALS}
@@ -85,8 +86,8 @@ def cost_table(layers: list[LayerGeometry], quantizers: list[QuantizerGeometry],
                   peak_act_bytes=max((r["act_bytes"] for r in ordered), default=0),
                   bops_vs_fp32=totals["BOPs"] / max(sum(g.macs for g in layers) * 32 * 32, 1))
     table = Table(ordered + [{"layer": "total", "op": "", **{k: totals[k] for k in TOTALS}}], COLUMNS,
-                  title=f"size: {totals['weight_bytes']:,} weight bytes ({totals['compression']:.1f}x smaller than "
-                        f"FP32 {fp32:,}), {totals['act_bytes']:,} activation bytes per sample, {totals['MACs']:,} MACs, "
-                        f"{totals['BOPs']:,} BOPs")
+                  title=f"size: {totals['weight_bytes']:,} weight bytes ({totals['compression']:.1f}x "
+                        f"smaller than FP32 {fp32:,}), {totals['act_bytes']:,} activation bytes per sample, "
+                        f"{totals['MACs']:,} MACs, {totals['BOPs']:,} BOPs")
     table.totals = totals
     return table

@@ -1,4 +1,5 @@
-"""The accuracy-versus-cost view of measured runs: each plan placed by :mod:`labkit.precision.costs`, seeds averaged.
+"""The accuracy-versus-cost view of measured runs: each plan placed by :mod:`labkit.precision.costs`, seeds
+averaged.
 
 :func:`collect_points` reads run folders (or folders of runs: a sweep's output, ``runs/``), groups the runs
 whose configs differ only in ``training.seed`` (one plan, several seeds; a run that has not reached its
@@ -6,8 +7,8 @@ whose configs differ only in ``training.seed`` (one plan, several seeds; a run t
 (mean, worst and best seed; every seed's in ``top1s``, not a column) and the plan's ``weight_bytes``,
 ``act_bytes`` and ``BOPs``
 (:meth:`labkit.precision.bitplan.BitPlan.totals`). Kinds: ``fp32``; ``uniform`` (one weight and one activation
-bit-width everywhere); ``proposed`` (a config written by :mod:`labkit.precision.allocate`); ``mixed`` (any other
-per-layer plan, e.g. from the bit-width editor). :func:`labkit.lab.plots.plot_pareto` draws them.
+bit-width everywhere); ``proposed`` (a config written by :mod:`labkit.precision.allocate`); ``mixed`` (any
+other per-layer plan, e.g. from the bit-width editor). :func:`labkit.lab.plots.plot_pareto` draws them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from labkit.config.tables import Table
 from labkit.precision.bitplan import INPUT, BitPlan
 from labkit.train.runs import CONFIG, HISTORY, RunFolder, config_hash
 
-COLUMNS = ("label", "kind", "n", "top1", "top1_min", "top1_max", "seeds", "weight_bytes", "act_bytes", "BOPs", "runs")
+COLUMNS = ("label", "kind", "n", "top1", "top1_min", "top1_max", "seeds", "weight_bytes", "act_bytes", "BOPs",
+           "runs")
 PROPOSED = re.compile(r"^Proposed mixed precision \((?P<bits>[^)]*)\) for (?P<budget>[^;]*);")
 
 
@@ -41,7 +43,8 @@ def run_folders(paths) -> list[Path]:
 
 
 def collect_points(paths) -> Table:
-    """One row per plan (runs that differ only in seed), columns :data:`COLUMNS` (see the module docstring)."""
+    """One row per plan (runs that differ only in seed), columns :data:`COLUMNS` (see the module
+    docstring)."""
     groups: dict[str, dict] = {}
     unfinished = []
     for folder in run_folders(paths):
@@ -63,7 +66,8 @@ def collect_points(paths) -> Table:
     for g in groups.values():
         top1s = g.pop("top1s")
         rows.append({**g, "n": len(top1s), "top1": sum(top1s) / len(top1s), "top1_min": min(top1s),
-                     "top1_max": max(top1s), "seeds": " ".join(map(str, g["seeds"])), "runs": " ".join(g["runs"]),
+                     "top1_max": max(top1s), "seeds": " ".join(map(str, g["seeds"])),
+                     "runs": " ".join(g["runs"]),
                      "top1s": top1s})
     rows.sort(key=lambda r: (r["kind"] == "fp32", r.get("weight_bytes") or 0))
     left_out = f"; left out, unfinished: {', '.join(unfinished)}" if unfinished else ""
@@ -120,15 +124,18 @@ def paired_table(folders) -> Table:
         mean = sum(diffs) / n
         std = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else float("nan")
         drops = [r["drop"] for pair in found for r in pair if r["drop"] is not None]
-        out.append({"plan": f"{algorithm} proposed, {budget}", "reference": f"{algorithm} W{bits}/A{bits}", "n": n,
+        out.append({"plan": f"{algorithm} proposed, {budget}", "reference": f"{algorithm} W{bits}/A{bits}",
+                    "n": n,
                     "plan_top1": sum(p["final_top1"] for p, _ in found) / n,
-                    "reference_top1": sum(u["final_top1"] for _, u in found) / n, "diff": mean, "diff_std": std,
+                    "reference_top1": sum(u["final_top1"] for _, u in found) / n, "diff": mean,
+                    "diff_std": std,
                     "diff_min": min(diffs), "wins": f"{sum(d > 0 for d in diffs)}/{n}",
                     "worst_drop": max(drops) if drops else None,
                     "per_seed": "; ".join(f"s{p['seed']}: {p['final_top1']:.2f} vs {u['final_top1']:.2f} "
                                           f"({d:+.2f})" for (p, u), d in zip(found, diffs))})
-    return Table(out, PAIRED_COLUMNS, title="proposed vs uniform, same seed: final valid top-1 (%); diff = plan - "
-                                            "uniform; worst_drop: best epoch after the activations start - final")
+    return Table(out, PAIRED_COLUMNS, title="proposed vs uniform, same seed: final valid top-1 (%); diff = "
+                                            "plan - uniform; worst_drop: best epoch after the activations "
+                                            "start - final")
 
 
 def _sweep_rows(folders) -> list[dict]:
@@ -137,12 +144,14 @@ def _sweep_rows(folders) -> list[dict]:
     for folder in [folders] if isinstance(folders, (str, Path)) else folders:
         path = resolve(folder) / "results.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"no sweep results in {path.parent}: run labkit sweep ... -o {folder} first")
+            raise FileNotFoundError(f"no sweep results in {path.parent}: run labkit sweep ... -o {folder} "
+                                    "first")
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 if r.get("status") == "ok":
                     run = path.parent / r["run"]
-                    rows.append({**r, "seed": int(r["seed"]), "bits": int(r["bits"]) if r.get("bits") else None,
+                    rows.append({**r, "seed": int(r["seed"]),
+                                 "bits": int(r["bits"]) if r.get("bits") else None,
                                  "final_top1": float(r["final_top1"]), "drop": late_drop(run)})
     return rows
 

@@ -18,12 +18,13 @@ validation images stay unseen) the mean cross-entropy ``L0`` is measured. Then, 
 
 **Assumptions.** (1) Additivity: a plan's loss is ``L0`` plus the sum of its layers' ``s`` (the quantization
 noises of different layers act independently, the first-order model of HAWQ and AIMET); the allocation
-(:mod:`labkit.precision.allocate`) minimises that sum. (2) Post-training sensitivity ranks layers the way they rank
-after QAT, which recovers part of each loss. Values can be slightly negative (noise that happens to help).
+(:mod:`labkit.precision.allocate`) minimises that sum. (2) Post-training sensitivity ranks layers the way they
+rank after QAT, which recovers part of each loss. Values can be slightly negative (noise that happens to
+help).
 
-Results are cached in ``sensitivity.json`` beside the checkpoint, keyed by method, the version of the quantizer
-rules, bits, calibration size, the sha256 of the checkpoint file and of the network/quantize/data settings, so a
-stale entry is never used.
+Results are cached in ``sensitivity.json`` beside the checkpoint, keyed by method, the version of the
+quantizer rules, bits, calibration size, the sha256 of the checkpoint file and of the network/quantize/data
+settings, so a stale entry is never used.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ RECORD_BYTES = 1 << 28  # recorded node outputs per batch at most (the batch shr
 
 @dataclass
 class Sensitivity:
-    """``weights[layer][b]`` and ``activations[group][b]``: calibration-loss increase (nats per image) with only
-    that layer / group quantized at ``b`` bits; ``base_loss``: the float network's loss ``L0``."""
+    """``weights[layer][b]`` and ``activations[group][b]``: calibration-loss increase (nats per image) with
+    only that layer / group quantized at ``b`` bits; ``base_loss``: the float network's loss ``L0``."""
 
     bits: tuple[int, ...]
     n_calib: int
@@ -101,7 +102,8 @@ class Sensitivity:
         return Table(rows, ["quantizer", "name"] + [f"{b} bit" for b in self.bits], title=self.summary())
 
     def summary(self) -> str:
-        worst = max(((v[min(self.bits)], n) for part in (self.weights, self.activations) for n, v in part.items()),
+        worst = max(((v[min(self.bits)], n) for part in (self.weights, self.activations) for n,
+                     v in part.items()),
                     default=(0.0, "-"))
         return (f"sensitivity ({self.method}: calibration-loss increase, one layer quantized at a time) of "
                 f"{self.checkpoint} on {self.n_calib} training images, L0 = {self.base_loss:.4f}; "
@@ -114,14 +116,15 @@ class Sensitivity:
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, n_calib: int = 256,
+def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DEFAULT_BITS,
+                        n_calib: int = 256,
                         batch_size: int = 128, cache: bool = True, progress: bool = False) -> Sensitivity:
     """Sensitivity (module docstring) of the network of PACT/TQT config ``cfg`` with the float weights of
     ``checkpoint`` (a run folder or checkpoint file; default ``network.pretrained``), read from or written to
     ``sensitivity.json`` beside it when ``cache``."""
     if not cfg["network"].get("quantize"):
-        raise ConfigError("network.quantize", "is missing: sensitivity needs the PACT/TQT config whose bits it "
-                          "varies", "Pass e.g. configs/embedded/config.pact.4b.json")
+        raise ConfigError("network.quantize", "is missing: sensitivity needs the PACT/TQT config whose bits "
+                          "it varies", "Pass e.g. configs/embedded/config.pact.4b.json")
     path = checkpoint_file(checkpoint if checkpoint is not None else cfg["network"].get("pretrained"))
     bits = bit_choices(bits)
     if not isinstance(n_calib, int) or isinstance(n_calib, bool) or n_calib < 1:
@@ -140,7 +143,8 @@ def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DE
     result = Sensitivity(bits, len(x), base, weights, acts, str(path), key)
     if cache:
         try:
-            write_text_atomic(json.dumps({**read_cache(store), key: result.as_json()}, indent=1) + "\n", store)
+            write_text_atomic(json.dumps({**read_cache(store), key: result.as_json()}, indent=1) + "\n",
+                              store)
         except OSError as err:
             warnings.warn(f"sensitivity not cached: cannot write {store} ({err.strerror})", stacklevel=2)
     return result
@@ -164,8 +168,8 @@ def _check_sawb(qnet: nn.Module, plan: BitPlan, bits: tuple[int, ...]) -> None:
     sawb = [n for n in plan.w_bits if qnet.get_submodule(n).init_clip.startswith("sawb")]
     lacking = [b for b in bits if 2 ** b not in SAWB_COEFFS]
     if sawb and lacking:
-        raise ValueError(f"bits {lacking}: weights of '{sawb[0]}' (and {len(sawb) - 1} more) start by SAWB, whose "
-                         f"coefficients exist for {sorted(SAWB_COEFFS)} levels only; use bits up to 8")
+        raise ValueError(f"bits {lacking}: weights of '{sawb[0]}' (and {len(sawb) - 1} more) start by SAWB, "
+                         f"whose coefficients exist for {sorted(SAWB_COEFFS)} levels only; use bits up to 8")
 
 
 def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int) -> str:
@@ -197,14 +201,15 @@ def float_weights_network(cfg: dict, checkpoint: Path) -> fx.GraphModule:
     own = net.state_dict()
     missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if missing:
-        raise CheckpointError(f"'{checkpoint}' does not fit the network of the config: '{missing[0]}' is missing or "
-                              f"has another shape ({len(missing)} tensors): pass a run of the same network "
-                              "(network.kwargs width, classes, stride table)")
+        raise CheckpointError(f"'{checkpoint}' does not fit the network of the config: '{missing[0]}' is "
+                              f"missing or has another shape ({len(missing)} tensors): pass a run of the "
+                              "same network (network.kwargs width, classes, stride table)")
     net.load_state_dict({k: state[k] for k in own})
     qnet, _ = pact_recipe(net, cfg["network"]["quantize"])
     if not isinstance(qnet, fx.GraphModule):
         raise ConfigError("network.quantize.harmonize", "is false: sensitivity needs the harmonized network")
-    for module in qnet.modules():  # layers left in float (e.g. a ReLU6 no quantizer replaced) must not work in place
+    # layers left in float (e.g. a ReLU6 no quantizer replaced) must not work in place
+    for module in qnet.modules():
         if getattr(module, "inplace", False):
             module.inplace = False
     return qnet.eval()
@@ -237,21 +242,25 @@ def measure(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tenso
     modules = dict(qnet.named_modules())
     inplace = [n for n, m in modules.items() if getattr(m, "inplace", False)]
     if inplace:
-        raise ValueError(f"'{inplace[0]}' works in place, which would overwrite recorded values: set its inplace "
-                         "to False (float_weights_network does)")
+        raise ValueError(f"'{inplace[0]}' works in place, which would overwrite recorded values: set its "
+                         "inplace to False (float_weights_network does)")
     members = plan.activation_groups()
-    groups = {leader: [q for name in names for q in _quantizers(name, modules)] for leader, names in members.items()}
+    groups = {leader: [q for name in names for q in _quantizers(name, modules)] for leader,
+              names in members.items()}
     samples = _activation_samples(qnet, [q for qs in groups.values() for q in qs], x, batch_size)
-    clips = {(q, b): _mse_clip(modules[q], samples[q], 2 ** b) for qs in groups.values() for q in qs for b in bits}
+    clips = {(q, b): _mse_clip(modules[q], samples[q],
+                               2 ** b) for qs in groups.values() for q in qs for b in bits}
     jobs = [_Job("weights", g.name, [g.name], [g.name]) for g in plan.layers] + \
-        [_Job("activations", k, v, groups[k], [modules[n] for n in v if isinstance(modules[n], PACTIntegerAdd)])
+        [_Job("activations", k, v, groups[k], [modules[n] for n in v if isinstance(modules[n],
+                                                                                   PACTIntegerAdd)])
          for k, v in members.items()]
     sums = {(job.part, job.name, b): 0.0 for job in jobs for b in bits}
     base = 0.0
     record, rerun = _Record(qnet), _Rerun(qnet, bits)
     per_image = sum(v.numel() * v.element_size() for v in record.record(x[:1]).values() if torch.is_tensor(v))
     batch_size = max(1, min(batch_size, RECORD_BYTES // per_image))
-    bar = tqdm(total=len(jobs) * -(-len(x) // batch_size), desc="sensitivity", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=len(jobs) * -(-len(x) // batch_size), desc="sensitivity", disable=not progress,
+               mininterval=1.0)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         rerun.recorded = record.record(xb)
@@ -282,7 +291,8 @@ class _Job:
     adders: list = field(default_factory=list)
 
     def configure(self, modules: dict, clips: dict, bits: int) -> None:
-        """Start the job's quantizers at ``bits``: weights by the layer's own rule, activations at their clip."""
+        """Start the job's quantizers at ``bits``: weights by the layer's own rule, activations at their
+        clip."""
         for q in self.quantizers:
             if self.part == "weights":
                 _restart(modules[q], n_levels=2 ** bits)
@@ -309,7 +319,8 @@ class _Record(fx.Interpreter):
 class _Rerun(fx.Interpreter):
     """Re-runs one job for every bit-width at once: nodes outside ``dirty`` give their value in ``recorded``
     (``len(bits)`` copies along the batch where a float node below the job reads them); the job's own modules
-    run each bit-width's part of the batch after ``configure(bits)``; the other dirty nodes the whole batch."""
+    run each bit-width's part of the batch after ``configure(bits)``; the other dirty nodes the whole
+    batch."""
 
     def __init__(self, module: fx.GraphModule, bits):
         super().__init__(module)
@@ -320,7 +331,8 @@ class _Rerun(fx.Interpreter):
     def run_job(self, x: torch.Tensor, job: _Job, configure) -> torch.Tensor:
         if job.name not in self.downstream:
             dirty = _downstream(self.graph, job.targets)
-            tiled = {a.name for n in self.graph.nodes if n.name in dirty and not self._is_target(n, job.targets)
+            tiled = {a.name for n in self.graph.nodes if n.name in dirty and not self._is_target(n,
+                                                                                                 job.targets)
                      for a in n.all_input_nodes if a.name not in dirty}
             self.downstream[job.name] = dirty, tiled
         self.dirty, self.tiled = self.downstream[job.name]
@@ -362,7 +374,8 @@ def _downstream(graph: fx.Graph, targets: list[str]) -> set[str]:
 
 
 def _quantizers(name: str, modules: dict[str, nn.Module]) -> list[str]:
-    """The quantizer modules behind an activation key: an adder's inputs and output, else the module itself."""
+    """The quantizer modules behind an activation key: an adder's inputs and output, else the module
+    itself."""
     module = modules[name]
     if isinstance(module, PACTIntegerAdd):
         return [f"{name}.acts.{i}" for i in range(len(module.acts))] + [f"{name}.act_out"]
@@ -389,7 +402,8 @@ def _activation_samples(net, names: list[str], x: torch.Tensor, batch_size: int)
     out = {}
     for n, parts in seen.items():
         values = torch.cat(parts)
-        out[n] = values if len(values) <= SAMPLES else values[torch.randint(len(values), (SAMPLES,), generator=gen)]
+        out[n] = values if len(values) <= SAMPLES else values[torch.randint(len(values), (SAMPLES,),
+                                                                            generator=gen)]
     return out
 
 
@@ -408,7 +422,8 @@ def _mse_clip(q: QuantizerBase, values: torch.Tensor, n_levels: int) -> tuple[di
     if q.signed and (q.symm or q.tqt):
         hi = max(abs(lo), abs(hi))
         lo = -hi
-    settings = {"n_levels": n_levels, "init_clip": "const", "init_clip_lo": min(lo, 0.0), "init_clip_hi": max(hi, 1e-8)}
+    settings = {"n_levels": n_levels, "init_clip": "const", "init_clip_lo": min(lo, 0.0),
+                "init_clip_hi": max(hi, 1e-8)}
     _restart(q, **settings)
     full = q.get_eps()
     best = (float("inf"), full)

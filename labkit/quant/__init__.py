@@ -1,4 +1,5 @@
-"""Stage 3, quant: fake-quant kernels, PACT and TQT quantizers, init rules, controllers, recipe, harmonization."""
+"""Stage 3, quant: fake-quant kernels, PACT and TQT quantizers, init rules, controllers, recipe,
+harmonization."""
 
 from labkit.config.spec import ACT_KINDS, MAX_LEVELS, MIN_LEVELS, QUANTIZE_MODES, QuantSpec, SpecError
 from labkit.quant.acts import PACTAsymmetricAct, PACTIntegerAdd, PACTUnsignedAct
@@ -10,9 +11,11 @@ from labkit.quant.layers import PACTConv2d, PACTLinear
 from labkit.quant.optimizers import PACTSGD, PACTAdam, normalize_tqt_grads, split_parameters, tqt_modules
 
 __all__ = [
-    "ACT_INIT_MODES", "ACT_KINDS", "COMMANDS", "EPS_MIN", "MAX_LEVELS", "MIN_LEVELS", "QUANTIZE_MODES", "SAWB_COEFFS",
+    "ACT_INIT_MODES", "ACT_KINDS", "COMMANDS", "EPS_MIN", "MAX_LEVELS", "MIN_LEVELS", "QUANTIZE_MODES",
+    "SAWB_COEFFS",
     "WEIGHT_INIT_MODES", "PACTAdam", "PACTAsymmetricAct", "PACTController", "PACTConv2d", "PACTIntegerAdd",
-    "PACTLinear", "PACTSGD", "PACTUnsignedAct", "QuantSpec", "QuantizerBase", "SpecError", "get_pact_controllers",
+    "PACTLinear", "PACTSGD", "PACTUnsignedAct", "QuantSpec", "QuantizerBase", "SpecError",
+    "get_pact_controllers",
     "normalize_tqt_grads", "pact_quantize", "parse_schedule", "quant_summaries", "quantizers", "sawb_clip",
     "sawb_coefficients", "split_parameters", "tqt_modules", "tqt_quantize", "tqt_scale",
 ]

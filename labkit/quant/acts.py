@@ -15,8 +15,8 @@ from labkit.quant.base import QuantizerBase
 
 
 class _ActQuantizer(QuantizerBase):
-    """Activation quantizer: float ``act_kind`` before ``start``, gathering in training mode the statistics its
-    ``init_clip`` rule reads (none for ``const``: a rule changed after gathering needs a new pass); fake
+    """Activation quantizer: float ``act_kind`` before ``start``, gathering in training mode the statistics
+    its ``init_clip`` rule reads (none for ``const``: a rule changed after gathering needs a new pass); fake
     quantization after.
 
     Built from a :class:`QuantSpec` (``spec=``) or from its settings as keyword arguments."""
@@ -57,8 +57,9 @@ class _ActQuantizer(QuantizerBase):
     def _raw_init_bounds(self):
         mode = self.init_clip
         if mode != "const" and int(self.n_stat_batches) == 0:
-            warnings.warn(f"{type(self).__name__}: start() with init_clip={mode!r} but no statistics were gathered "
-                          f"(no training batch before start): using const [{self.init_clip_lo}, {self.init_clip_hi}]",
+            warnings.warn(f"{type(self).__name__}: start() with init_clip={mode!r} but no statistics were "
+                          f"gathered (no training batch before start): using const [{self.init_clip_lo}, "
+                          f"{self.init_clip_hi}]",
                           stacklevel=3)
             mode = "const"
         return qinit.act_clip(self.stats(), mode, self.nb_std, self.init_clip_lo, self.init_clip_hi)
@@ -73,13 +74,16 @@ class _ActQuantizer(QuantizerBase):
         return self.fake_quant(x if not self.signed else self.float_act(x))
 
     def extra_repr(self) -> str:
-        return f"{self._quant_repr()}, act_kind={self.act_kind!r}, started={self._started}, frozen={self._frozen}"
+        return (
+            f"{self._quant_repr()}, act_kind={self.act_kind!r}, started={self._started},"
+            f" frozen={self._frozen}"
+        )
 
 
 class PACTUnsignedAct(_ActQuantizer):
-    """``y = q(clamp(x, 0, alpha))`` on ``n_levels`` levels, eps = alpha / (n_levels - 1); alpha = ``clip_hi``,
-    learned with dL/dalpha = sum of g over x >= alpha when ``learn_clip``. Float ``act_kind`` before start.
-    Settings: :class:`QuantSpec` role ``unsigned_act``."""
+    """``y = q(clamp(x, 0, alpha))`` on ``n_levels`` levels, eps = alpha / (n_levels - 1); alpha =
+    ``clip_hi``, learned with dL/dalpha = sum of g over x >= alpha when ``learn_clip``. Float ``act_kind``
+    before start. Settings: :class:`QuantSpec` role ``unsigned_act``."""
 
     ROLE = "unsigned_act"
 
@@ -96,7 +100,8 @@ class PACTIntegerAdd(nn.Module):
     """``y = act_out(sum_i acts[i](x_i))``. :meth:`sync_eps` gives all input quantizers one eps (the largest
     input eps, or the output's with ``force_out_eps``) so their integer codes add exactly:
     ``sum_i x_i = sum_i lo_i + eps * sum_i c_i``. ``spec`` / ``settings``: the quantizers' settings
-    (role ``signed_act``, or ``unsigned_act`` with ``signed=False``: then ``act_kind`` defaults to identity)."""
+    (role ``signed_act``, or ``unsigned_act`` with ``signed=False``: then ``act_kind`` defaults to
+    identity)."""
 
     def __init__(self, num_args: int = 2, spec: QuantSpec | None = None, force_out_eps: bool = False,
                  signed: bool = True, **settings):

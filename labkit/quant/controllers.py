@@ -3,14 +3,15 @@
 A schedule maps epochs (str or int) to a command or a list of commands, e.g.
 ``{"0": ["start", "verbose_on"], "4": "freeze"}``. ``step_pre_training_epoch(e)`` applies, in epoch order,
 every scheduled command with ``last_epoch < epoch <= e`` (so skipped epochs are caught up) and records
-``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. While verbose, each command is reported
-as one line to ``log`` (per-layer bounds too when ``detail`` is set) and kept, with every quantizer's bounds, in
-``events`` (the trainer writes them to the run folder). Commands are idempotent (``start`` on a started quantizer keeps its bounds), so re-applying a
-schedule to a net restored from a checkpoint reproduces the uninterrupted run's module state.
-The activation controller also covers the adders' quantizers and calls every adder's ``sync_eps`` after its
-commands, before every training batch and before validation. At the same points the linear controller
-re-derives the weight bounds that are not learned from the current weights (``refresh_bounds``: started, not
-frozen, ``learn_clip`` false), so that they follow the weights as in the reference.
+``last_epoch``; within one epoch ``verbose_on``/``verbose_off`` go first. While verbose, each command is
+reported as one line to ``log`` (per-layer bounds too when ``detail`` is set) and kept, with every quantizer's
+bounds, in ``events`` (the trainer writes them to the run folder). Commands are idempotent (``start`` on a
+started quantizer keeps its bounds), so re-applying a schedule to a net restored from a checkpoint reproduces
+the uninterrupted run's module state. The activation controller also covers the adders' quantizers and calls
+every adder's ``sync_eps`` after its commands, before every training batch and before validation. At the same
+points the linear controller re-derives the weight bounds that are not learned from the current weights
+(``refresh_bounds``: started, not frozen, ``learn_clip`` false), so that they follow the weights as in the
+reference.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ def parse_schedule(schedule: dict | None, what: str = "schedule") -> dict[int, l
 
 
 class PACTController:
-    """Drives a set of quantizers (``[(name, module)]``) by an epoch schedule; ``start_kwargs`` go to ``start``."""
+    """Drives a set of quantizers (``[(name, module)]``) by an epoch schedule; ``start_kwargs`` go to
+    ``start``."""
 
     def __init__(self, modules: list[tuple[str, QuantizerBase]], schedule: dict | None, adders=(),
                  name: str = "quantizers", **start_kwargs):
         for k in start_kwargs:
             if k not in START_KWARGS:
-                raise TypeError(f"{name} controller: unknown keyword {k!r}; allowed: {', '.join(START_KWARGS)}")
+                raise TypeError(f"{name} controller: unknown keyword {k!r}; allowed: "
+                                f"{', '.join(START_KWARGS)}")
         self.modules = list(modules)
         self.adders = list(adders)
         self.weight_quantizers = [m for _, m in self.modules if isinstance(m, _WeightQuantizer)]
@@ -86,7 +89,8 @@ class PACTController:
         self.events.append({"epoch": self.epoch, "controller": self.name, "command": command,
                             "quantizers": rows})
         eps = [r["eps"] for r in rows] or [float("nan")]
-        self.log(f"[{self.name} controller] {command}: {len(rows)} quantizers, eps {min(eps):.3g} .. {max(eps):.3g}")
+        self.log(f"[{self.name} controller] {command}: {len(rows)} quantizers, eps {min(eps):.3g} .. "
+                 f"{max(eps):.3g}")
         if self.detail:
             for r in rows:
                 self.log(f"  {r['name']}: lo={r['lo']:.5g} hi={r['hi']:.5g} eps={r['eps']:.5g} "
@@ -129,8 +133,8 @@ class BatchNormController:
     re-estimates every layer's running mean and variance as the plain average over the next
     ``recalibration_batches`` training batches (the network as it then is, quantizers included; 0: keep the
     running statistics as they are), then normalises with those fixed statistics in training too, so that
-    training optimises the network that evaluation runs (standard QAT practice: batch statistics frozen for the
-    last epochs); ``thaw`` returns to batch statistics and running averages. The affine parameters keep
+    training optimises the network that evaluation runs (standard QAT practice: batch statistics frozen for
+    the last epochs); ``thaw`` returns to batch statistics and running averages. The affine parameters keep
     training. It acts through the trainer's hooks: before every training batch (after the loop's
     ``model.train()``) it puts the layers in the mode the state asks for; layers are looked up then, so a
     SyncBatchNorm conversion after construction is followed. Each command is one line in ``log``."""
@@ -148,8 +152,8 @@ class BatchNormController:
         for epoch, cmds in self.schedule.items():
             wrong = [c for c in cmds if c not in self.COMMANDS]
             if wrong:
-                raise ValueError(f"{name} schedule[{str(epoch)!r}]: command {wrong[0]!r} does not apply to batch "
-                                 f"norm; use {', '.join(self.COMMANDS)}")
+                raise ValueError(f"{name} schedule[{str(epoch)!r}]: command {wrong[0]!r} does not apply to "
+                                 f"batch norm; use {', '.join(self.COMMANDS)}")
         self.recalibration_batches = recalibration_batches
         self.momenta = {n: m.momentum for n, m in self.layers()}
         self.frozen = False
@@ -171,7 +175,11 @@ class BatchNormController:
         self.to_average = self.recalibration_batches if self.frozen else 0
         for _, m in self.layers() if self.to_average else ():
             m.reset_running_stats()
-        how = f" after averaging the statistics of {self.to_average} training batches" if self.to_average else ""
+        how = (
+            f" after averaging the statistics of {self.to_average} training batches"
+            if self.to_average
+            else ""
+        )
         self.log(f"[{self.name} controller] {command}: {len(self.momenta)} layers{how}")
 
     def step_pre_training_epoch(self, epoch: int) -> None:
@@ -209,10 +217,10 @@ def get_pact_controllers(net: nn.Module, schedules: dict, kwargs_linear: dict | 
                          kwargs_activation: dict | None = None, kwargs_batchnorm: dict | None = None) -> list:
     """Controllers for ``schedules = {"linear": {...}, "activation": {...}, "batchnorm": {...}}`` (any key may
     be missing): ``linear`` drives PACTConv2d/PACTLinear weight quantizers; ``activation`` drives activation
-    quantizers (adders' included) and syncs adder eps; ``batchnorm`` (labkit's, not the reference's) freezes and
-    thaws the batch-norm statistics (:class:`BatchNormController`). ``kwargs_linear``/``kwargs_activation``
-    (``init_clip_hi``/``init_clip_lo``) go to ``start``; ``kwargs_batchnorm`` (``recalibration_batches``) to the
-    batch-norm controller."""
+    quantizers (adders' included) and syncs adder eps; ``batchnorm`` (labkit's, not the reference's) freezes
+    and thaws the batch-norm statistics (:class:`BatchNormController`).
+    ``kwargs_linear``/``kwargs_activation`` (``init_clip_hi``/``init_clip_lo``) go to ``start``;
+    ``kwargs_batchnorm`` (``recalibration_batches``) to the batch-norm controller."""
     schedules = dict(schedules or {})
     unknown = set(schedules) - {"linear", "activation", "batchnorm"}
     if unknown:

@@ -14,8 +14,9 @@ summed down to the shape of ``lo`` / ``hi`` (a scalar, or one value per output c
 TQT (arXiv 1903.08066): a trained ``log2_t``; scale ``s = 2^log2_t / D`` (continuous, as the reference
 library) or ``s = 2^ceil(log2_t - log2 D)`` (``pow2``: the paper, ``2^ceil(log2 t) / 2^(b-1)`` signed and
 ``2^ceil(log2 t) / 2^b`` unsigned). Codes ``n..p`` and divisor ``D`` (:func:`tqt_code_range`, N = n_levels):
-signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``D = floor(N/2)`` (t = -lo); unsigned ``n = 0``, ``p = N - 1``,
-``D = N - 1`` continuous (t = hi, the reference's step t / (N - 1)) or ``D = N`` with ``pow2`` (the paper)::
+signed ``n = -floor(N/2)``, ``p = N - 1 + n``, ``D = floor(N/2)`` (t = -lo); unsigned ``n = 0``, ``p = N -
+1``, ``D = N - 1`` continuous (t = hi, the reference's step t / (N - 1)) or ``D = N`` with ``pow2`` (the
+paper)::
 
     q = s * clamp(R(x/s), n, p)
     dq/dx = 1 if n <= R(x/s) <= p else 0
@@ -33,8 +34,8 @@ scale). The training loop applies it right before the optimizer step
 (:func:`labkit.quant.optimizers.normalize_tqt_grads`), not inside backward as the reference does (there the
 gradients are final: accumulated, averaged by DDP, unscaled under AMP).
 
-Without autograd (no input needs a gradient, or grad mode off: validation) ``pact_quantize`` / ``tqt_quantize``
-run the forward kernel alone, without the region code and the rounding residual.
+Without autograd (no input needs a gradient, or grad mode off: validation) ``pact_quantize`` /
+``tqt_quantize`` run the forward kernel alone, without the region code and the rounding residual.
 
 NaN inputs: the output is NaN at those positions and they contribute no gradient to x nor to the bounds.
 Half-precision inputs are computed in float32; the output has the input's dtype.
@@ -67,10 +68,10 @@ def grid_eps(lo: torch.Tensor, hi: torch.Tensor, n_levels: int) -> torch.Tensor:
     return torch.clamp((hi - lo) / (n_levels - 1), min=EPS_MIN)
 
 
-# ------------------------------------------------------------------------------------------------ fused kernels
-# Forward computes the output in place in its own buffer plus a 1-byte region code per element, the only
-# tensor PACT saves for backward (TQT adds the rounding residual): code = [x >= lo] + 2 [x < hi] (TQT: on the
-# integer codes, [c >= n] + 2 [c <= p]); a NaN fails every comparison:
+# ------------------------------------------------------------------------------------------------ fused
+# kernels Forward computes the output in place in its own buffer plus a 1-byte region code per element, the
+# only tensor PACT saves for backward (TQT adds the rounding residual): code = [x >= lo] + 2 [x < hi] (TQT: on
+# the integer codes, [c >= n] + 2 [c <= p]); a NaN fails every comparison:
 #     below = 2, inside = 3, above = 1, NaN = 0   (NaN: no gradient to x nor to any bound)
 # Backward writes one region's 0/1 mask straight into a float scratch buffer (``eq(code, region, out=buf)``)
 # and either multiplies it by g in place (the x gradient) or takes a dot product with g (a per-tensor bound's
@@ -203,8 +204,9 @@ def _tracked(*ts) -> bool:
 
 
 def tqt_code_range(n_levels: int, signed: bool, pow2: bool = False) -> tuple[int, int, int]:
-    """``(n, p, D)``: code range and threshold divisor, ``s = t / D`` (signed: n = -D, D = floor(N/2); unsigned:
-    n = 0, D = N - 1, so that hi = t as in the reference, or D = N with ``pow2``, the paper's 2^b)."""
+    """``(n, p, D)``: code range and threshold divisor, ``s = t / D`` (signed: n = -D, D = floor(N/2);
+    unsigned: n = 0, D = N - 1, so that hi = t as in the reference, or D = N with ``pow2``, the paper's
+    2^b)."""
     if signed:
         d = n_levels // 2
         return -d, n_levels - 1 - d, d

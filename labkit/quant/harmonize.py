@@ -1,7 +1,8 @@
 """Harmonization: make a fake-quantized network integerizable (a torch.fx pass).
 
-After :func:`labkit.quant.recipe.pact_recipe` has swapped convs, linears and ReLUs for their PACT counterparts,
-three kinds of tensors are still not on an integer grid. :func:`harmonize` traces the network and fixes them:
+After :func:`labkit.quant.recipe.pact_recipe` has swapped convs, linears and ReLUs for their PACT
+counterparts, three kinds of tensors are still not on an integer grid. :func:`harmonize` traces the network
+and fixes them:
 
 1. **Residual adds.** Every ``a + b`` (``operator.add``, ``torch.add``, ``Tensor.add``) between two tensors
    becomes a :class:`~labkit.quant.PACTIntegerAdd` submodule: one quantizer per input and one on the output,
@@ -11,9 +12,10 @@ three kinds of tensors are still not on an integer grid. :func:`harmonize` trace
    conv/linear (:class:`~labkit.quant.PACTConv2d`, :class:`~labkit.quant.PACTLinear`) with no quantizer in
    between (only shape ops such as flatten/dropout), a signed :class:`~labkit.quant.PACTAsymmetricAct` is
    inserted right after the producer, and *every* user of the producer reads the quantized tensor (so the
-   skip connection of the next block carries the same codes as its first conv). Named ``<module>.output_act`` after the outermost module whose output
-   that tensor is (``features.0.output_act``: after the projection BN of a block without skip), else
-   ``<producer>_act``. In MobileNetV2: blocks 0, 1, 3, 6, 10, 13, 16 -> 7 insertions.
+   skip connection of the next block carries the same codes as its first conv). Named ``<module>.output_act``
+   after the outermost module whose output that tensor is (``features.0.output_act``: after the projection BN
+   of a block without skip), else ``<producer>_act``. In MobileNetV2: blocks 0, 1, 3, 6, 10, 13, 16 -> 7
+   insertions.
 3. **Average pool** (``requant_pool``, default **True**). The mean of integer codes is not an integer, so
    the classifier's input is re-quantized right after the pool (``avgpool_act``): unsigned
    (:class:`~labkit.quant.PACTUnsignedAct`, ``act_kind='relu'``) when the pool's input comes from an unsigned
@@ -169,7 +171,8 @@ def _insert(gm: fx.GraphModule, graph: fx.Graph, found: HarmonizePlan, built: li
 
 
 def harmonized_layers(net: nn.Module) -> list[dict]:
-    """What :func:`harmonize` inserted into ``net`` (name, type, role, kwargs); ``[]`` if nothing/not harmonized."""
+    """What :func:`harmonize` inserted into ``net`` (name, type, role, kwargs); ``[]`` if nothing/not
+    harmonized."""
     meta = getattr(net, "meta", None)
     return [dict(d) for d in (meta or {}).get(META_KEY, {}).get("inserted", [])]
 
@@ -199,20 +202,24 @@ def _analyse(graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer
 
 
 class _Analysis:
-    """One pass of :func:`_analyse` over a traced graph: where quantizers go and which quantizer feeds what."""
+    """One pass of :func:`_analyse` over a traced graph: where quantizers go and which quantizer feeds
+    what."""
 
-    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer, will_quantize: set):
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], tracer: QuantTracer,
+                 will_quantize: set):
         self.graph, self.modules, self.tracer, self.will_quantize = graph, modules, tracer, will_quantize
         self.taken = set(modules)
         self.found = HarmonizePlan()
         self.at: dict[fx.Node, str] = {}  # graph node -> name of the module that quantizes it
 
     def module(self, node) -> nn.Module | None:
-        return self.modules.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+        return self.modules.get(node.target) if isinstance(node,
+                                                           fx.Node) and node.op == "call_module" else None
 
     def is_qlinear(self, node) -> bool:
         m = self.module(node)
-        return isinstance(m, QUANT_LINEAR) or (isinstance(m, FLOAT_LINEAR) and node.target in self.will_quantize)
+        return isinstance(m, QUANT_LINEAR) or (isinstance(m,
+                                                          FLOAT_LINEAR) and node.target in self.will_quantize)
 
     def is_quantizer(self, node) -> bool:
         m = self.module(node)
@@ -232,9 +239,10 @@ class _Analysis:
         for node in self.graph.nodes:
             if _is_tensor_add(node):
                 if node.kwargs:
-                    raise ValueError(f"harmonize: add '{node.name}' in '{node.meta.get('labkit_scope') or 'the root'}'"
-                                     f" has keyword arguments {dict(node.kwargs)} (e.g. alpha): an integer adder "
-                                     "cannot express them; write a plain 'a + b'")
+                    raise ValueError(f"harmonize: add '{node.name}' in "
+                                     f"'{node.meta.get('labkit_scope') or 'the root'}' has keyword arguments "
+                                     f"{dict(node.kwargs)} (e.g. alpha): an integer adder cannot express "
+                                     "them; write a plain 'a + b'")
                 self.insert(node, "integer_add", _join(node.meta.get("labkit_scope", ""), "integer_add"))
 
     def unquantized_inputs(self, requant_pool: bool, warn: bool) -> None:
@@ -245,37 +253,47 @@ class _Analysis:
             if not self.is_qlinear(node) or not node.args:
                 continue
             src = _skip_passthrough(node.args[0], modules)
-            if not isinstance(src, fx.Node) or src.op in ("placeholder", "get_attr") or self.is_quantizer(src) \
+            if not isinstance(src, fx.Node) or src.op in ("placeholder",
+                                                          "get_attr") or self.is_quantizer(src) \
                     or src in self.at:
                 continue
             producer = self.module(src)
             if isinstance(producer, PRODUCERS):
                 outer = self.tracer.module_outputs.get(src, [])
-                self.insert(src, "output_act", _join(outer[-1], "output_act") if outer else f"{src.target}_act")
+                self.insert(src, "output_act", _join(outer[-1],
+                                                     "output_act") if outer else f"{src.target}_act")
             elif _is_pool(src, modules):
                 if requant_pool:
                     base = f"{src.target}_act" if src.op == "call_module" else \
                         _join(src.meta.get("labkit_scope", ""), "pool_act")
                     feeder = _skip_passthrough(src.args[0], modules)
-                    self.insert(src, "pool_act", base, unsigned=_is_unsigned(feeder, modules, self.will_quantize))
+                    self.insert(src, "pool_act", base, unsigned=_is_unsigned(feeder, modules,
+                                                                             self.will_quantize))
                     self.found.follows[self.at[src]] = _quantizer_of(feeder, self.at, self.is_quantizer)
             elif warn:
-                what = f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
-                warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no quantizer "
-                              "in between, so that layer's input is not on an integer grid; quantize it too "
-                              "(e.g. add it to PACTUnsignedAct in network.quantize)", stacklevel=4)
+                what = (
+                    f"{src.target} ({type(producer).__name__})" if producer is not None else f"'{src.name}'"
+                )
+                warnings.warn(f"harmonize: {what} feeds the quantized layer '{node.target}' with no "
+                              "quantizer in between, so that layer's input is not on an integer grid; "
+                              "quantize it too (e.g. add it to PACTUnsignedAct in network.quantize)",
+                              stacklevel=4)
 
     def links(self) -> None:
-        """The quantizer each layer reads and the one that requantizes its output; what each quantizer follows."""
+        """The quantizer each layer reads and the one that requantizes its output; what each quantizer
+        follows."""
         at, is_quantizer = self.at, self.is_quantizer
         for node in self.graph.nodes:
             if self.is_qlinear(node) and node.args:
                 src = _skip_passthrough(node.args[0], self.modules)
                 self.found.links[node.target] = {"input": _quantizer_of(src, at, is_quantizer),
-                                                 "output": _output_quantizer(node, self.modules, at, is_quantizer)}
-            elif is_quantizer(node) and len(node.args) == 1 and not isinstance(self.module(node), PACTIntegerAdd):
+                                                 "output": _output_quantizer(node, self.modules, at,
+                                                                             is_quantizer)}
+            elif is_quantizer(node) and len(node.args) == 1 and not isinstance(self.module(node),
+                                                                               PACTIntegerAdd):
                 src = node.args[0]
-                while isinstance(src, fx.Node) and (_is_passthrough(src, self.modules) or _is_pool(src, self.modules)):
+                while isinstance(src, fx.Node) and (_is_passthrough(src, self.modules) or _is_pool(src,
+                                                                                                   self.modules)):
                     src = src.args[0]
                 if isinstance(src, fx.Node) and (is_quantizer(src) or src in at):
                     self.found.follows[node.target] = _quantizer_of(src, at, is_quantizer)
@@ -360,7 +378,9 @@ def _match_overrides(layers: dict[str, dict | None], names: list[str]) -> dict[s
         try:
             pattern = re.compile(regex)
         except re.error as err:
-            raise ValueError(f"harmonize.layers: {regex!r} is not a valid regular expression ({err})") from err
+            raise ValueError(
+                f"harmonize.layers: {regex!r} is not a valid regular expression ({err})"
+            ) from err
         hits = [n for n in names if pattern.match(n)]
         if not hits:
             raise ValueError(f"harmonize.layers: regex {regex!r} matches no inserted module; the harmonizer "
@@ -368,7 +388,8 @@ def _match_overrides(layers: dict[str, dict | None], names: list[str]) -> dict[s
         for name in hits:
             if name in claimed:
                 raise ValueError(f"harmonize.layers: inserted module '{name}' is matched by both "
-                                 f"{claimed[name]!r} and {regex!r}; make the regexes disjoint (anchor with '$')")
+                                 f"{claimed[name]!r} and {regex!r}; make the regexes disjoint (anchor with "
+                                 "'$')")
             claimed[name] = regex
             out[name] = dict(kwargs or {})
     return out
@@ -390,11 +411,17 @@ def _build(item: dict, kwargs: dict, force_out_eps: bool) -> nn.Module:
 
 
 def _keep_plain_attributes(net: nn.Module, gm: fx.GraphModule) -> None:
-    """Copy the root's public scalar attributes (``num_classes``, ``capacity``...) so they survive on ``gm``."""
+    """Copy the root's public scalar attributes (``num_classes``, ``capacity``...) so they survive on
+    ``gm``."""
     keep = {k: v for k, v in vars(net).items()
-            if not k.startswith("_") and k not in ("training", "meta") and isinstance(v, (bool, int, float, str))
+            if not k.startswith("_") and k not in ("training", "meta") and isinstance(v,
+                                                                                      (bool, int, float, str))
             and not (isinstance(v, float) and math.isnan(v))}
-    keep.update(getattr(net, "meta", {}).get(_USER_PRESERVED_ATTRIBUTES_KEY, {}) if isinstance(net, fx.GraphModule) else {})
+    keep.update(
+        getattr(net, "meta", {}).get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+        if isinstance(net, fx.GraphModule)
+        else {}
+    )
     for key, value in keep.items():
         if not hasattr(gm, key):
             setattr(gm, key, value)

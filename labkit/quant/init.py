@@ -8,10 +8,10 @@ Weights (computed from the tensor at ``start``; per layer, or per output channel
   ``sawb_asymm`` the same with the almost-symmetric-range coefficients (odd n_levels: the only column)
   ``const``      [init_clip_lo, init_clip_hi]
 SAWB falls back to max |w| wherever alpha* <= 0. Above 16 levels it also falls back wherever max |w| quantizes
-the weights with a lower mean squared error on the quantizer's grid (:func:`grid_mse`): there c2 / c1 > 1.02, so
-the fit, a difference of two large terms, collapses to 0 as sqrt(E[w^2]) / E|w| (>= 1) falls to c2 / c1 (1.154
-at 256 levels; a uniform distribution has 1.155) and clips light-tailed channels to a fraction of their range.
-At 16 levels and below c2 / c1 <= 1.003 and the fit is kept, as the reference keeps it everywhere.
+the weights with a lower mean squared error on the quantizer's grid (:func:`grid_mse`): there c2 / c1 > 1.02,
+so the fit, a difference of two large terms, collapses to 0 as sqrt(E[w^2]) / E|w| (>= 1) falls to c2 / c1
+(1.154 at 256 levels; a uniform distribution has 1.155) and clips light-tailed channels to a fraction of their
+range. At 16 levels and below c2 / c1 <= 1.003 and the fit is kept, as the reference keeps it everywhere.
 
 Activations (from statistics gathered in training mode before ``start``):
   ``max`` EMA of the batch min / max (unsigned: hi only); ``std`` mean -/+ nb_std * std (EMAs of the batch
@@ -79,9 +79,10 @@ def _reduce_dims(w: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
     return tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
 
 
-def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
-    """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0 and, above
-    ``SAWB_GUARD_ABOVE`` levels, where max |w| gives the lower :func:`grid_mse`."""
+def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm",
+              per_channel: bool = False) -> torch.Tensor:
+    """``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked); max |w| where alpha* <= 0 and,
+    above ``SAWB_GUARD_ABOVE`` levels, where max |w| gives the lower :func:`grid_mse`."""
     dims = _reduce_dims(w, per_channel)
     wf = w.detach().float()
     a = wf.abs()
@@ -93,7 +94,8 @@ def sawb_clip(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_chan
     return torch.where(grid_mse(wf, alpha, n_levels, dims) <= grid_mse(wf, amax, n_levels, dims), alpha, amax)
 
 
-def sawb_alpha(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm", per_channel: bool = False) -> torch.Tensor:
+def sawb_alpha(w: torch.Tensor, n_levels: int, mode: str = "sawb_asymm",
+               per_channel: bool = False) -> torch.Tensor:
     """The fit alone: ``alpha* = c1 sqrt(E[w^2]) - c2 E|w|`` (per output channel if asked; may be <= 0)."""
     return _sawb_fit(w.detach().float().abs(), n_levels, mode, _reduce_dims(w, per_channel))
 
@@ -112,8 +114,8 @@ def grid_mse(w: torch.Tensor, m: torch.Tensor, n_levels: int, dims: tuple[int, .
 
 
 def weight_magnitude(w: torch.Tensor, mode: str, n_levels: int, per_channel: bool = False) -> torch.Tensor:
-    """``m = max(|lo|, |hi|)`` of :func:`weight_clip` for ``max`` (max |w|) and the SAWB modes, in a few tensor
-    ops (the symmetric bound that weight quantizers re-derive before every batch)."""
+    """``m = max(|lo|, |hi|)`` of :func:`weight_clip` for ``max`` (max |w|) and the SAWB modes, in a few
+    tensor ops (the symmetric bound that weight quantizers re-derive before every batch)."""
     if mode == "max":
         return w.detach().float().abs().amax(dim=_reduce_dims(w, per_channel))
     return sawb_clip(w, n_levels, mode, per_channel)
@@ -201,6 +203,6 @@ def act_clip(stats: dict[str, torch.Tensor], mode: str, nb_std: float = 3.0, ini
         lo, hi = stats["running_pct_lo"], stats["running_pct_hi"]
     lo, hi = lo.detach().float().clone(), hi.detach().float().clone()
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise ValueError(f"init_clip={mode!r}: gathered statistics are not finite (lo={float(lo)}, hi={float(hi)}); "
-                         "the network produced inf/NaN activations before start")
+        raise ValueError(f"init_clip={mode!r}: gathered statistics are not finite (lo={float(lo)}, "
+                         f"hi={float(hi)}); the network produced inf/NaN activations before start")
     return lo, hi

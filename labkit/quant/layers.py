@@ -20,8 +20,8 @@ class _WeightQuantizer(QuantizerBase):
     Bounds that are not learned follow the weights: while started, not frozen and ``learn_clip`` false,
     :meth:`refresh_bounds` re-applies the ``init_clip`` rule to the current weights; the linear controller
     calls it before every training batch and before validation, as the reference does. The stored bounds are
-    always the ones the last forward used, derived from the weights it used (checkpoints, a resumed run and the
-    integer twin see exactly those); ``freeze`` keeps the last ones."""
+    always the ones the last forward used, derived from the weights it used (checkpoints, a resumed run and
+    the integer twin see exactly those); ``freeze`` keeps the last ones."""
 
     def _setup_weight_quant(self, spec: QuantSpec | None, settings: dict) -> None:
         if spec is None:
@@ -44,7 +44,8 @@ class _WeightQuantizer(QuantizerBase):
 
     @property
     def follows_weights(self) -> bool:
-        """Whether :meth:`refresh_bounds` re-derives the bounds: started, not frozen, not learned, not ``const``."""
+        """Whether :meth:`refresh_bounds` re-derives the bounds: started, not frozen, not learned, not
+        ``const``."""
         return self._started and not self._frozen and not self.learn_clip and self.init_clip != "const"
 
     def refresh_bounds(self) -> bool:
@@ -82,7 +83,8 @@ class PACTConv2d(nn.Conv2d, _WeightQuantizer):
     keyword arguments (:class:`QuantSpec`, role ``weights``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *, spec: QuantSpec | None = None,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
+                 spec: QuantSpec | None = None,
                  device=None, dtype=None, **settings):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
@@ -105,7 +107,8 @@ class PACTConv2d(nn.Conv2d, _WeightQuantizer):
 class PACTLinear(nn.Linear, _WeightQuantizer):
     """``nn.Linear`` whose weights are fake-quantized after ``start``; settings as for :class:`PACTConv2d`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: QuantSpec | None = None,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 spec: QuantSpec | None = None,
                  device=None, dtype=None, **settings):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_weight_quant(spec, settings)

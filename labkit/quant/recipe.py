@@ -6,16 +6,18 @@
 (b) the reference framework's: ``{"function": "pact_recipe", "kwargs": {"config": <layout a>, ...}}``, whose
     other keyword arguments mean what they mean in the reference's MobileNet recipes:
 
-    ``quantize_pool``        true/false: re-quantize the average pool's output, i.e. ``harmonize.requant_pool``
-                             (absent: labkit's default, true; the reference's default is false, so its
-                             MobileNetV2 has 35 unsigned activations and labkit's 36, ``avgpool_act``)
+    ``quantize_pool``        true/false: re-quantize the average pool's output, i.e.
+                             ``harmonize.requant_pool`` (absent: labkit's default, true; the reference's
+                             default is false, so its MobileNetV2 has 35 unsigned activations and labkit's 36,
+                             ``avgpool_act``)
     ``precision_spec_file``  a JSON file ``{"layer_levels": {name: n_levels}}`` (as the reference's Bayesian
                              Bits runs write it) overriding ``n_levels`` of the named layers: quantized convs,
                              linears, activations, and modules the harmonizer inserts (labkit's names,
-                             ``features.2.integer_add``, ``avgpool_act``: see :func:`labkit.quant.harmonize.plan`);
-                             ``module.`` prefixes and a trailing ``$`` are ignored; an unknown name is an error
-    ``finetuning_ckpt``      weights loaded after the recipe (:func:`labkit.train.build.build_network`): a state dict
-                             under ``net`` (``module.`` prefixes stripped) or a labkit checkpoint
+                             ``features.2.integer_add``, ``avgpool_act``: see
+                             :func:`labkit.quant.harmonize.plan`); ``module.`` prefixes and a trailing ``$``
+                             are ignored; an unknown name is an error
+    ``finetuning_ckpt``      weights loaded after the recipe (:func:`labkit.train.build.build_network`): a
+                             state dict under ``net`` (``module.`` prefixes stripped) or a labkit checkpoint
 
 Per class, keys are regular expressions on hierarchical module names, matched from the start (``re.match``,
 ``$`` anchors allowed: ``"features.3.residual_branch.1.0$"``), mapping to constructor kwargs; the key
@@ -61,7 +63,8 @@ from labkit.quant.harmonize import harmonize as run_harmonize
 from labkit.quant.harmonize import harmonized_layers
 from labkit.quant.harmonize import plan as harmonize_plan
 
-__all__ = ["pact_recipe", "normalize_quantize_config", "recipe_options", "read_precision_spec", "CLASS_TARGETS",
+__all__ = ["pact_recipe", "normalize_quantize_config", "recipe_options", "read_precision_spec",
+           "CLASS_TARGETS",
            "REPORT_FIELDS"]
 
 #: class key -> (PACT class, float module types it replaces)
@@ -72,7 +75,8 @@ CLASS_TARGETS: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 _PACT_TYPES = (PACTConv2d, PACTLinear, PACTUnsignedAct, PACTAsymmetricAct, PACTIntegerAdd)
 #: columns of the per-layer report
-REPORT_FIELDS = ("name", "type", "source", "n_levels", "bits", "per_channel", "init_clip", "learn_clip", "tqt")
+REPORT_FIELDS = ("name", "type", "source", "n_levels", "bits", "per_channel", "init_clip", "learn_clip",
+                 "tqt")
 
 
 def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[dict]]:
@@ -81,7 +85,8 @@ def pact_recipe(net: nn.Module, quantize_config: dict) -> tuple[nn.Module, list[
     The returned network is a :class:`torch.fx.GraphModule` when harmonization runs (the quantized layers
     keep their names, so state-dict keys are stable), else ``net`` itself. ``report`` is a list of plain
     dicts, one per quantized layer in network order and then one per module the harmonizer inserted, with the
-    keys :data:`REPORT_FIELDS` (``source`` is ``"recipe"`` or ``"harmonize"``; ``bits`` = ceil(log2 n_levels)).
+    keys :data:`REPORT_FIELDS` (``source`` is ``"recipe"`` or ``"harmonize"``; ``bits`` = ceil(log2
+    n_levels)).
     """
     config = normalize_quantize_config(quantize_config)
     spec_file = recipe_options(quantize_config).get("precision_spec_file")
@@ -137,7 +142,8 @@ def _match_layers(net: nn.Module, named: list, class_key: str, section: dict) ->
 
 
 def _hits(net: nn.Module, named: list, class_key: str, regex: str) -> list[tuple[str, nn.Module]]:
-    """The float modules of the class key's target type that ``regex`` matches; errors name what it matched."""
+    """The float modules of the class key's target type that ``regex`` matches; errors name what it
+    matched."""
     targets = CLASS_TARGETS[class_key][1]
     where = f"network.quantize.{class_key}[{regex!r}]"
     matches = [(n, m) for n, m in named if re.match(regex, n)]
@@ -170,7 +176,8 @@ def _build_layers(plan: dict[str, dict]) -> None:
             new = pact_cls(**settings) if item["class_key"] == "PACTUnsignedAct" else \
                 pact_cls.from_float(module, **settings)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"network.quantize.{item['class_key']}[{item['regex']!r}]", f"module '{name}': {err}",
+            raise ConfigError(f"network.quantize.{item['class_key']}[{item['regex']!r}]",
+                              f"module '{name}': {err}",
                               "Fix this layer's settings or the class's 'kwargs' defaults") from None
         params = list(module.parameters()) + list(module.buffers())
         if params:
@@ -180,9 +187,10 @@ def _build_layers(plan: dict[str, dict]) -> None:
 
 
 def normalize_quantize_config(quantize_config: dict) -> dict:
-    """Either layout -> a deep copy in the seed's layout (a), after :func:`labkit.config.schema.check_quantize`
-    (every class key, regex, layer setting and harmonize option; :class:`ConfigError` naming the key);
-    the reference's ``quantize_pool`` becomes ``harmonize.requant_pool``."""
+    """Either layout -> a deep copy in the seed's layout (a), after
+    :func:`labkit.config.schema.check_quantize` (every class key, regex, layer setting and harmonize option;
+    :class:`ConfigError` naming the key); the reference's ``quantize_pool`` becomes
+    ``harmonize.requant_pool``."""
     check_quantize(quantize_config)
     config = copy.deepcopy(quantize_config)
     if "function" not in config:
@@ -196,18 +204,20 @@ def normalize_quantize_config(quantize_config: dict) -> dict:
 
 
 def recipe_options(quantize_config: dict) -> dict:
-    """The reference layout's recipe keyword arguments that are set (``quantize_pool``, ``precision_spec_file``,
-    ``finetuning_ckpt``); ``{}`` for the seed's layout."""
+    """The reference layout's recipe keyword arguments that are set (``quantize_pool``,
+    ``precision_spec_file``, ``finetuning_ckpt``); ``{}`` for the seed's layout."""
     if not isinstance(quantize_config, dict) or "function" not in quantize_config:
         return {}
     kwargs = quantize_config.get("kwargs") or {}
     return {k: kwargs[k] for k in RECIPE_KWARGS if kwargs.get(k) is not None}
 
 
-def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precision_spec_file") -> dict[str, int]:
-    """``{module name: n_levels}`` from a ``{"layer_levels": {name: n_levels}}`` file; ``module.`` prefixes (of
-    every name, as the reference) and a trailing ``$`` (the reference's config-key spelling) are dropped.
-    A missing or malformed file, or a value that is no valid ``n_levels``, is a :class:`ConfigError` at ``where``."""
+def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precision_spec_file") -> dict[str,
+                                                                                                       int]:
+    """``{module name: n_levels}`` from a ``{"layer_levels": {name: n_levels}}`` file; ``module.`` prefixes
+    (of every name, as the reference) and a trailing ``$`` (the reference's config-key spelling) are dropped.
+    A missing or malformed file, or a value that is no valid ``n_levels``, is a :class:`ConfigError` at
+    ``where``."""
     file = resolve(path)
     if not file.is_file():
         raise ConfigError(where, f"file '{path}' not found", "Fix the path (relative paths are read from the "
@@ -215,7 +225,8 @@ def read_precision_spec(path: str, where: str = "network.quantize.kwargs.precisi
     try:
         levels = json.loads(file.read_text()).get("layer_levels")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ConfigError(where, f"'{file}' is not a JSON object ({err})", 'Write {"layer_levels": {...}}') from None
+        raise ConfigError(where, f"'{file}' is not a JSON object ({err})",
+                          'Write {"layer_levels": {...}}') from None
     if not isinstance(levels, dict):
         raise ConfigError(where, f"'{file}' has no \"layer_levels\" object", 'Write {"layer_levels": '
                           '{"features.3.residual_branch.1.0": 16, ...}}')
@@ -248,8 +259,8 @@ def _apply_precision_spec(net: nn.Module, plan: dict, hkwargs: dict | None, path
         if name not in inserted:
             what = (f"'{name}' is a {type(modules[name]).__name__} that network.quantize does not quantize"
                     if name in modules else f"'{name}' names no module of {type(net).__name__}")
-            raise ConfigError(where, f"{what} (in '{path}'); it can name the layers the config quantizes and the "
-                              f"modules the harmonizer inserts ({', '.join(inserted) or 'none'})"
+            raise ConfigError(where, f"{what} (in '{path}'); it can name the layers the config quantizes and "
+                              f"the modules the harmonizer inserts ({', '.join(inserted) or 'none'})"
                               f"{_suggest(name, list(plan) + inserted)}", "Fix or remove that entry")
     layers = {}
     for regex, settings in (hkwargs.get("layers") or {}).items():
@@ -258,7 +269,8 @@ def _apply_precision_spec(net: nn.Module, plan: dict, hkwargs: dict | None, path
             layers[regex] = settings
             continue
         for name in hits:  # this regex's settings, per module, with the file's n_levels
-            layers[re.escape(name) + "$"] = {**(settings or {}), **({"n_levels": levels[name]} if name in levels
+            layers[re.escape(name) + "$"] = {**(settings or {}),
+                                             **({"n_levels": levels[name]} if name in levels
                                                                       else {})}
     for name, n in levels.items():
         layers.setdefault(re.escape(name) + "$", {"n_levels": n})

@@ -46,7 +46,8 @@ def build_network(cfg: dict, pretrained: bool = True) -> tuple[nn.Module, list |
 
 
 def build_controllers(cfg: dict, net: nn.Module) -> list[PACTController]:
-    """``training.quantize`` (reference layout ``{"function", "kwargs"}`` or its kwargs alone) -> controllers."""
+    """``training.quantize`` (reference layout ``{"function", "kwargs"}`` or its kwargs alone) ->
+    controllers."""
     quantize = cfg["training"].get("quantize")
     if not quantize:
         return []

@@ -65,7 +65,8 @@ def load_file(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found: check the path (runs keep last.ckpt and best.ckpt)")
+        raise CheckpointError(f"checkpoint '{path}' not found: check the path (runs keep last.ckpt and "
+                              "best.ckpt)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle errors of a truncated or foreign file

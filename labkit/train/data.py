@@ -87,8 +87,9 @@ def check_same_classes(train: Dataset, valid: Dataset, root: Path) -> None:
     only_val = sorted(set(valid.classes) - set(train.classes))
     parts = [f"{len(only_train)} only in train/ (e.g. {', '.join(only_train[:3])})" if only_train else "",
              f"{len(only_val)} only in val/ (e.g. {', '.join(only_val[:3])})" if only_val else ""]
-    raise DatasetError(f"'{root}': train/ and val/ hold different class folders ({'; '.join(p for p in parts if p)}): "
-                       "labels are class indices, so they would not match; give both splits the same class folders")
+    raise DatasetError(f"'{root}': train/ and val/ hold different class folders "
+                       f"({'; '.join(p for p in parts if p)}): labels are class indices, so they would not "
+                       "match; give both splits the same class folders")
 
 
 def fingerprint(dataset: Dataset) -> str:
@@ -136,7 +137,8 @@ class Lighting:
 
 
 def imagenet_transform(size: int = 224, augment: bool = False):
-    """Train (augment): RandomResizedCrop, flip, colour jitter 0.4, lighting 0.1. Eval: Resize(size*8/7), CenterCrop."""
+    """Train (augment): RandomResizedCrop, flip, colour jitter 0.4, lighting 0.1. Eval: Resize(size*8/7),
+    CenterCrop."""
     from torchvision import transforms as T  # lazy: seconds to import, and only ImageNet needs it
 
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -158,7 +160,11 @@ def imagenet_folder(root: str | None, split: str, transform) -> Dataset:
         return ImageFolder(str(folder), transform=transform)
     except FileNotFoundError as err:  # torchvision: a class folder without images
         empty = [c for c in classes if not any(p.is_file() for p in (folder / c).iterdir())]
-        where = f"class folder(s) {', '.join(repr(str(folder / c)) for c in empty[:3])}" if empty else f"'{folder}'"
+        where = (
+            f"class folder(s) {', '.join(repr(str(folder / c)) for c in empty[:3])}"
+            if empty
+            else f"'{folder}'"
+        )
         raise DatasetError(f"{where} hold(s) no images: every class needs at least one image "
                            f"(.jpg, .jpeg, .png, ...); remove empty class folders or fill them") from err
 
@@ -171,8 +177,9 @@ def _split_folder(root: str | None, split: str) -> Path:
         raise DatasetError(f"ImageNet root '{root}' does not exist: set data.root (or --data-root) to the "
                            "folder that holds train/ and val/ (one sub-folder of images per class)")
     if not folder.is_dir():
-        raise DatasetError(f"'{folder}' is missing: the ImageNet root must hold train/ and val/, each with one "
-                           "sub-folder per class (run torchvision's valprep or an equivalent script for val/)")
+        raise DatasetError(f"'{folder}' is missing: the ImageNet root must hold train/ and val/, each with "
+                           "one sub-folder per class (run torchvision's valprep or an equivalent script for "
+                           "val/)")
     return folder
 
 
@@ -235,5 +242,6 @@ def _embedded_split(labels: np.ndarray | None = None) -> dict:
         idx = np.arange(len(labels))
         train, valid = train_test_split(idx, test_size=EMBEDDED_VAL_SIZE, random_state=EMBEDDED_SPLIT_SEED,
                                         stratify=labels)
-        _EMBEDDED_CACHE["split"] = {"train": torch.from_numpy(np.sort(train)), "valid": torch.from_numpy(np.sort(valid))}
+        _EMBEDDED_CACHE["split"] = {"train": torch.from_numpy(np.sort(train)),
+                                    "valid": torch.from_numpy(np.sort(valid))}
     return _EMBEDDED_CACHE["split"]

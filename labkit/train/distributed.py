@@ -66,9 +66,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across all processes.
 
     ``mean = sum(x) / N``, ``var = sum((x - mean)^2) / N`` with sums all-reduced (autograd-aware), so any
-    backend works (gloo on CPU too, unlike ``nn.SyncBatchNorm``). Half-precision inputs (AMP) are normalised in
-    float32 (a float16 N or sum overflows at 65504) and returned in their dtype. Outside distributed training
-    it is a plain BatchNorm2d; its state dict is the same.
+    backend works (gloo on CPU too, unlike ``nn.SyncBatchNorm``). Half-precision inputs (AMP) are normalised
+    in float32 (a float16 N or sum overflows at 65504) and returned in their dtype. Outside distributed
+    training it is a plain BatchNorm2d; its state dict is the same.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

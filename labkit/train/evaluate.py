@@ -1,4 +1,5 @@
-"""Evaluation: loss, top-1 and top-5 of a network over a loader (summed across processes), and of a checkpoint."""
+"""Evaluation: loss, top-1 and top-5 of a network over a loader (summed across processes), and of a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -29,11 +30,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError as err:
-        raise DeviceError(f"device '{device}' is not a device name ({err}): use auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(
+            f"device '{device}' is not a device name ({err}): use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu (or auto)")
+        raise DeviceError(f"device '{device}' was asked for but no CUDA GPU is visible: use --device cpu (or "
+                          "auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        raise DeviceError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                          "visible")
     return device
 
 
@@ -89,5 +94,6 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: dict | None = None, device:
     _, val_ds = build_datasets(loaded.config["data"])
     check_num_classes(val_ds, rc.network.kwargs.num_classes)
     loaded.net.to(dev)
-    return evaluate(loaded.net, make_val_loader(rc.data, val_ds), dev, amp=dev.type == "cuda" and rc.training.amp,
+    return evaluate(loaded.net, make_val_loader(rc.data, val_ds), dev,
+                    amp=dev.type == "cuda" and rc.training.amp,
                     progress=progress)

@@ -26,7 +26,8 @@ class HandScheduler(LambdaLR):
 
 
 def build_optimizer(gd_cfg: dict, net: nn.Module) -> torch.optim.Optimizer:
-    """``training.gd.opt`` -> optimizer. ``PACTSGD``/``PACTAdam`` take the net (``takes_net``) and ``pact_decay``."""
+    """``training.gd.opt`` -> optimizer. ``PACTSGD``/``PACTAdam`` take the net (``takes_net``) and
+    ``pact_decay``."""
     opt = gd_cfg["opt"]
     name, kwargs = opt["class"], dict(opt.get("kwargs", {}))
     if name in ("PACTSGD", "PACTAdam"):

@@ -3,10 +3,11 @@ epoch train, evaluate, save.
 
 Networks come from :mod:`labkit.train.build`, the run folder (config, provenance, history, atomic checkpoints,
 lock) is :mod:`labkit.train.runs`. Per batch: controllers step, forward (AMP on CUDA), backward, unscale, TQT
-``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step), optimizer
-step. A resumed run reaches the same weights as an uninterrupted one: every epoch reseeds the RNGs from
-``(seed, epoch)``. A non-finite loss or validation metric stops the run with :class:`NonFiniteError` naming the
-epoch, the batch and the first module whose output turned non-finite; nothing of that epoch is written.
+``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step),
+optimizer step. A resumed run reaches the same weights as an uninterrupted one: every epoch reseeds the RNGs
+from ``(seed, epoch)``. A non-finite loss or validation metric stops the run with :class:`NonFiniteError`
+naming the epoch, the batch and the first module whose output turned non-finite; nothing of that epoch is
+written.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Session:
     scaler: torch.amp.GradScaler = None
     criterion: nn.Module = None
     data_hash: str = ""
-    provenance: dict | None = None  # written with the session's first finished epoch (a start killed at once leaves none)
+    # written with the session's first finished epoch (a start killed at once leaves none)
+    provenance: dict | None = None
 
     @property
     def main(self) -> bool:
@@ -80,7 +82,8 @@ class Session:
         return self.device.type == "cuda" and self.rc.training.amp
 
 
-def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str = "auto",
+def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          device: str = "auto",
           progress: bool = True, callbacks: Iterable[Callable[[dict], None]] = (),
           log: Callable[[str], None] | None = print, parameters: dict | None = None, verbose: bool = False,
           tensorboard: bool = True) -> dict:
@@ -89,13 +92,14 @@ def train(cfg: dict, output_dir: str | Path, *, resume: bool = False, overwrite:
 
     A folder that already holds a run needs ``resume`` (same config; a longer ``n_epochs`` where the schedule
     allows) or ``overwrite`` (see :func:`labkit.train.runs.open_for_training`). ``callbacks`` get each epoch's
-    history record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after every
-    training batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``, one with
-    ``on_epoch_start`` each epoch's index after its controller commands, before training. Controller
-    commands are one line each in ``log``; every quantizer's bounds go to the run folder's ``quantizers.jsonl``
-    (and to ``log`` with ``verbose``). ``parameters``: the notebook parameters to record as the run's provenance
-    (default: the command line). Under ``torchrun`` the process group is joined here and left at the end.
-    ``tensorboard``: also write TensorBoard events (:mod:`labkit.train.tensorboard`, after ``callbacks``).
+    history record (notebooks draw live plots from them); one with an ``on_batch`` method also gets, after
+    every training batch, ``{"epoch", "batch", "batches", "train", "quant": () -> quant_state(net)}``, one
+    with ``on_epoch_start`` each epoch's index after its controller commands, before training. Controller
+    commands are one line each in ``log``; every quantizer's bounds go to the run folder's
+    ``quantizers.jsonl`` (and to ``log`` with ``verbose``). ``parameters``: the notebook parameters to record
+    as the run's provenance (default: the command line). Under ``torchrun`` the process group is joined here
+    and left at the end. ``tensorboard``: also write TensorBoard events (:mod:`labkit.train.tensorboard`,
+    after ``callbacks``).
     """
     dev = resolve_device(device)
     rank, world, local_rank, created = init_from_env(dev.type)
@@ -189,7 +193,8 @@ def restore(s: Session, resume: bool, overwrite: bool, parameters: dict | None) 
     if s.main and start < n_epochs:
         s.run.write_config(s.cfg)
         s.run.write_history(history)
-        s.provenance = provenance_entry(s.cfg, str(s.device), s.data_hash, start if state else None, parameters)
+        s.provenance = provenance_entry(s.cfg, str(s.device), s.data_hash, start if state else None,
+                                        parameters)
     elif s.main:
         s.say(f"{s.run.path} is complete ({n_epochs} epochs): nothing to train")
     return start, best, history
@@ -215,9 +220,10 @@ def run_epoch(s: Session, epoch: int, best: float) -> dict:
     valid = evaluate(s.net, s.val_loader, s.device, s.amp, s.progress)
     if not math.isfinite(valid["loss"]):
         x, _ = next(iter(s.val_loader))
-        raise NonFiniteError(f"validation loss became {valid['loss']} at epoch {epoch + 1}: the first non-finite "
-                             f"output is {first_non_finite(s.net, x.to(s.device))}; epoch {epoch + 1} was not "
-                             "saved. Lower training.gd.opt.kwargs.lr or check that layer, then resume")
+        raise NonFiniteError(f"validation loss became {valid['loss']} at epoch {epoch + 1}: the first "
+                             f"non-finite output is {first_non_finite(s.net, x.to(s.device))}; epoch "
+                             f"{epoch + 1} was not saved. Lower training.gd.opt.kwargs.lr or check that "
+                             "layer, then resume")
     if s.scheduler is not None and not s.per_batch:
         s.scheduler.step()
     record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid,
@@ -229,7 +235,8 @@ def run_epoch(s: Session, epoch: int, best: float) -> dict:
 
 
 def save(s: Session, history: list[dict]) -> None:
-    """Write the history and the checkpoint of the last epoch (``best.ckpt`` too when it is the best), report."""
+    """Write the history and the checkpoint of the last epoch (``best.ckpt`` too when it is the best),
+    report."""
     record, cfg = history[-1], s.cfg
     if s.main:
         s.run.write_history(history)
@@ -237,7 +244,8 @@ def save(s: Session, history: list[dict]) -> None:
         ckpt = make_checkpoint(
             s.net.state_dict(), network, config=cfg, epoch=record["epoch"], best_top1=record["best_top1"],
             optimizer=s.optimizer.state_dict(),
-            scheduler=s.scheduler.state_dict() if s.scheduler is not None else None, scaler=s.scaler.state_dict(),
+            scheduler=s.scheduler.state_dict() if s.scheduler is not None else None,
+            scaler=s.scaler.state_dict(),
             controllers=[c.state_dict() for c in s.controllers])
         s.run.save_checkpoint(ckpt, best=record["valid"]["top1"] >= record["best_top1"])
         if s.provenance is not None:
@@ -245,8 +253,8 @@ def save(s: Session, history: list[dict]) -> None:
             s.provenance = None
     tr, va = record["train"], record["valid"]
     s.say(f"epoch {record['epoch'] + 1:>3}/{s.rc.training.n_epochs}  lr {record['lr']:.3g}  train loss "
-          f"{tr['loss']:.4f} top1 {tr['top1']:.2f}%  |  valid loss {va['loss']:.4f} top1 {va['top1']:.2f}% top5 "
-          f"{va['top5']:.2f}%  ({record['seconds']:.1f} s)")
+          f"{tr['loss']:.4f} top1 {tr['top1']:.2f}%  |  valid loss {va['loss']:.4f} top1 {va['top1']:.2f}% "
+          f"top5 {va['top5']:.2f}%  ({record['seconds']:.1f} s)")
     for callback in s.callbacks:
         callback(record)
 
@@ -291,14 +299,14 @@ def _diverged(s: Session, loss: torch.Tensor, x: torch.Tensor, epoch: int, batch
     advice = ("check the dataset" if where.startswith("the input") else
               f"lower training.gd.opt.kwargs.lr (now {lr:.3g}) or check that layer's settings, then resume "
               "(--resume) from the last checkpoint")
-    raise NonFiniteError(f"training loss became {loss.detach().item()} at epoch {epoch + 1}, batch {batch + 1}: the "
-                         f"first non-finite output is {where}; {advice}")
+    raise NonFiniteError(f"training loss became {loss.detach().item()} at epoch {epoch + 1}, batch "
+                         f"{batch + 1}: the first non-finite output is {where}; {advice}")
 
 
 @torch.no_grad()
 def first_non_finite(model: nn.Module, x: torch.Tensor) -> str:
-    """Where a forward pass on ``x`` first produces inf/NaN: ``"the input batch"`` or ``"module 'name' (Type)"``
-    (leaf modules in execution order), or ``"no module"`` when this pass stays finite."""
+    """Where a forward pass on ``x`` first produces inf/NaN: ``"the input batch"`` or ``"module 'name'
+    (Type)"`` (leaf modules in execution order), or ``"no module"`` when this pass stays finite."""
     if not torch.isfinite(x).all():
         return "the input batch (it holds inf/NaN values: check the dataset)"
     found: list[str] = []
@@ -326,9 +334,11 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 def quant_state(net: nn.Module) -> dict:
-    """Per quantizer: lo/hi/eps(/log2 t) and ``kind`` (``weights`` or ``activations``); empty for a float net."""
+    """Per quantizer: lo/hi/eps(/log2 t) and ``kind`` (``weights`` or ``activations``); empty for a float
+    net."""
     weights = {n for n, m in net.named_modules() if isinstance(m, (PACTConv2d, PACTLinear))}
-    return {n: {**s, "kind": "weights" if n in weights else "activations"} for n, s in quant_summaries(net).items()}
+    return {n: {**s, "kind": "weights" if n in weights else "activations"} for n,
+            s in quant_summaries(net).items()}
 
 
 def _write_events(run: RunFolder, controllers) -> None:
@@ -342,7 +352,8 @@ def _write_events(run: RunFolder, controllers) -> None:
 
 
 def _batch_hook(callbacks, net: nn.Module, epoch: int):
-    """``on_batch`` for :func:`train_one_epoch` that feeds the callbacks' ``on_batch`` methods (None: none)."""
+    """``on_batch`` for :func:`train_one_epoch` that feeds the callbacks' ``on_batch`` methods (None:
+    none)."""
     hooks = [cb.on_batch for cb in callbacks if hasattr(cb, "on_batch")]
     if not hooks:
         return None

@@ -29,8 +29,9 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     state, _ = read_state_dict(path)
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise CheckpointError(f"'{path}' holds non-finite values (inf/NaN) in '{bad}': it comes from a diverged run; "
-                              "use an earlier checkpoint (network.pretrained) or retrain the FP32 network")
+        raise CheckpointError(f"'{path}' holds non-finite values (inf/NaN) in '{bad}': it comes from a "
+                              "diverged run; use an earlier checkpoint (network.pretrained) or retrain the "
+                              "FP32 network")
     if is_torchvision_state_dict(state):
         state = {torchvision_key(k): v for k, v in state.items()}
     own = net.state_dict()
@@ -38,14 +39,15 @@ def load_pretrained(net: nn.Module, path: str) -> None:
     if wrong:
         raise CheckpointError(
             f"'{path}' does not fit this network: '{wrong[0]}' has shape {tuple(state[wrong[0]].shape)}, the "
-            f"network's is {tuple(own[wrong[0]].shape)} ({len(wrong)} tensors differ): network.pretrained needs a "
-            "full-precision checkpoint of the same width and classes (network.kwargs capacity, num_classes)")
+            f"network's is {tuple(own[wrong[0]].shape)} ({len(wrong)} tensors differ): network.pretrained "
+            "needs a full-precision checkpoint of the same width and classes (network.kwargs capacity, "
+            "num_classes)")
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"'{path}' does not fit this network ({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): network.pretrained needs a full-precision "
-            "checkpoint of the same width and classes (from labkit convert or an FP32 run)")
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): network.pretrained needs a "
+            "full-precision checkpoint of the same width and classes (from labkit convert or an FP32 run)")
 
 
 def load_finetuning_checkpoint(net: nn.Module, path: str) -> None:
@@ -73,8 +75,8 @@ def load_finetuning_checkpoint(net: nn.Module, path: str) -> None:
     if wrong or not common:
         detail = (f"'{wrong[0]}' has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, the network's "
                   f"{tuple(own[wrong[0]].shape)}" if wrong else "no tensor name matches the network's")
-        raise CheckpointError(f"'{file}' ({where}) does not fit this network: {detail}; it must come from the "
-                              "same network (width, classes, network.quantize)")
+        raise CheckpointError(f"'{file}' ({where}) does not fit this network: {detail}; it must come from "
+                              "the same network (width, classes, network.quantize)")
     net.load_state_dict({k: state[k] for k in common}, strict=False)
     missing, unused = [k for k in own if k not in state], [k for k in state if k not in own]
     if missing or unused:
@@ -96,7 +98,8 @@ def load_torchvision_weights(path: str | os.PathLike | None = None) -> dict:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not is_torchvision_state_dict(obj):
-        raise CheckpointError(f"'{path}' is not a torchvision mobilenet_v2 state dict (no 'features.0.0.*' keys)")
+        raise CheckpointError(f"'{path}' is not a torchvision mobilenet_v2 state dict (no 'features.0.0.*' "
+                              "keys)")
     return obj
 
 

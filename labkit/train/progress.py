@@ -1,5 +1,5 @@
-"""Progress of a loop: a tqdm bar in a terminal; in a Jupyter kernel one line of text updated in place (a display
-handle), so that a saved notebook shows text, never a widget's fallback such as ``0%|  | 0/22``."""
+"""Progress of a loop: a tqdm bar in a terminal; in a Jupyter kernel one line of text updated in place (a
+display handle), so that a saved notebook shows text, never a widget's fallback such as ``0%|  | 0/22``."""
 
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ class RunFolder:
         return _read_jsonl(self.file(HISTORY))
 
     def events(self) -> list[dict]:
-        """The controllers' commands of ``quantizers.jsonl`` (every quantizer's bounds at each), oldest first."""
+        """The controllers' commands of ``quantizers.jsonl`` (every quantizer's bounds at each), oldest
+        first."""
         return _read_jsonl(self.file(QUANTIZERS))
 
     def checkpoint(self, which: str = "best") -> Path:
@@ -111,15 +112,15 @@ class RunFolder:
         n = cfg.get("training", {}).get("n_epochs", "?")
         if not history:
             return f"{self.path}: no finished epoch"
-        return (f"{self.path}: {len(history)} of {n} epochs, final top-1 {history[-1]['valid']['top1']:.2f}%, "
-                f"best {history[-1]['best_top1']:.2f}%")
+        return (f"{self.path}: {len(history)} of {n} epochs, final top-1 "
+                f"{history[-1]['valid']['top1']:.2f}%, best {history[-1]['best_top1']:.2f}%")
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def writing(self) -> Iterator[RunFolder]:
-        """Hold the folder's lock (``.lock``, a :class:`filelock.FileLock`: released by the OS when the process
-        dies; ``.lock.pid`` names the holder), clear temporary files of interrupted writes, yield; a second
-        writer gets :class:`RunError` at once."""
+        """Hold the folder's lock (``.lock``, a :class:`filelock.FileLock`: released by the OS when the
+        process dies; ``.lock.pid`` names the holder), clear temporary files of interrupted writes, yield; a
+        second writer gets :class:`RunError` at once."""
         _make_folder(self.path)
         lock = FileLock(self.file(LOCK), blocking=False)
         try:
@@ -127,8 +128,8 @@ class RunFolder:
         except Timeout:
             holder = self.file(LOCK_PID)
             pid = holder.read_text().strip() if holder.is_file() else "?"
-            raise RunError(f"run folder '{self.path}' is in use by pid {pid} (another labkit train writes there); "
-                           "wait for it to finish or choose another output folder (-o)") from None
+            raise RunError(f"run folder '{self.path}' is in use by pid {pid} (another labkit train writes "
+                           "there); wait for it to finish or choose another output folder (-o)") from None
         self.file(LOCK_PID).write_text(f"{os.getpid()}\n")
         self._lock = lock
         try:
@@ -148,11 +149,12 @@ class RunFolder:
         try:
             yield self.file(name)
         except OSError as err:
-            why = {errno.ENOSPC: "the disk is full: free space", errno.EDQUOT: "the disk quota is exceeded: free space",
+            why = {errno.ENOSPC: "the disk is full: free space",
+                   errno.EDQUOT: "the disk quota is exceeded: free space",
                    errno.EROFS: "the file system is read-only: make it writable",
                    errno.ENOENT: "the run folder vanished: restore it"}.get(err.errno, "fix the cause")
-            raise RunError(f"cannot write '{self.file(name)}' ({err.strerror or err}): {why}, then continue with "
-                           "--resume (the files written before are intact)") from None
+            raise RunError(f"cannot write '{self.file(name)}' ({err.strerror or err}): {why}, then continue "
+                           "with --resume (the files written before are intact)") from None
 
     def write_config(self, cfg: dict) -> None:
         with self._writing(CONFIG) as path:
@@ -228,20 +230,21 @@ def check_resumable(stored: dict, requested: dict, folder: Path) -> None:
     if others:
         key, old, new = others[0]
         more = f" (and {len(others) - 1} more difference(s))" if len(others) > 1 else ""
-        raise RunError(f"--resume: the config differs from the run's in '{key}': the run has {_show(old)}, the "
-                       f"request {_show(new)}{more}. Resume with the run's own config ({folder / CONFIG}), or "
-                       "train into a new folder (-o)")
+        raise RunError(f"--resume: the config differs from the run's in '{key}': the run has {_show(old)}, "
+                       f"the request {_show(new)}{more}. Resume with the run's own config "
+                       f"({folder / CONFIG}), or train into a new folder (-o)")
     if extension:
         _, old, new = extension[0]
         if isinstance(old, int) and isinstance(new, int) and new < old:
             raise RunError(f"--resume: training.n_epochs {new} is below the run's {old}; a run only extends")
         problem = schedule_extension_problem(stored["training"]["gd"])
         if problem:
-            raise RunError(f"--resume with training.n_epochs {old} -> {new}: {problem}. Train into a new folder "
-                           "(-o) instead")
+            raise RunError(f"--resume with training.n_epochs {old} -> {new}: {problem}. Train into a new "
+                           "folder (-o) instead")
 
 
-def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False, overwrite: bool = False) -> Resume | None:
+def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False,
+                      overwrite: bool = False) -> Resume | None:
     """Checks before a training session writes into ``folder`` (call it inside ``folder.writing()``).
 
     A folder that holds a run needs ``resume`` (the stored config must match, :func:`check_resumable`) or
@@ -255,12 +258,13 @@ def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False, ove
         folder.clear()
         return None
     if not resume:
-        raise RunError(f"run folder '{folder.path}' already holds a run ({folder.summary().split(': ', 1)[1]}): "
-                       "continue it with --resume, replace it with --overwrite, or write elsewhere with -o")
+        raise RunError(f"run folder '{folder.path}' already holds a run "
+                       f"({folder.summary().split(': ', 1)[1]}): continue it with --resume, replace it with "
+                       "--overwrite, or write elsewhere with -o")
     stored = folder.config()
     if stored is None:
-        raise RunError(f"run folder '{folder.path}' has checkpoints or history but no {CONFIG}: it is not a labkit "
-                       "run; --overwrite it or choose another folder")
+        raise RunError(f"run folder '{folder.path}' has checkpoints or history but no {CONFIG}: it is not a "
+                       "labkit run; --overwrite it or choose another folder")
     check_resumable(stored, cfg, folder.path)
     last = folder.checkpoint("last")
     if not last.is_file():
@@ -268,15 +272,16 @@ def open_for_training(folder: RunFolder, cfg: dict, *, resume: bool = False, ove
     ckpt = load_file(last)
     lacking = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if lacking:
-        raise CheckpointError(f"'{last}' is no training checkpoint of labkit (it lacks {', '.join(lacking)}): "
-                              "--overwrite the run, or restore the file")
+        raise CheckpointError(f"'{last}' is no training checkpoint of labkit (it lacks "
+                              f"{', '.join(lacking)}): --overwrite the run, or restore the file")
     folder.repair_best(int(ckpt["epoch"]))
     history = [r for r in folder.history() if r["epoch"] < int(ckpt["epoch"]) + 1]
     return Resume(ckpt, history)
 
 
 def describe_provenance(entry: dict) -> str:
-    """One line of a provenance entry: when, labkit version and commit, torch, device, config and data hashes."""
+    """One line of a provenance entry: when, labkit version and commit, torch, device, config and data
+    hashes."""
     return (f"trained {entry['time']}  labkit {entry['labkit']} ({entry.get('git') or 'no git'})  torch "
             f"{entry['torch']}  {entry['device']}  config {entry['config_sha256'][:12]}  data "
             f"{entry['data_sha256'][:12]}" + (f"  resumed at epoch {entry['resumed_at_epoch']}"
@@ -311,7 +316,8 @@ def git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -346,17 +352,19 @@ def load_run(path: str | os.PathLike, which: str = "best", config: dict | None =
     folder = RunFolder(path) if path.is_dir() else None
     ckpt_path = folder.checkpoint(which) if folder else path
     if folder and not ckpt_path.is_file():
-        raise RunError(f"'{path}' holds no {ckpt_path.name}: is it a run folder of labkit train? "
-                              f"({RunFolder(path).summary() if RunFolder(path).holds_run() else 'it holds no run'})")
+        raise RunError(
+            f"'{path}' holds no {ckpt_path.name}: is it a run folder of labkit train? "
+            f"({RunFolder(path).summary() if RunFolder(path).holds_run() else 'it holds no run'})"
+        )
     ckpt = load_file(ckpt_path)
     if folder and which == "best" and folder.checkpoint("last").is_file() and not _all_started(ckpt):
-        warnings.warn(f"{ckpt_path} was saved (epoch {ckpt.get('epoch')}) before every quantizer had started: "
-                      f"using {folder.checkpoint('last')} instead", stacklevel=2)
+        warnings.warn(f"{ckpt_path} was saved (epoch {ckpt.get('epoch')}) before every quantizer had "
+                      f"started: using {folder.checkpoint('last')} instead", stacklevel=2)
         ckpt_path = folder.checkpoint("last")
         ckpt = load_file(ckpt_path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"'{ckpt_path}' is not a labkit checkpoint (no state_dict): pass a run folder or a "
-                              "last.ckpt / best.ckpt written by labkit train")
+        raise CheckpointError(f"'{ckpt_path}' is not a labkit checkpoint (no state_dict): pass a run folder "
+                              "or a last.ckpt / best.ckpt written by labkit train")
     cfg = config or ckpt.get("config")
     if cfg is None:
         raise CheckpointError(f"'{ckpt_path}' carries no config: pass the config it was trained with")
@@ -369,8 +377,10 @@ def load_run(path: str | os.PathLike, which: str = "best", config: dict | None =
             raise
         first = str(err).strip().splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
-        raise CheckpointError(f"'{ckpt_path}' does not fit the network of its config ({detail}): evaluate it "
-                              "with the config it was trained with (width, classes, network.quantize)") from None
+        raise CheckpointError(
+            f"'{ckpt_path}' does not fit the network of its config ({detail}): evaluate it "
+            "with the config it was trained with (width, classes, network.quantize)"
+        ) from None
     return LoadedRun(net.eval(), cfg, ckpt, ckpt_path)
 
 
@@ -387,11 +397,12 @@ def _read_json(path: Path, kind: type) -> Any:
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"'{path}' is not valid JSON ({err}); the run folder is damaged: restore the file or start "
-                       "a new run") from None
+        raise RunError(f"'{path}' is not valid JSON ({err}); the run folder is damaged: restore the file or "
+                       "start a new run") from None
     if not isinstance(value, kind):
-        raise RunError(f"'{path}' holds {type(value).__name__}, not a JSON {'object' if kind is dict else 'list'}; "
-                       "the run folder is damaged: restore the file or start a new run")
+        raise RunError(f"'{path}' holds {type(value).__name__}, not a JSON "
+                       f"{'object' if kind is dict else 'list'}; the run folder is damaged: restore the file "
+                       "or start a new run")
     return value
 
 
@@ -406,8 +417,8 @@ def _read_jsonl(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise RunError(f"'{path}' is damaged at line {number} ({err.msg}); delete it and resume, or start a "
-                           "new run") from None
+            raise RunError(f"'{path}' is damaged at line {number} ({err.msg}); delete it and resume, or "
+                           "start a new run") from None
     return records
 
 
@@ -417,9 +428,12 @@ def _make_folder(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunError(f"cannot create run folder '{path}': {err.strerror}; choose a writable place (-o)") from None
+        raise RunError(
+            f"cannot create run folder '{path}': {err.strerror}; choose a writable place (-o)"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise RunError(f"run folder '{path}' is not writable: fix its permissions or choose another folder (-o)")
+        raise RunError(f"run folder '{path}' is not writable: fix its permissions or choose another folder "
+                       "(-o)")
 
 
 def _show(value: Any) -> str:
