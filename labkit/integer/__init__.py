@@ -1,5 +1,4 @@
-"""Stage 6, integer: a harmonized fake-quant network -> its integer-only twin (int64 exact, int32), and the
-check."""
+"""Stage 6, integer: a harmonized fake-quant network -> its integer twin (int64 exact, int32), checked."""
 
 from labkit.integer.compare import Comparison, compare
 from labkit.integer.grid import input_eps, input_range, input_shape_of

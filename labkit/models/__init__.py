@@ -1,5 +1,4 @@
-"""Stage 2, models: MobileNetV2 with the reference framework's module names, and torchvision weight
-conversion."""
+"""Stage 2, models: MobileNetV2 with the reference framework's module names; torchvision conversion."""
 
 from labkit.models.mobilenetv2 import STRIDE_TABLES, InvertedResidual, MobileNetV2, make_divisible
 

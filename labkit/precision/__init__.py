@@ -1,2 +1,1 @@
-"""Stage 5, precision: the cost model, per-layer bit plans, sensitivity, allocation under a budget, Pareto
-points."""
+"""Stage 5, precision: cost model, bit plans, sensitivity, allocation under a budget, Pareto points."""

@@ -1,5 +1,4 @@
-"""Stage 3, quant: fake-quant kernels, PACT and TQT quantizers, init rules, controllers, recipe,
-harmonization."""
+"""Stage 3, quant: fake-quant kernels, PACT and TQT quantizers, init, controllers, recipe, harmonizer."""
 
 from labkit.config.spec import ACT_KINDS, MAX_LEVELS, MIN_LEVELS, QUANTIZE_MODES, QuantSpec, SpecError
 from labkit.quant.acts import PACTAsymmetricAct, PACTIntegerAdd, PACTUnsignedAct

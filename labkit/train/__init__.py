@@ -1,2 +1,1 @@
-"""Stage 4, train: config -> network (build, the one checkpoint loader), data, run folders, the training
-loop."""
+"""Stage 4, train: config -> network (the one checkpoint loader), data, run folders, the training loop."""
