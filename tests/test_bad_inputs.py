@@ -614,6 +614,27 @@ CASES = [
         cli=lambda w: ["export", w.p("run-pact"), "--calibrate", "8"],
     ),
     Case(
+        "export-int32-forms-onnx",
+        "labkit export --no-preclip for a target without an int32 twin",
+        r"--max-groups and --no-preclip set the int32 twin of --target deeploy only",
+        early=True,
+        cli=lambda w: ["export", w.p("run-pact"), "--no-preclip"],
+    ),
+    Case(
+        "export-max-groups-zero",
+        "labkit export --target deeploy --max-groups 0",
+        r"--max-groups 0: give an integer >= 1",
+        early=True,
+        cli=lambda w: ["export", w.p("run-pact"), "--target", "deeploy", "--max-groups", "0"],
+    ),
+    Case(
+        "export-batch-not-dividing",
+        "labkit export --n-inputs 8 --batch 3 (the golden data holds whole batches)",
+        r"--batch 3 does not divide --n-inputs 8",
+        early=True,
+        cli=lambda w: ["export", w.p("run-pact"), "--target", "qonnx", "--batch", "3"],
+    ),
+    Case(
         "export-only-looks-writable",
         "labkit export into /proc (writable by its permission bits, not in fact)",
         r"export folder '/proc/labkit-export' cannot be written",
