@@ -144,6 +144,6 @@ def test_training_notebook_in_jupyterlab(tmp_path):
         lab.screenshot_cell("LiveClipPlot(", ARTIFACTS / "live-clip-plot.png")
         lab.screenshot_cell("plot_clip_trajectories(read_history", ARTIFACTS / "clip-bounds.png")
         stderr = lab.stderr_outputs()
-        done = browser.normalize(lab.cell("lab.what_we_saw").inner_text())
+        done = browser.normalize(lab.cell("steps.what_we_saw").inner_text())
     assert not stderr, f"stderr boxes in notebook 03: {stderr[:3]}"
     assert "2 epochs in" in done, f"the last cell did not conclude the run: {done}"
