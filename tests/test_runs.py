@@ -164,7 +164,8 @@ def test_two_processes_into_one_folder(tmp_path):
                               "--no-progress"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text().strip()):
+    holder = out / ".lock.pid"  # filelock's .lock is empty; the holder's pid is written beside it
+    while time.time() < deadline and not (holder.is_file() and holder.read_text().strip()):
         time.sleep(0.2)
     second = subprocess.run([sys.executable, "-m", "labkit.cli", "train", str(cfg), "-o", str(out),
                              "--resume"],
