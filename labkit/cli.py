@@ -403,7 +403,7 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
         if value is not None and not grid.get("budget"):
             raise ArgumentError(f"{flag} sets how budget points are planned, and this grid has none: give "
                              "--budgets (or leave it out)")
-    slurm = {k: getattr(args, k) for k in SLURM_FLAGS if getattr(args, k) not in (None, False)}
+    slurm = {k: getattr(args, k) for k in SLURM_FLAGS if getattr(args, k) is not None}  # 0 is a value
     if args.launcher != "slurm" and (slurm or args.wait or args.dry_run):
         flag = next(iter(slurm), "wait" if args.wait else "dry-run").replace("_", "-")
         raise ArgumentError(f"--{flag} applies to --launcher slurm only")
@@ -416,7 +416,7 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
 
     options = {"epochs": args.epochs, "calib": 256 if args.calib is None else args.calib,
                "launcher": args.launcher, "plan_bits": args.plan_bits or (2, 3, 4, 8),
-               "parallel": args.parallel or 1, "runner": args.runner}
+               "parallel": 1 if args.parallel is None else args.parallel, "runner": args.runner}
     for point in sweep_grid.expand_grid({k: v for k, v in grid.items() if k != "slurm"}):
         sweep_grid.algorithm_config(point["algorithm"], args.data, args.configs)
     section = sweep_grid.slurm_options(args.launcher, grid.get("slurm"), slurm, args.dry_run)

@@ -818,6 +818,19 @@ CASES = [
         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--launcher", "slurm", "--gpus", "2"),
     ),
     Case(
+        "sweep-parallel-zero",
+        "labkit sweep --parallel 0 (was read as 1 and ran)",
+        r"--parallel 0: give the number of local jobs at once \(1 or more\)",
+        cli=sweep_args("--algorithms", "pact", "--bits", "8", "--parallel", "0"),
+    ),
+    Case(
+        "sweep-slurm-cpus-zero",
+        "labkit sweep --launcher slurm --cpus 0 (was dropped: Slurm's default)",
+        r"slurm cpus 0: give an integer >= 1",
+        cli=sweep_args("--algorithms", "pact", "--bits", "8", "--launcher", "slurm", "--cpus", "0",
+                       "--dry-run"),
+    ),
+    Case(
         "sweep-slurm-time",
         "labkit sweep --launcher slurm --time 12h",
         r"slurm time '12h' is not a time limit",

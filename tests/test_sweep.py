@@ -183,6 +183,17 @@ def test_slurm_job_script_as_text(tiny_configs, tmp_path):
     assert "#SBATCH --partition" not in script and "runner train" in script
 
 
+def test_cli_gpus_zero_writes_a_cpu_job(tiny_configs, tmp_path, capsys):
+    """``--gpus 0`` is a value (a CPU job), not an absent flag: the script asks for no GPU."""
+    from labkit.cli import main
+
+    out = tmp_path / "cpu"
+    assert main(["sweep", "--configs", str(tiny_configs), "--algorithms", "pact", "--bits", "8", "--launcher",
+                 "slurm", "--gpus", "0", "--dry-run", "-o", str(out)]) == 0
+    script = (out / "jobs" / "pact-w8a8-s0.sbatch").read_text()
+    assert "--gpus" not in script and "--gres" not in script and "#SBATCH --ntasks-per-node=1" in script
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
