@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 from pathlib import Path
@@ -59,6 +60,17 @@ SMALL_QUANTIZE = {"PACTConv2d": {"kwargs": {"n_levels": 256}, "conv1$": {}, "con
                   "PACTLinear": {"fc$": {"n_levels": 256}},
                   "PACTUnsignedAct": {"act1$": {}, "act3$": {}}, "harmonize": {}}
 SMALL_INPUT = (1, 3, 6, 6)
+
+
+def small_quantized_net(tqt: bool) -> nn.Module:
+    """SmallNet through the recipe with SMALL_QUANTIZE, every quantizer PACT or TQT, per-channel conv weights
+    (the network of tests/data/legacy_quantizers.pt)."""
+    cfg = copy.deepcopy(SMALL_QUANTIZE)
+    for key in ("PACTConv2d", "PACTLinear", "PACTUnsignedAct"):
+        cfg[key]["kwargs"] = {**cfg[key].get("kwargs", {}), "tqt": tqt}
+    cfg["PACTConv2d"]["kwargs"]["quantize"] = "per_channel"
+    cfg["harmonize"] = {"tqt": tqt}
+    return pact_recipe(SmallNet(), cfg)[0]
 
 
 def small_qnet(net: nn.Module | None = None):

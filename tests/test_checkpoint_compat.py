@@ -6,28 +6,20 @@ three steps by labkit 612884e (``data/make_legacy_checkpoints.py``), an input an
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from labkit.quant import quantizers
-from labkit.quant.recipe import pact_recipe
 
-from helpers import ROOT, SMALL_QUANTIZE, SmallNet
+from helpers import ROOT, small_quantized_net
 
 LEGACY = ROOT / "tests" / "data" / "legacy_quantizers.pt"
 
 
 def build(tqt: bool) -> torch.nn.Module:
     """The generator's network, untrained: per-channel conv weights, every quantizer PACT or TQT."""
-    cfg = copy.deepcopy(SMALL_QUANTIZE)
-    for key in ("PACTConv2d", "PACTLinear", "PACTUnsignedAct"):
-        cfg[key]["kwargs"] = {**cfg[key].get("kwargs", {}), "tqt": tqt}
-    cfg["PACTConv2d"]["kwargs"]["quantize"] = "per_channel"
-    cfg["harmonize"] = {"tqt": tqt}
-    net, _ = pact_recipe(SmallNet(), cfg)
-    return net.eval()
+    return small_quantized_net(tqt).eval()
 
 
 @pytest.fixture(scope="module")

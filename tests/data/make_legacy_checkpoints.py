@@ -3,7 +3,6 @@
 output, so that tests/test_checkpoint_compat.py can check that today's code loads them and computes the same.
 Run once, at that commit: ``PYTHONPATH=. python tests/data/make_legacy_checkpoints.py``."""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -13,19 +12,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from labkit.quant import quantizers  # noqa: E402
 from labkit.quant.optimizers import normalize_tqt_grads, tqt_modules  # noqa: E402
-from labkit.quant.recipe import pact_recipe  # noqa: E402
 
-from helpers import SMALL_QUANTIZE, SmallNet  # noqa: E402
+from helpers import small_quantized_net  # noqa: E402
 
 
 def trained(tqt: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = copy.deepcopy(SMALL_QUANTIZE)
-    for key in ("PACTConv2d", "PACTLinear", "PACTUnsignedAct"):
-        cfg[key]["kwargs"] = {**cfg[key].get("kwargs", {}), "tqt": tqt}
-    cfg["PACTConv2d"]["kwargs"]["quantize"] = "per_channel"
-    cfg["harmonize"] = {"tqt": tqt}
-    net, _ = pact_recipe(SmallNet(), cfg)
+    net = small_quantized_net(tqt)
     net.train()
     x = torch.randn(16, 3, 6, 6)
     net(x)  # activation statistics
