@@ -13,6 +13,8 @@ each node carries :data:`KEEP_ADD`, so that Deeploy's Generic flow uses that ``a
 average pool as a depthwise Conv of ones (Deeploy maps no GlobalAveragePool, and its ReduceSum is wrong for
 4-d sums); Gemm with explicit ``alpha``/``beta``; convs without bias. :func:`as_standard` rewrites each
 RequantShift into standard operators with exactly these semantics, so onnxruntime can check the whole graph.
+The ``deeploy-cmsis`` target writes the CMSIS twin (:mod:`labkit.integer.cmsis_requant`) with the same nodes,
+then :func:`labkit.export.cmsis_graph.for_cmsis` rewrites the graph for Deeploy's CMSIS mapping.
 """
 
 from __future__ import annotations
@@ -52,14 +54,15 @@ def _tensor_attr(value) -> onnx.TensorProto:
 
 class DeeployWriter(GraphWriter):
     """The Deeploy form (module docstring); ``batch``: the static batch. ``target`` ``deeploy-cmsis``: the
-    network of :func:`labkit.integer.cmsis_requant.cmsis_twin`, whose requantizations of a conv/linear/pool
-    output are :class:`CmsisRequant` (one RequantShift each, ``add = k mul``, int64 where it leaves int32;
+    network of :func:`labkit.integer.cmsis_requant.cmsis_twin`, whose requantizations of a conv/pool output
+    are :class:`CmsisRequant` (one RequantShift each, ``add = k mul``, int64 where it leaves int32;
     Deeploy's CMSIS lowering merges it with the layer), the others one-shift int32 ones without pre-clip."""
 
     def __init__(self, inet, batch: int | None, target: str = "deeploy"):
         super().__init__(inet, batch)
         self.target = target
-        self._accumulators: set[str] = set()  # conv/linear/pool outputs (cmsis: merged with their requant)
+        self._accumulators: set[str] = set()  # conv/pool outputs (cmsis: merged with their requant)
+        self._gemms: set[str] = set()  # linear outputs
         # a grouped requantization: its parts, how to sum
         self._groups: dict[str, tuple[list[str], tuple]] = {}
         self._summed: dict[str, str] = {}
@@ -165,6 +168,10 @@ class DeeployWriter(GraphWriter):
                               "deeploy-cmsis")
         if self.target != "deeploy-cmsis":
             return
+        if x in self._gemms:
+            raise ExportError(f"export --target deeploy-cmsis: requantization '{base}' follows a linear "
+                              "layer, which the CMSIS graph writes as MatMul + Add (no requantized Gemm is "
+                              "exported): only a last linear layer (the logits) is supported")
         merged = x in self._accumulators
         if merged != isinstance(req, CmsisRequant) or (not merged and (len(req.groups) > 1 or req.clip
                                                                        is not None)):
@@ -197,8 +204,9 @@ class DeeployWriter(GraphWriter):
         inputs = [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0]),
                   self.const(f"{base}_bias",
                              bias.astype(np.float32 if np.abs(bias).max() < 2 ** 24 else np.int32))]
-        return self.accumulator(self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0,
-                                          transB=1)), "f"
+        gemm = self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0, transB=1)
+        self._gemms.add(gemm)
+        return gemm, "f"
 
     def pool(self, value: Value, base: str, in_shape: tuple, shape: tuple) -> Value:
         _, c, h, w = in_shape
