@@ -30,6 +30,7 @@ EPILOG = """examples:
   labkit integerize runs/embedded-pact                 # integer twin: per-layer code agreement, size report
   labkit export runs/embedded-tqt -o runs/export-tqt   # network.onnx, inputs/outputs.npz, onnxruntime check
   labkit export runs/embedded-pact --target deeploy    # RequantShift (int32) for Deeploy's Generic platform
+  labkit export runs/embedded-pact --target deeploy-cmsis --n-inputs 16   # for Deeploy's CMSIS (Cortex-M)
 """
 
 
@@ -239,10 +240,13 @@ def _export_parser(sub) -> None:
                     "execute_onnx), deeploy (the int32 twin: one RequantShift node per requantization, as "
                     "Deeploy's Generic platform reads it; writes int32.csv, the per-layer shifts, bound, "
                     "headroom, proven error and the share of codes identical to the exact twin on the "
-                    "exported images). docs/export.md says which tools and versions were run on each.")
+                    "exported images), deeploy-cmsis (the CMSIS twin: each conv/linear/pool requantization "
+                    "with its bias before the multiply, as Deeploy's CMSIS platform merges and computes it, "
+                    "in the graph that platform maps; writes int32.csv likewise). docs/export.md says which "
+                    "tools and versions were run on each.")
     ex.add_argument("run", help="run folder or checkpoint file, e.g. runs/embedded-tqt")
-    ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy"), default="onnx",
-                    help="onnx (default), qonnx or deeploy")
+    ex.add_argument("--target", choices=("onnx", "qonnx", "deeploy", "deeploy-cmsis"), default="onnx",
+                    help="onnx (default), qonnx, deeploy or deeploy-cmsis")
     ex.add_argument("--output-dir", "-o", metavar="DIR", help="export folder; default: "
                                                               "<run>/export[-<target>]")
     ex.add_argument("--n-inputs", type=int, default=8, metavar="N",
@@ -507,6 +511,9 @@ def _export_args(args) -> Path:
     _integer_args(args)
     integer(args.n_inputs, "--n-inputs", 1, fix="validation images in the golden data")
     if args.calibrate is not None:
+        if args.target == "deeploy-cmsis":
+            raise ArgumentError("--calibrate sets the int32 shifts of --target deeploy only: deeploy-cmsis "
+                                "multiplies in 64 bits, its bounds are proven for every input")
         if args.target != "deeploy":
             raise ArgumentError("--calibrate sets the int32 shifts of --target deeploy only, not of "
                                 f"{args.target}")
@@ -538,7 +545,7 @@ def cmd_export(args) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from labkit.export import check_export, export
-    from labkit.integer import compare, int32_twin
+    from labkit.integer import cmsis_twin, compare, int32_twin
     from labkit.train.data import build_datasets
 
     twin = _twin(args)
@@ -547,6 +554,9 @@ def cmd_export(args) -> None:
     if args.n_inputs > len(val):
         raise ArgumentError(f"--n-inputs {args.n_inputs}: the validation set has {len(val)} images")
     inputs = torch.stack([val[i][0] for i in range(args.n_inputs)])
+    if args.target == "deeploy-cmsis":
+        exact, (inet, plan) = inet, cmsis_twin(inet)
+        plan.add_agreement(compare(exact, inet, inputs), f"the {args.n_inputs} exported images")
     if args.target == "deeploy":
         calibration = args.calibrate and DataLoader(Subset(train, range(min(args.calibrate, len(train)))),
                                                     batch_size=64)
@@ -556,14 +566,14 @@ def cmd_export(args) -> None:
         exact, (inet, plan) = inet, int32_twin(inet, calibration or None, args.margin or 2.0, **forms)
         plan.add_agreement(compare(exact, inet, inputs), f"the {args.n_inputs} exported images")
     paths = export(inet, out, inputs, target=args.target, activations=args.activations, batch=args.batch)
-    if args.target == "deeploy":
+    if args.target.startswith("deeploy"):
         paths["int32"] = out / "int32.csv"
         plan.table().to_csv(paths["int32"])
         print(plan.summary())
     for path in paths.values():
         print(f"wrote {path}")
     check = check_export(out)
-    how = " (RequantShift in Deeploy's semantics)" if args.target == "deeploy" else ""
+    how = " (RequantShift in Deeploy's semantics)" if args.target.startswith("deeploy") else ""
     print(f"onnxruntime{how} on {check['samples']} inputs: "
           f"{'identical to outputs.npz' if check['exact'] else 'DIFFERS'} (max |difference| "
           f"{check['max_abs_diff']}); {check['onnx_nodes']} nodes: {', '.join(check['ops'])}")

@@ -10,9 +10,9 @@ FLOW (the runner is Deeploy's ``deeployRunner_generic.py`` or ``deeployRunner_co
 ``generic-no-emulation``  the same with that one pass left out (deeploy_generate.py ``--no-emulation``).
 ``cmsis``                 the CMSIS (Cortex-M) platform unmodified: Deeploy's QEMU-ARM target (cortex-m4,
                           CMSIS-NN, Debian's arm-none-eabi-gcc and picolibc, qemu-system-arm mps2-an386 with
-                          semihosting).
-``cmsis-rewritten``       the same (Deeploy unmodified) on a copy of the export rewritten by
-                          deeploy_graphs.for_cmsis for the CMSIS mapping (it says why).
+                          semihosting); for ``labkit export --target deeploy-cmsis`` exports.
+``cmsis-rewritten``       the same (Deeploy unmodified) on a copy of a ``deeploy`` (Generic) export rewritten
+                          by deeploy_graphs.for_cmsis for the CMSIS mapping (labkit.export.cmsis_graph).
 
 Deeploy's harness compares each output with the golden data it was given (``testoutputs.h``, made from
 ``outputs.npz``) and prints every mismatch with its index (Generic: per int32 logit; QEMU-ARM: per byte); the

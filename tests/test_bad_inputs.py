@@ -621,6 +621,20 @@ CASES = [
         cli=lambda w: ["export", w.p("run-pact"), "--no-preclip"],
     ),
     Case(
+        "export-int32-forms-cmsis",
+        "labkit export --target deeploy-cmsis --max-groups 1 (the CMSIS twin has one form per layer)",
+        r"--max-groups and --no-preclip set the int32 twin of --target deeploy only",
+        early=True,
+        cli=lambda w: ["export", w.p("run-pact"), "--target", "deeploy-cmsis", "--max-groups", "1"],
+    ),
+    Case(
+        "export-calibrate-cmsis",
+        "labkit export --target deeploy-cmsis --calibrate 8 (its bounds are proven)",
+        r"--calibrate sets the int32 shifts of --target deeploy only: deeploy-cmsis multiplies in 64 bits",
+        early=True,
+        cli=lambda w: ["export", w.p("run-pact"), "--target", "deeploy-cmsis", "--calibrate", "8"],
+    ),
+    Case(
         "export-max-groups-zero",
         "labkit export --target deeploy --max-groups 0",
         r"--max-groups 0: give an integer >= 1",

@@ -5,9 +5,11 @@ deeploy_flow.py) on labkit's Deeploy export, every logit checked against a model
   ``add`` to ``round(add / (mul + 1e-3)) * mul`` (a whole number of ``mul``: the bias enters before the
   multiply, as in CMSIS-NN); the export's ``Emulate_CMSIS_RequantShift`` attribute makes the pass leave it;
 * Generic without that pass: ``outputs.npz`` too;
-* the CMSIS platform under qemu-system-arm, Deeploy unmodified, on the export rewritten by
+* the CMSIS platform under qemu-system-arm, Deeploy unmodified, on the Generic export rewritten by
   deeploy_graphs.for_cmsis: the model above (``add`` rounded to a whole number of ``mul``), which CMSIS-NN's
-  kernels compute whatever the attribute says.
+  kernels compute whatever the attribute says;
+* the CMSIS platform on the ``deeploy-cmsis`` export (the CMSIS twin in the graph that platform maps):
+  ``outputs.npz`` itself.
 
 Needs Deeploy's source (deeploy_env.source_dir: ``$LABKIT_DEEPLOY_GIT``, ``$LABKIT_CMSIS_NN_GIT``), cmake,
 ccache and gcc, and for the CMSIS test Debian's gcc-arm-none-eabi, picolibc-arm-none-eabi and qemu-system-arm;
@@ -23,7 +25,7 @@ from onnx import numpy_helper as nh
 
 from labkit.export import export
 from labkit.export.deeploy import as_standard
-from labkit.integer import int32_twin
+from labkit.integer import cmsis_twin, int32_twin
 
 from deeploy_env import ToolMissing
 from deeploy_flow import compare_chunked
@@ -85,6 +87,21 @@ def exported_plain(pact8, tmp_path_factory):
     export(int32_twin(pact8[1], max_groups=1, preclip=False)[0], folder, digits(4), target="deeploy")
     model = onnx.load(str(folder / "network.onnx"))
     return folder, logits(emulate_cmsis_requant(model), folder)
+
+
+@pytest.fixture(scope="module")
+def exported_cmsis(pact8, tmp_path_factory):
+    """The pact8 net's ``deeploy-cmsis`` export of 4 validation digits (the CMSIS twin)."""
+    folder = tmp_path_factory.mktemp("deeploy-flow") / "pact8-cmsis"
+    export(cmsis_twin(pact8[1])[0], folder, digits(4), target="deeploy-cmsis")
+    return folder
+
+
+def test_cmsis_flow_as_released_reproduces_the_cmsis_export(exported_cmsis, one_thread):
+    """Deeploy's CMSIS platform, unmodified, under qemu: every logit of the CMSIS twin (runs of 2 samples)."""
+    result = run(exported_cmsis, "cmsis", chunk=2)
+    assert result["chunks"] == 2 and result["logits"] == 40
+    assert result["differing"] == 0 and result["reported_errors"] == 0 and result["max_abs_diff"] == 0
 
 
 def test_generic_flow_as_released_is_exact(exported, one_thread):

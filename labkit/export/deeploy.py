@@ -13,6 +13,8 @@ each node carries :data:`KEEP_ADD`, so that Deeploy's Generic flow uses that ``a
 average pool as a depthwise Conv of ones (Deeploy maps no GlobalAveragePool, and its ReduceSum is wrong for
 4-d sums); Gemm with explicit ``alpha``/``beta``; convs without bias. :func:`as_standard` rewrites each
 RequantShift into standard operators with exactly these semantics, so onnxruntime can check the whole graph.
+The ``deeploy-cmsis`` target writes the CMSIS twin (:mod:`labkit.integer.cmsis_requant`) with the same nodes,
+then :func:`labkit.export.cmsis_graph.for_cmsis` rewrites the graph for Deeploy's CMSIS mapping.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from labkit.export.cmsis_graph import for_onnxruntime
 from labkit.export.graph import CUSTOM_DOMAIN, ExportError, GraphWriter, Value, weight_codes
 from labkit.integer import INT32_MAX, Int32Requant, IntConv2d, IntLinear, Requant, requant_layers
+from labkit.integer.cmsis_requant import CmsisRequant
 from labkit.integer.int32 import PreClip
 
 DEEPLOY_OPSET = 13
@@ -49,10 +53,16 @@ def _tensor_attr(value) -> onnx.TensorProto:
 
 
 class DeeployWriter(GraphWriter):
-    """The Deeploy form (module docstring); ``batch``: the static batch."""
+    """The Deeploy form (module docstring); ``batch``: the static batch. ``target`` ``deeploy-cmsis``: the
+    network of :func:`labkit.integer.cmsis_requant.cmsis_twin`, whose requantizations of a conv/pool output
+    are :class:`CmsisRequant` (one RequantShift each, ``add = k mul``, int64 where it leaves int32;
+    Deeploy's CMSIS lowering merges it with the layer), the others one-shift int32 ones without pre-clip."""
 
-    def __init__(self, inet, batch: int | None):
+    def __init__(self, inet, batch: int | None, target: str = "deeploy"):
         super().__init__(inet, batch)
+        self.target = target
+        self._accumulators: set[str] = set()  # conv/pool outputs (cmsis: merged with their requant)
+        self._gemms: set[str] = set()  # linear outputs
         # a grouped requantization: its parts, how to sum
         self._groups: dict[str, tuple[list[str], tuple]] = {}
         self._summed: dict[str, str] = {}
@@ -61,10 +71,11 @@ class DeeployWriter(GraphWriter):
     def requant(self, value: Value, req: Requant, base: str, shape: tuple) -> Value:
         full = _full_range(req.n_levels, req.signed)
         if (req.lo, req.hi) != full:
-            raise ExportError(f"export --target deeploy: requantization '{base}' clips to "
+            raise ExportError(f"export --target {self.target}: requantization '{base}' clips to "
                               f"{req.lo}..{req.hi}, but Deeploy's RequantShift clips to the full range "
                               f"{full[0]}..{full[1]} of its {req.n_levels} levels")
         x = self.resolve(value)[0]
+        self.check_form(x, req, base)
         groups = req.groups if isinstance(req, Int32Requant) else [(req.d, [])]
         if isinstance(req, Int32Requant) and req.clip is not None:
             x = self.preclip(x, req.clip, base, shape)
@@ -106,7 +117,8 @@ class DeeployWriter(GraphWriter):
         kernel adds itself: written as ``add - 2^(d-1)``)."""
         view = (-1,) + (1,) * (len(shape) - 2)
         mul = np.asarray(mul).astype(np.int32)
-        add = (np.asarray(add) - _half(d)).astype(np.int32)
+        add = np.asarray(add, dtype=np.int64) - _half(d)  # int64 only where a CMSIS k mul leaves int32
+        add = add.astype(np.int32 if np.abs(add).max(initial=0) <= INT32_MAX else np.int64)
         if mul.ndim:
             mul = mul.reshape(view)
         if add.ndim:
@@ -141,39 +153,67 @@ class DeeployWriter(GraphWriter):
             out = self.node("Add", [out, scaled], f"{base}.preclip_{side}", shape)
         return out
 
+    def accumulator(self, name: str) -> str:
+        self._accumulators.add(name)
+        return name
+
+    def check_form(self, x: str, req: Requant, base: str) -> None:
+        """A ``deeploy-cmsis`` requantization must be what the CMSIS platform runs: the CMSIS form after a
+        conv/linear/pool (merged with it), one int32 RequantShift elsewhere (Deeploy's Generic kernel); a
+        ``deeploy`` one is never the CMSIS form (its 64-bit product overflows the Generic int32 kernel)."""
+        if self.target == "deeploy" and isinstance(req, CmsisRequant):
+            raise ExportError(f"export --target deeploy: requantization '{base}' is in the CMSIS form (bias "
+                              "before the multiply, 64-bit product), which Deeploy's Generic kernel cannot "
+                              "compute in int32: export labkit.integer.int32_twin(inet)[0], or use --target "
+                              "deeploy-cmsis")
+        if self.target != "deeploy-cmsis":
+            return
+        if x in self._gemms:
+            raise ExportError(f"export --target deeploy-cmsis: requantization '{base}' follows a linear "
+                              "layer, which the CMSIS graph writes as MatMul + Add (no requantized Gemm is "
+                              "exported): only a last linear layer (the logits) is supported")
+        merged = x in self._accumulators
+        if merged != isinstance(req, CmsisRequant) or (not merged and (len(req.groups) > 1 or req.clip
+                                                                       is not None)):
+            form = "merged with its layer" if merged else "one int32 RequantShift"
+            raise ExportError(f"export --target deeploy-cmsis: requantization '{base}' is not in the form "
+                              f"Deeploy's CMSIS platform computes ({form}): export "
+                              "labkit.integer.cmsis_requant.cmsis_twin(inet)[0]")
+
     def conv(self, value: Value, m: IntConv2d, base: str, shape: tuple) -> Value:
         if m.bias is not None:
-            raise ExportError(f"export --target deeploy: conv '{base}' has a bias, which Deeploy's integer "
-                              "Conv does not take; fold it into the following batch norm (bias=False) and "
-                              "fine-tune")
+            raise ExportError(f"export --target {self.target}: conv '{base}' has a bias, which Deeploy's "
+                              "integer Conv does not take; fold it into the following batch norm "
+                              "(bias=False) and fine-tune")
         if m.acc_bound > INT32_MAX:
-            raise ExportError(f"export --target deeploy: the accumulator of conv '{base}' can reach "
+            raise ExportError(f"export --target {self.target}: the accumulator of conv '{base}' can reach "
                               f"{m.acc_bound} >= 2^31, beyond Deeploy's int32 accumulator; quantize its "
                               "weights or inputs to fewer bits")
         pad = tuple(m.padding)
-        return self.node("Conv", [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0])],
-                         base, shape,
-                         kernel_shape=list(m.weight.shape[2:]), strides=list(m.stride),
-                         pads=[pad[0], pad[1], pad[0], pad[1]], dilations=list(m.dilation),
-                         group=int(m.groups)), "f"
+        return self.accumulator(self.node(
+            "Conv", [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0])], base, shape,
+            kernel_shape=list(m.weight.shape[2:]), strides=list(m.stride),
+            pads=[pad[0], pad[1], pad[0], pad[1]], dilations=list(m.dilation), group=int(m.groups))), "f"
 
     def linear(self, value: Value, m: IntLinear, base: str, shape: tuple) -> Value:
         if m.acc_bound > INT32_MAX:
-            raise ExportError(f"export --target deeploy: the accumulator of '{base}' can reach {m.acc_bound} "
-                              ">= 2^31, beyond Deeploy's int32 Gemm; quantize its weights or inputs to fewer "
-                              "bits")
+            raise ExportError(f"export --target {self.target}: the accumulator of '{base}' can reach "
+                              f"{m.acc_bound} >= 2^31, beyond Deeploy's int32 Gemm; quantize its weights or "
+                              "inputs to fewer bits")
         bias = m.bias.cpu().numpy() if m.bias is not None else np.zeros(m.weight.shape[0], dtype=np.int64)
         inputs = [self.resolve(value)[0], self.const(f"{base}_weight", weight_codes(m)[0]),
                   self.const(f"{base}_bias",
                              bias.astype(np.float32 if np.abs(bias).max() < 2 ** 24 else np.int32))]
-        return self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0, transB=1), "f"
+        gemm = self.node("Gemm", inputs, base, shape, alpha=1.0, beta=1.0, transA=0, transB=1)
+        self._gemms.add(gemm)
+        return gemm, "f"
 
     def pool(self, value: Value, base: str, in_shape: tuple, shape: tuple) -> Value:
         _, c, h, w = in_shape
         ones = self.const(f"{base}_ones", np.ones((c, 1, h, w), dtype=np.float32))
-        return self.node("Conv", [self.resolve(value)[0], ones], base, shape, kernel_shape=[h, w],
-                         strides=[1, 1],
-                         pads=[0, 0, 0, 0], dilations=[1, 1], group=int(c)), "f"
+        return self.accumulator(self.node("Conv", [self.resolve(value)[0], ones], base, shape,
+                                          kernel_shape=[h, w], strides=[1, 1], pads=[0, 0, 0, 0],
+                                          dilations=[1, 1], group=int(c))), "f"
 
     def add(self, parts: list[Value], base: str, shape: tuple, lo: int, hi: int) -> Value:
         names = []  # a grouped input joins the sum with its parts
@@ -186,13 +226,15 @@ class DeeployWriter(GraphWriter):
 
     def build(self) -> onnx.ModelProto:
         not_int32 = [n for n, r in requant_layers(self.inet) if not isinstance(r, Int32Requant)]
+        twin = "labkit.integer.cmsis_requant.cmsis_twin" if self.target == "deeploy-cmsis" else \
+            "labkit.integer.int32_twin"
         if not_int32:
-            raise ExportError(f"export --target deeploy: requantization '{not_int32[0]}' is not int32 "
-                              "(Deeploy computes in int32): export labkit.integer.int32_twin(inet)[0]")
+            raise ExportError(f"export --target {self.target}: requantization '{not_int32[0]}' is not int32 "
+                              f"(Deeploy computes in int32): export {twin}(inet)[0]")
         (out, _), out_shape = self.walk()
         if self.nodes[-1].output[0] != out:
             raise ExportError(
-                "export --target deeploy: the output layer must be the network's last operation"
+                f"export --target {self.target}: the output layer must be the network's last operation"
             )
         self.nodes[-1].output[0] = "output"  # the last layer writes the graph output (no Identity/Cast)
         self.shapes["output"] = self.shapes.pop(out)
@@ -202,7 +244,7 @@ class DeeployWriter(GraphWriter):
         inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(self.shapes["input"]))
         outp = helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))
         return self.model(self.nodes, [inp], [outp], [("", DEEPLOY_OPSET), (CUSTOM_DOMAIN, 1)],
-                          {"requant": "RequantShift (int32, Deeploy)", "target": "deeploy"}, value_info)
+                          {"requant": "RequantShift (int32, Deeploy)", "target": self.target}, value_info)
 
 
 def _in_float64(n: onnx.NodeProto, inits: dict) -> list[onnx.NodeProto]:
@@ -219,15 +261,49 @@ def _in_float64(n: onnx.NodeProto, inits: dict) -> list[onnx.NodeProto]:
     return nodes + [helper.make_node(n.op_type, ins, list(n.output), name=n.name)]
 
 
+def _gemm64(n: onnx.NodeProto, inits: dict, outputs: dict) -> list[onnx.NodeProto]:
+    """A Gemm in float64; the logits stay float64 (exact beyond 2^24), another output is cast back."""
+    for name in n.input[1:]:
+        wide = numpy_helper.to_array(inits[name]).astype(np.float64)
+        inits[name].CopyFrom(numpy_helper.from_array(wide, name))
+    nodes = [helper.make_node("Cast", [n.input[0]], [f"{n.name}_in64"], to=TensorProto.DOUBLE)]
+    gemm = helper.make_node("Gemm", [f"{n.name}_in64", *n.input[1:]], list(n.output), name=n.name)
+    gemm.attribute.extend(n.attribute)
+    nodes.append(gemm)
+    if n.output[0] in outputs:
+        outputs[n.output[0]].type.tensor_type.elem_type = TensorProto.DOUBLE
+    else:
+        gemm.output[0] = f"{n.name}_out64"
+        nodes.append(helper.make_node("Cast", [f"{n.name}_out64"], list(n.output), to=TensorProto.FLOAT))
+    return nodes
+
+
+def _requant_standard(n: onnx.NodeProto, inits: dict, const) -> list[onnx.NodeProto]:
+    """A RequantShift as ``Cast, Mul, Add (add + 2^(d-1)), Div, Floor, Clip, Cast`` in float64."""
+    attrs = {a.name: numpy_helper.to_array(a.t).reshape(-1)[0] for a in n.attribute}
+    d, levels, signed = int(np.log2(attrs["div"])), int(attrs["n_levels_out"]), bool(attrs["signed"])
+    lo, hi = (-(levels // 2), levels // 2 - 1) if signed else (0, levels - 1)
+    mul, add = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in n.input[1:])
+    p = n.name
+    return [helper.make_node("Cast", [n.input[0]], [f"{p}_x"], to=TensorProto.DOUBLE),
+            helper.make_node("Mul", [f"{p}_x", const(f"{p}_mul64", mul)], [f"{p}_m"]),
+            helper.make_node("Add", [f"{p}_m", const(f"{p}_add64", add + _half(d))], [f"{p}_a"]),
+            helper.make_node("Div", [f"{p}_a", const(f"{p}_div64", 2.0 ** d)], [f"{p}_q"]),
+            helper.make_node("Floor", [f"{p}_q"], [f"{p}_f"]),
+            helper.make_node("Clip", [f"{p}_f", const(f"{p}_lo", lo), const(f"{p}_hi", hi)], [f"{p}_c"]),
+            helper.make_node("Cast", [f"{p}_c"], list(n.output), to=TensorProto.FLOAT)]
+
+
 def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a Deeploy export whose RequantShift nodes are standard operators with Deeploy's semantics
-    (module docstring; float64, exact) and whose Gemm and pre-clip Mul/Add run in float64, so onnxruntime can
-    run it."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    (module docstring; float64, exact) and whose Gemm (or MatMul + Add) and pre-clip Mul/Add run in float64,
+    so onnxruntime can run it; a ``deeploy-cmsis`` graph first in NCHW
+    (:func:`labkit.export.cmsis_graph.for_onnxruntime`)."""
+    model = for_onnxruntime(model)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name: o for o in g.output}
-    nodes, extra = [], []
+    nodes, extra, wide = [], [], set()
 
     def const(name, value):
         extra.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
@@ -235,39 +311,18 @@ def as_standard(model: onnx.ModelProto) -> onnx.ModelProto:
 
     for n in g.node:
         if n.op_type == "Gemm":
-            for name in n.input[1:]:
-                inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float64),
-                                                             name))
-            nodes.append(helper.make_node("Cast", [n.input[0]], [f"{n.name}_in64"], to=TensorProto.DOUBLE))
-            gemm = helper.make_node("Gemm", [f"{n.name}_in64", *n.input[1:]], list(n.output), name=n.name)
-            gemm.attribute.extend(n.attribute)
-            nodes.append(gemm)
-            if n.output[0] in outputs:  # the logits stay float64 (exact beyond 2^24)
-                outputs[n.output[0]].type.tensor_type.elem_type = TensorProto.DOUBLE
-            else:
-                gemm.output[0] = f"{n.name}_out64"
-                nodes.append(helper.make_node("Cast", [f"{n.name}_out64"], list(n.output),
-                                              to=TensorProto.FLOAT))
+            nodes += _gemm64(n, inits, outputs)
             continue
         if n.op_type in ("Mul", "Add") and "_preclip_" in n.name:  # accumulator arithmetic: float64
             nodes += _in_float64(n, inits)
             continue
-        if n.op_type != "RequantShift":
-            nodes.append(n)
+        if n.op_type == "MatMul" or (n.op_type == "Add" and any(i in wide for i in n.input)):
+            nodes += _in_float64(n, inits)  # a Gemm for the CMSIS platform: the logits in float64
+            wide.add(n.output[0])
+            if n.output[0] in outputs:
+                outputs[n.output[0]].type.tensor_type.elem_type = TensorProto.DOUBLE
             continue
-        attrs = {a.name: numpy_helper.to_array(a.t).reshape(-1)[0] for a in n.attribute}
-        d, levels, signed = int(np.log2(attrs["div"])), int(attrs["n_levels_out"]), bool(attrs["signed"])
-        lo, hi = (-(levels // 2), levels // 2 - 1) if signed else (0, levels - 1)
-        mul, add = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in n.input[1:])
-        p = n.name
-        nodes += [helper.make_node("Cast", [n.input[0]], [f"{p}_x"], to=TensorProto.DOUBLE),
-                  helper.make_node("Mul", [f"{p}_x", const(f"{p}_mul64", mul)], [f"{p}_m"]),
-                  helper.make_node("Add", [f"{p}_m", const(f"{p}_add64", add + _half(d))], [f"{p}_a"]),
-                  helper.make_node("Div", [f"{p}_a", const(f"{p}_div64", 2.0 ** d)], [f"{p}_q"]),
-                  helper.make_node("Floor", [f"{p}_q"], [f"{p}_f"]),
-                  helper.make_node("Clip", [f"{p}_f", const(f"{p}_lo", lo), const(f"{p}_hi", hi)],
-                                   [f"{p}_c"]),
-                  helper.make_node("Cast", [f"{p}_c"], list(n.output), to=TensorProto.FLOAT)]
+        nodes += _requant_standard(n, inits, const) if n.op_type == "RequantShift" else [n]
     used = {name for n in nodes for name in n.input}
     kept = [i for i in g.initializer if i.name in used] + extra
     del g.node[:], g.initializer[:]

@@ -2,7 +2,9 @@
 
 * ``network.onnx``: ``target`` ``onnx`` (standard operators, symbolic batch ``N``), ``qonnx`` (the same with
   the batch fixed to the exported samples and a shape on every tensor, as qonnx's ``execute_onnx`` needs) or
-  ``deeploy`` (RequantShift nodes of the int32 twin, as Deeploy's Generic platform reads them).
+  ``deeploy`` (RequantShift nodes of the int32 twin, as Deeploy's Generic platform reads them) or
+  ``deeploy-cmsis`` (the CMSIS twin, :func:`labkit.integer.cmsis_requant.cmsis_twin`, in the graph Deeploy's
+  CMSIS platform maps: :mod:`labkit.export.cmsis_graph`).
 * ``inputs.npz`` (``input``: the codes fed to the network, float32), ``outputs.npz`` (``output``: the int64
   logits of the network exported) and, with ``activations=True``, ``activations.npz``: the output of every
   integer layer keyed by module name, in the smallest integer dtype that holds it (uint8/int8 codes, int32
@@ -19,12 +21,13 @@ import onnxruntime as ort
 import torch
 from torch import fx
 
+from labkit.export.cmsis_graph import for_cmsis
 from labkit.export.deeploy import DeeployWriter, as_standard
 from labkit.export.graph import CUSTOM_DOMAIN, ExportError
 from labkit.export.standard import StandardWriter
 from labkit.integer import integer_layers
 
-TARGETS = ("onnx", "qonnx", "deeploy")
+TARGETS = ("onnx", "qonnx", "deeploy", "deeploy-cmsis")
 
 
 def to_onnx(inet: fx.GraphModule, path: str | Path | None = None, *, target: str = "onnx",
@@ -33,8 +36,10 @@ def to_onnx(inet: fx.GraphModule, path: str | Path | None = None, *, target: str
     and deeploy targets (default 1). Written to ``path`` when given."""
     if target not in TARGETS:
         raise ExportError(f"export: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "deeploy":
-        model = DeeployWriter(inet, batch or 1).build()
+    if target.startswith("deeploy"):
+        model = DeeployWriter(inet, batch or 1, target).build()
+        if target == "deeploy-cmsis":
+            model = for_cmsis(model)
     else:
         model = StandardWriter(inet, batch or 1 if target == "qonnx" else None).build(
             static_batch=target == "qonnx"
