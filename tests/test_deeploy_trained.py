@@ -2,9 +2,9 @@
 ``labkit export --target deeploy`` of each trained embedded net: PACT 8/8, TQT 8/8, PACT 4/4 (as
 conftest.qat_runs trains them) and the mixed-precision config; every logit equal to ``outputs.npz``.
 
-8 validation digits each: Deeploy's code generation of an 8/8 export with its pre-clip constants took more than
-the machine's 23 GB at 16 (docs/export.md). Skipped, before the mixed net is trained, where Deeploy's source or
-cmake, ccache and gcc are missing (deeploy_env)."""
+8 validation digits each: Deeploy's code generation of an 8/8 export with its pre-clip constants took more
+than the machine's 23 GB at 16 (docs/export.md). Skipped, before the mixed net is trained, where Deeploy's
+source or cmake, ccache and gcc are missing (deeploy_env)."""
 
 import pytest
 import torch
