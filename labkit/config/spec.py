@@ -32,8 +32,7 @@ QUANTIZE_MODES = ("per_layer", "per_channel")
 MIN_LEVELS, MAX_LEVELS = 3, 2 ** 16
 MIN_BITS, MAX_BITS = 2, 16
 #: exactness limit of integer requantization y = floor((x * mul + add) / 2^d) (float64 mantissa: the ONNX
-# export
-#: computes in double), and the largest shift d
+#: export computes in double), and the largest shift d
 EXACT_BITS, D_MAX = 53, 48
 
 

@@ -41,10 +41,9 @@ def _full_range(n_levels: int, signed: bool) -> tuple[int, int]:
 
 
 #: RequantShift attribute that Deeploy's EmulateCMSISRequantPass (v0.2.1, ``DebugPasses.py:35``) takes as
-# "already
-#: in CMSIS form" and skips: without it the Generic flow rounds each ``add`` to a multiple of ``mul`` (the
-# bias
-#: before the multiply, as CMSIS-NN computes) and no longer computes the twin's ``floor((x mul + add) / 2^d)``
+#: "already in CMSIS form" and skips: without it the Generic flow rounds each ``add`` to a multiple of ``mul``
+#: (the bias before the multiply, as CMSIS-NN computes) and no longer computes the twin's ``floor((x mul +
+#: add) / 2^d)``
 KEEP_ADD = "Emulate_CMSIS_RequantShift"
 
 

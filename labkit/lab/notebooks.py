@@ -29,8 +29,7 @@ MAIN_RUNS = {"02_fp32_check": "runs/embedded-fp32", "03_pact_training": "runs/em
 
 
 #: the kernel's own log (a TCP-without-encryption warning at start, a KeyboardInterrupt at shutdown) would
-# land
-#: in the executed notebook as stderr; user code's warnings and errors still show
+#: land in the executed notebook as stderr; user code's warnings and errors still show
 KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
 
 

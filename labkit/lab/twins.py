@@ -26,6 +26,7 @@ from labkit.integer import (
     input_eps,
     input_range,
     input_shape_of,
+    cmsis_twin,
     int32_twin,
     integerize,
     requant_layers,
@@ -252,26 +253,28 @@ def size_table(nets: dict[str, Twin]) -> Table:
 
 def export_twins(nets: dict[str, Twin], output_dir: str | Path, n_inputs: int = 8) -> Table:
     """Export each twin for every target into ``output_dir/export-<name>[-<target>]`` (golden data from the
-    first ``n_inputs`` validation images; the standard one with every layer's activations; Deeploy's from the
-    int32 twin, made with proven bounds when :func:`int32_twins` was not called) and check each with
-    onnxruntime."""
+    first ``n_inputs`` validation images; the standard one with every layer's activations; ``deeploy`` from
+    the int32 twin, made with proven bounds when :func:`int32_twins` was not called; ``deeploy-cmsis`` from
+    the CMSIS twin) and check each with onnxruntime."""
     rows = []
     for name, twin in nets.items():
         _, valid = build_datasets(twin.run.config["data"])
         inputs = torch.stack([valid[i][0] for i in range(min(n_inputs, len(valid)))])
         if twin.inet32 is None:
             twin.inet32, twin.plan = int32_twin(twin.inet)
+        networks = {"deeploy": twin.inet32, "deeploy-cmsis": cmsis_twin(twin.inet)[0]}
         for target in TARGETS:
             folder = resolve(output_dir) / (f"export-{name}" + ("" if target == "onnx" else f"-{target}"))
-            export(twin.inet32 if target == "deeploy" else twin.inet, folder, inputs, target=target,
+            export(networks.get(target, twin.inet), folder, inputs, target=target,
                    activations=target == "onnx")
             check = check_export(folder)
             rows.append({"network": name, "target": target, "folder": str(folder),
                          "onnxruntime": "exact" if check["exact"] else "DIFFERENT",
                          "max |difference|": check["max_abs_diff"], "nodes": check["onnx_nodes"],
                          "ops": ", ".join(check["ops"])})
-    return Table(rows, title=f"exports ({n_inputs} validation images; deeploy: the int32 twin, its "
-                             "RequantShift nodes run in Deeploy's semantics)")
+    return Table(rows, title=f"exports ({n_inputs} validation images; deeploy: the int32 twin, "
+                             "deeploy-cmsis: the CMSIS twin, their RequantShift nodes run in Deeploy's "
+                             "semantics)")
 
 
 def _verdict(r: Comparison, target: float) -> str:

@@ -59,10 +59,8 @@ from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sens
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
 #: structural limits :func:`propose` adds unless the budget states them: the first conv's weights at 8 bits
-# (it
-#: reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the
-# activations it
-#: reads (the last feature activation and the pool requantizer) at 4 bits at least
+#: (it reads the 8-bit input; 0.1% of the embedded network's weights), the classifier's weights and the
+#: activations it reads (the last feature activation and the pool requantizer) at 4 bits at least
 DEFAULT_FLOORS = {"first": 8, "last": 4}
 
 
