@@ -1,5 +1,6 @@
 """Per-layer sensitivity: the documented loss increase, measured by partial re-runs that equal full forward
-passes; the cache beside the checkpoint (hit, miss on a changed checkpoint); errors; the heat map."""
+passes; the second-order (Fisher) measure against its formula written out image by image; the cache beside
+the checkpoint (hit, miss on a changed checkpoint); errors; the heat map."""
 
 import json
 
@@ -18,6 +19,7 @@ from labkit.precision.sensitivity import (
     calibration_batch,
     float_weights_network,
     measure,
+    measure_fisher,
     measure_sensitivity,
 )
 from labkit.quant import PACTIntegerAdd, pact_quantize
@@ -27,6 +29,9 @@ from labkit.train.checkpoint import CheckpointError, make_checkpoint, save_atomi
 from helpers import ROOT, SMALL_INPUT, SmallNet, small_plan, small_qnet
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
+#: the small network's activation groups and their quantizers
+GROUPS = {"act1": ["act1"], "act3": ["act3", "pool_act"],
+          "integer_add": ["integer_add.acts.0", "integer_add.acts.1", "integer_add.act_out"]}
 
 
 def ce(net, x, y) -> float:
@@ -105,10 +110,7 @@ def test_sensitivity_is_the_loss_increase_of_one_quantized_layer_or_group():
             m.stop()
     # activation groups: the quantizer with its MSE-optimal clip; the adder's inputs and output (one eps for
     # the inputs); act3 together with the pool requantizer that follows it
-    groups = {"act1": ["act1"], "integer_add": ["integer_add.acts.0", "integer_add.acts.1",
-                                                "integer_add.act_out"],
-              "act3": ["act3", "pool_act"]}
-    for group, quantizers in groups.items():  # (set_eps keeps a step in float32: agreement to ~1e-6)
+    for group, quantizers in GROUPS.items():  # (set_eps keeps a step in float32: agreement to ~1e-6)
         for b in (2, 3):
             assert acts[group][b] == pytest.approx(reference_increase(qnet, quantizers, 2 ** b, x, y),
                                                    rel=1e-4, abs=1e-8), (group, b)
@@ -116,6 +118,74 @@ def test_sensitivity_is_the_loss_increase_of_one_quantized_layer_or_group():
     # fewer bits perturb the loss more (in size: on this small random network some increases are negative)
     size = {b: sum(abs(weights[n][b]) for n in weights) for b in (2, 3, 8)}
     assert size[2] > size[3] > 10 * size[8]
+
+
+def per_image_squared_gradients(qnet, x, y, of) -> list[torch.Tensor]:
+    """``sum_x (d CE(x) / d v)^2`` for each tensor ``v`` that ``of()`` returns after one image's forward pass,
+    one image at a time."""
+    total = None
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(qnet(x[i:i + 1]), y[i:i + 1])
+        grads = [g.square() for g in torch.autograd.grad(loss, of())]
+        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+    return total
+
+
+def test_fisher_sensitivity_is_half_the_fisher_weighted_squared_quantization_error():
+    qnet, plan, x, y = small_case()
+    base, weights, acts = measure_fisher(qnet, plan, x, y, bits=(2, 3, 8), batch_size=10)
+    assert base == pytest.approx(ce(qnet, x, y), rel=1e-12)
+    assert list(weights) == ["conv1", "conv2", "conv3", "fc"] and set(acts) == {"act1", "integer_add", "act3"}
+    modules = dict(qnet.named_modules())
+    layers = [modules[n] for n in weights]
+    fisher = per_image_squared_gradients(qnet, x, y, lambda: [m.weight for m in layers])
+    for name, m, f in zip(weights, layers, fisher):
+        for b in (2, 3, 8):
+            m.spec = m.spec.replace(n_levels=2 ** b)
+            m.start()
+            error = (m.quantized_weight() - m.weight).detach()
+            m.stop()
+            assert weights[name][b] == pytest.approx(float((f * error ** 2).sum()) / (2 * len(x)), rel=1e-9)
+    # activations: each image's gradient at the quantizer's output (one image per pass), the error of the
+    # quantizer at its MSE-optimal clip, summed over the group
+    for group, quantizers in GROUPS.items():
+        for b in (2, 3):
+            expected = reference_fisher(qnet, quantizers, 2 ** b, x, y)
+            assert acts[group][b] == pytest.approx(expected, rel=1e-4), (group, b)
+    assert all(not m.started for _, m in qnet.named_modules() if hasattr(m, "started"))  # left in float
+    # the second-order estimates shrink with the squared step: ~4x per bit
+    assert all(weights[n][2] > weights[n][3] > 100 * weights[n][8] for n in weights)
+
+
+def reference_fisher(qnet, quantizers: list[str], n_levels: int, x, y) -> float:
+    """``1/2 mean_x sum_j g_j(x)^2 (Q(v_j) - v_j)^2`` over the outputs ``v`` of ``quantizers``, the gradients
+    from one image per pass, Q with the quantizers started at their MSE clips (adder inputs on one eps)."""
+    modules = dict(qnet.named_modules())
+    stored = []
+    for i in range(len(x)):
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [modules[q].register_forward_hook(lambda m, inp, o, q=q, seen=outputs: seen.__setitem__(q, o))
+                 for q in quantizers]
+        loss = nn.functional.cross_entropy(qnet(x[i:i + 1]), y[i:i + 1])
+        for h in hooks:
+            h.remove()
+        grads = torch.autograd.grad(loss, [outputs[q] for q in quantizers])
+        stored.append({q: (outputs[q].detach(), g) for q, g in zip(quantizers, grads)})
+    for q in quantizers:
+        m = mse_clip_reference(modules[q], torch.cat([s[q][0].reshape(-1) for s in stored]), n_levels)
+        modules[q].spec = modules[q].spec.replace(n_levels=n_levels, init_clip="const", init_clip_lo=-m,
+                                                  init_clip_hi=m)
+        modules[q].stop()
+        modules[q].start()
+    for adder in (m for m in modules.values() if isinstance(m, PACTIntegerAdd)):
+        if all(a.started for a in adder.acts):
+            adder.sync_eps()
+    with torch.no_grad():
+        total = sum(float((g ** 2 * (modules[q].fake_quant(v) - v) ** 2).sum()) for s in stored
+                    for q, (v, g) in s.items())
+    for q in quantizers:
+        modules[q].stop()
+    return total / (2 * len(x))
 
 
 def test_in_place_modules_are_refused():
@@ -198,6 +268,8 @@ def test_sensitivity_errors(random_run, tmp_path):
         measure_sensitivity(cfg, tmp_path / "none")
     with pytest.raises(ValueError, match="SAWB.*bits up to 8"):
         measure_sensitivity(cfg, folder, bits=(2, 10))
+    with pytest.raises(ValueError, match="sensitivity method 'hessian': use one of loss, fisher"):
+        measure_sensitivity(cfg, folder, method="hessian")
     with pytest.raises(ValueError, match="distinct bit-widths"):
         measure_sensitivity(cfg, folder, bits=(2, 2))
     wide = load_config(PACT4, {"network.pretrained": None, "network.kwargs.capacity": 0.5})

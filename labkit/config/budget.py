@@ -30,6 +30,8 @@ from labkit.config.spec import MAX_BITS, MIN_BITS
 #: the totals a budget can limit (names as in :data:`labkit.precision.costs.TOTALS`)
 METRICS = ("weight_bytes", "act_bytes", "BOPs")
 EXAMPLE = "weight_bytes=uniform:3,BOPs=uniform:3"
+#: the per-layer sensitivity measures a plan can be proposed from (labkit.precision.sensitivity)
+SENSITIVITY_METHODS = ("loss", "fisher")
 MIN_BITS_KEY = "min_bits:"  # a structural limit: min_bits:SELECTOR=B
 
 

@@ -22,6 +22,16 @@ noises of different layers act independently, the first-order model of HAWQ and 
 rank after QAT, which recovers part of each loss. Values can be slightly negative (noise that happens to
 help).
 
+**Second method, ``fisher``** (HAWQ-V2's ``trace(H) ||Q(W) - W||^2`` with the diagonal empirical Fisher
+``F = E_x[g(x)^2]`` in place of the Hessian; no re-run per layer): with ``g`` the gradient of one image's
+cross-entropy and ``d(b) = Q_b(v) - v`` the quantization error of a weight or activation value at b bits
+(the same grids and clips as above),
+
+    s_w(l, b) = 1/2 sum_i F_i d_i(b)^2,        s_a(g, b) = 1/2 E_x[ sum_j g_j(x)^2 d_j(x, b)^2 ]
+
+(sums over the layer's weights / the group's quantized values), the second-order loss increase when the
+quantization noise is independent of the gradient. One forward and backward pass per image.
+
 Results are cached in ``sensitivity.json`` beside the checkpoint, keyed by method, the version of the
 quantizer rules, bits, calibration size, the sha256 of the checkpoint file and of the network/quantize/data
 settings, so a stale entry is never used.
@@ -41,7 +51,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from labkit.config.budget import bit_choices
+from labkit.config.budget import SENSITIVITY_METHODS, bit_choices
 from labkit.config.paths import resolve
 from labkit.config.schema import ConfigError
 from labkit.config.tables import Table
@@ -54,7 +64,11 @@ from labkit.train.checkpoint import CheckpointError, read_state_dict, write_text
 from labkit.train.data import build_datasets
 from labkit.train.runs import RunFolder
 
-METHOD = "loss"  # calibration-loss increase, one layer quantized at a time
+METHOD = "loss"  # default: calibration-loss increase, one layer quantized at a time
+#: the sensitivity measures: ``loss`` (one layer quantized at a time, re-run) and ``fisher`` (second order)
+METHODS = dict(zip(SENSITIVITY_METHODS, ("calibration-loss increase, one layer quantized at a time",
+                                         "second-order loss increase, diagonal empirical Fisher x squared "
+                                         "quantization error")))
 #: bumped whenever a quantizer's bound rule changes results (2: SAWB above 16 levels checked against max |w|),
 #: so that entries measured under the old rule are not used
 RULES = 2
@@ -105,7 +119,7 @@ class Sensitivity:
         worst = max(((v[min(self.bits)], n) for part in (self.weights, self.activations) for n,
                      v in part.items()),
                     default=(0.0, "-"))
-        return (f"sensitivity ({self.method}: calibration-loss increase, one layer quantized at a time) of "
+        return (f"sensitivity ({self.method}: {METHODS.get(self.method, self.method)}) of "
                 f"{self.checkpoint} on {self.n_calib} training images, L0 = {self.base_loss:.4f}; "
                 f"{len(self.weights)} weight layers, {len(self.activations)} activation groups at "
                 f"{', '.join(map(str, self.bits))} bits; most sensitive at {min(self.bits)} bits: {worst[1]} "
@@ -118,10 +132,13 @@ class Sensitivity:
 # ------------------------------------------------------------------------------------------- entry point
 def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DEFAULT_BITS,
                         n_calib: int = 256,
-                        batch_size: int = 128, cache: bool = True, progress: bool = False) -> Sensitivity:
+                        batch_size: int = 128, cache: bool = True, progress: bool = False,
+                        method: str = METHOD) -> Sensitivity:
     """Sensitivity (module docstring) of the network of PACT/TQT config ``cfg`` with the float weights of
-    ``checkpoint`` (a run folder or checkpoint file; default ``network.pretrained``), read from or written to
-    ``sensitivity.json`` beside it when ``cache``."""
+    ``checkpoint`` (a run folder or checkpoint file; default ``network.pretrained``) by ``method`` (one of
+    :data:`METHODS`), read from or written to ``sensitivity.json`` beside it when ``cache``."""
+    if method not in METHODS:
+        raise ValueError(f"sensitivity method {method!r}: use one of {', '.join(METHODS)}")
     if not cfg["network"].get("quantize"):
         raise ConfigError("network.quantize", "is missing: sensitivity needs the PACT/TQT config whose bits "
                           "it varies", "Pass e.g. configs/embedded/config.pact.4b.json")
@@ -129,7 +146,7 @@ def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DE
     bits = bit_choices(bits)
     if not isinstance(n_calib, int) or isinstance(n_calib, bool) or n_calib < 1:
         raise ValueError(f"n_calib: {n_calib!r} is not a number of calibration images (>= 1)")
-    key = cache_key(cfg, path, bits, n_calib)
+    key = cache_key(cfg, path, bits, n_calib, method)
     store = path.parent / CACHE
     if cache:
         entry = read_cache(store).get(key)
@@ -139,8 +156,9 @@ def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DE
     x, y = calibration_batch(cfg["data"], n_calib)
     plan = BitPlan(qnet, (1, *x.shape[1:]))
     _check_sawb(qnet, plan, bits)
-    base, weights, acts = measure(qnet, plan, x, y, bits, batch_size, progress)
-    result = Sensitivity(bits, len(x), base, weights, acts, str(path), key)
+    run = measure if method == "loss" else measure_fisher
+    base, weights, acts = run(qnet, plan, x, y, bits, batch_size, progress)
+    result = Sensitivity(bits, len(x), base, weights, acts, str(path), key, method)
     if cache:
         try:
             write_text_atomic(json.dumps({**read_cache(store), key: result.as_json()}, indent=1) + "\n",
@@ -172,14 +190,14 @@ def _check_sawb(qnet: nn.Module, plan: BitPlan, bits: tuple[int, ...]) -> None:
                          f"whose coefficients exist for {sorted(SAWB_COEFFS)} levels only; use bits up to 8")
 
 
-def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int) -> str:
+def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int, method: str = METHOD) -> str:
     """Method, bits, calibration size, sha256 of the checkpoint and of the settings the result depends on."""
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     network = {k: v for k, v in cfg["network"].items() if k != "pretrained"}
     data = {k: cfg["data"].get(k) for k in ("name", "root", "image_size")}
     data["train_limit"] = cfg["data"].get("train", {}).get("dataset", {}).get("limit")
     settings = hashlib.sha256(json.dumps([network, data], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{METHOD}|rules={RULES}|bits={','.join(map(str, bits))}|n={n_calib}|ckpt={digest}|net={settings}"
+    return f"{method}|rules={RULES}|bits={','.join(map(str, bits))}|n={n_calib}|ckpt={digest}|net={settings}"
 
 
 def read_cache(path: Path) -> dict:
@@ -239,21 +257,7 @@ def measure(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tenso
     quantized modules run each bit-width's copy of their input with that bit-width's settings, and the float
     nodes below them one batch of ``len(bits)`` copies (the same numbers as one full forward pass per
     bit-width, up to float rounding; so no module may work in place)."""
-    modules = dict(qnet.named_modules())
-    inplace = [n for n, m in modules.items() if getattr(m, "inplace", False)]
-    if inplace:
-        raise ValueError(f"'{inplace[0]}' works in place, which would overwrite recorded values: set its "
-                         "inplace to False (float_weights_network does)")
-    members = plan.activation_groups()
-    groups = {leader: [q for name in names for q in _quantizers(name, modules)] for leader,
-              names in members.items()}
-    samples = _activation_samples(qnet, [q for qs in groups.values() for q in qs], x, batch_size)
-    clips = {(q, b): _mse_clip(modules[q], samples[q],
-                               2 ** b) for qs in groups.values() for q in qs for b in bits}
-    jobs = [_Job("weights", g.name, [g.name], [g.name]) for g in plan.layers] + \
-        [_Job("activations", k, v, groups[k], [modules[n] for n in v if isinstance(modules[n],
-                                                                                   PACTIntegerAdd)])
-         for k, v in members.items()]
+    modules, jobs, clips = _jobs(qnet, plan, x, bits, batch_size)
     sums = {(job.part, job.name, b): 0.0 for job in jobs for b in bits}
     base = 0.0
     record, rerun = _Record(qnet), _Rerun(qnet, bits)
@@ -277,6 +281,103 @@ def measure(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tenso
     for (part, name, b), total in sums.items():
         out[part].setdefault(name, {})[b] = (total - base) / len(x)
     return base / len(x), out["weights"], out["activations"]
+
+
+def measure_fisher(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, y: torch.Tensor, bits=DEFAULT_BITS,
+                   batch_size: int = 128, progress: bool = False) -> tuple[float, dict, dict]:
+    """``(L0, weights, activations)`` by the ``fisher`` method of the module docstring, same arguments as
+    :func:`measure`: ``F`` of the weights from one backward pass per image; activation gradients per image
+    from one backward pass per batch (eval mode: the images of a batch do not interact)."""
+    with torch.no_grad():
+        modules, jobs, clips = _jobs(qnet, plan, x, bits, batch_size)
+    weights = {job.name: modules[job.name].weight for job in jobs if job.part == "weights"}
+    fisher = {n: torch.zeros_like(w) for n, w in weights.items()}
+    acts = [job for job in jobs if job.part == "activations"]
+    sums = {(job.name, b): 0.0 for job in acts for b in bits}
+    base = 0.0
+    for i in tqdm(range(len(x)), desc="sensitivity (fisher)", disable=not progress, mininterval=1.0):
+        loss = nn.functional.cross_entropy(qnet(x[i:i + 1]), y[i:i + 1])
+        for n, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            fisher[n] += g.square()
+    watched = [q for job in acts for q in job.quantizers]
+    for i in range(0, len(x), batch_size):
+        outputs = _outputs_and_gradients(qnet, watched, x[i:i + batch_size], y[i:i + batch_size])
+        base += float(outputs.pop("loss"))
+        with torch.no_grad():
+            for job in acts:
+                for b in bits:
+                    job.configure(modules, clips, b)
+                    sums[job.name, b] += sum(_noise_energy(modules[q].fake_quant(v) - v, g.square())
+                                             for q in job.quantizers if q in outputs for v, g in [outputs[q]])
+                for q in job.quantizers:
+                    modules[q].stop()
+    return base / len(x), _weight_fisher_terms(modules, fisher, bits, len(x)), \
+        {name: {b: sums[name, b] / (2 * len(x)) for b in bits} for name in {job.name for job in acts}}
+
+
+@torch.no_grad()
+def _weight_fisher_terms(modules: dict, fisher: dict, bits, n: int) -> dict[str, dict[int, float]]:
+    """``1/2 sum_i F_i d_i(b)^2`` per layer, with ``fisher`` the summed squared gradients of ``n`` images."""
+    out: dict[str, dict[int, float]] = {}
+    for name, total in fisher.items():
+        layer = modules[name]
+        out[name] = {}
+        for b in bits:
+            _restart(layer, n_levels=2 ** b)
+            out[name][b] = _noise_energy(layer.fake_quant(layer.weight) - layer.weight, total) / (2 * n)
+            layer.stop()
+    return out
+
+
+def _noise_energy(error: torch.Tensor, fisher: torch.Tensor) -> float:
+    """``sum_i F_i d_i^2``."""
+    return float((fisher * error.square()).sum())
+
+
+def _outputs_and_gradients(net: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor) -> dict:
+    """``{name: (output, d loss / d output)}`` of each named module for the summed cross-entropy of ``x``
+    (each image's own gradient in eval mode), and ``loss``: that sum."""
+    modules = dict(net.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, inputs, out):
+            if out.requires_grad:
+                out.retain_grad()
+                seen[name] = out
+        return hook
+
+    hooks = [modules[n].register_forward_hook(keep(n)) for n in dict.fromkeys(names)]
+    try:
+        loss = nn.functional.cross_entropy(net(x), y, reduction="sum")
+    finally:
+        for h in hooks:
+            h.remove()
+    loss.backward()
+    net.zero_grad(set_to_none=True)
+    return {"loss": loss.detach(), **{n: (v.detach(), v.grad) for n, v in seen.items()}}
+
+
+def _jobs(qnet: fx.GraphModule, plan: BitPlan, x: torch.Tensor, bits, batch_size: int) -> tuple[dict, list,
+                                                                                                   dict]:
+    """``(modules, jobs, clips)``: a :class:`_Job` per weight layer and activation group, and the MSE-optimal
+    clip of every activation quantizer at each bit-width on ``x``."""
+    modules = dict(qnet.named_modules())
+    inplace = [n for n, m in modules.items() if getattr(m, "inplace", False)]
+    if inplace:
+        raise ValueError(f"'{inplace[0]}' works in place, which would overwrite recorded values: set its "
+                         "inplace to False (float_weights_network does)")
+    members = plan.activation_groups()
+    groups = {leader: [q for name in names for q in _quantizers(name, modules)] for leader,
+              names in members.items()}
+    samples = _activation_samples(qnet, [q for qs in groups.values() for q in qs], x, batch_size)
+    clips = {(q, b): _mse_clip(modules[q], samples[q],
+                               2 ** b) for qs in groups.values() for q in qs for b in bits}
+    jobs = [_Job("weights", g.name, [g.name], [g.name]) for g in plan.layers] + \
+        [_Job("activations", k, v, groups[k], [modules[n] for n in v
+                                               if isinstance(modules[n], PACTIntegerAdd)])
+         for k, v in members.items()]
+    return modules, jobs, clips
 
 
 @dataclass
