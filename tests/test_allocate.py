@@ -116,6 +116,31 @@ def test_allocation_equals_brute_force_on_a_small_network():
     assert set(plan.w_bits.values()) == {8}  # the input plan is not changed
 
 
+def test_a_weight_scale_minimises_the_scaled_objective_and_reports_the_unscaled_one():
+    plan = small_plan()
+    w_choices, a_choices = (2, 4, 8), (2, 3, 8)
+    plans = list(all_plans(plan, w_choices, a_choices))
+    values = sorted(t["BOPs"] for _, t in plans)
+    budget = {"BOPs": values[len(values) // 3]}
+    sens = random_sensitivity(plan, (2, 3, 4, 8), 7)
+    chosen = set()
+    for scale in (1.0, 0.1, 0.01):
+        scaled = copy.deepcopy(sens)
+        scaled.weights = {n: {b: scale * v for b, v in by_bits.items()} for n,
+                          by_bits in sens.weights.items()}
+        feasible = [(predicted(bits, scaled), bits) for bits, t in plans if t["BOPs"] <= budget["BOPs"]]
+        result = allocate(plan, sens, budget, w_choices, a_choices, weight_scale=scale)
+        bits = {**result.plan.w_bits, **{g: result.plan.a_bits[g] for g in result.plan.activation_groups()}}
+        assert predicted(bits, scaled) == pytest.approx(min(feasible, key=lambda f: f[0])[0], abs=1e-9)
+        assert result.objective == pytest.approx(predicted(bits, sens), abs=1e-12)
+        assert result.weight_scale == scale
+        assert ("the weights' sensitivities x" in result.description()) == (scale != 1)
+        chosen.add(tuple(sorted(result.plan.w_bits.items())))
+    assert len(chosen) > 1  # a smaller weight scale moves bits from the activations to the weights' side
+    with pytest.raises(ValueError, match="weight_scale 0: give a positive factor"):
+        allocate(plan, sens, budget, weight_scale=0)
+
+
 def test_structural_limits_equal_brute_force_over_the_plans_that_keep_them():
     """``min_bits``: a named layer's weights and the group it reads take at least B bits (``last``: fc, which
     reads the pool requantizer of act3's group; ``conv2`` reads act1), a named activation's group too."""

@@ -54,7 +54,7 @@ from labkit.config.budget import (
 from labkit.config.tables import Table
 from labkit.precision.bitplan import FLOAT, INPUT, BitPlan
 from labkit.precision.costs import act_bytes, bops, weight_bytes
-from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sensitivity
+from labkit.precision.sensitivity import DEFAULT_BITS, METHOD, Sensitivity, measure_sensitivity
 
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
@@ -78,13 +78,17 @@ class Allocation:
     sensitivity: Sensitivity
     w_choices: tuple[int, ...]
     a_choices: tuple[int, ...]
+    weight_scale: float = 1.0
+    #: how the plan was chosen among candidates, when it was (labkit.lab.probe)
+    chosen_by: str = ""
 
     def description(self) -> str:
         base = getattr(self.plan, "base_config", {}).get("name", "the base config")
+        scaled = f", the weights' sensitivities x{self.weight_scale:g}" if self.weight_scale != 1 else ""
         return (f"Proposed mixed precision ({self.plan.describe()}) for {describe_budget(self.spec)}; the "
                 "bits that minimise the summed per-layer sensitivity (labkit.precision.allocate; "
                 f"{self.sensitivity.method} method on {self.sensitivity.n_calib} training images of "
-                f"{self.sensitivity.checkpoint}), edited from {base}")
+                f"{self.sensitivity.checkpoint}{scaled}){self.chosen_by}, edited from {base}")
 
     def config(self, description: str | None = None) -> dict:
         """The base config with the proposal's bits in its per-layer entries (:meth:`BitPlan.apply_to`)."""
@@ -123,11 +127,12 @@ class Allocation:
 
 def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, w_bits=None,
             a_bits=None,
-            n_calib: int = 256, progress: bool = False) -> Allocation:
+            n_calib: int = 256, progress: bool = False, method: str = METHOD) -> Allocation:
     """Measure (or read the cached) sensitivity of PACT/TQT config ``cfg`` with the weights of ``checkpoint``
-    (default ``network.pretrained``) at ``bits``, and allocate bits (``w_bits`` / ``a_bits``: the allowed
-    choices, default ``bits``) under ``budget`` (:func:`labkit.config.budget.parse_budget`) and the structural
-    limits of :data:`DEFAULT_FLOORS` that the budget does not set itself. A budget that no plan of the allowed
+    (default ``network.pretrained``) at ``bits`` by ``method`` (:data:`labkit.precision.sensitivity.METHODS`),
+    and allocate bits (``w_bits`` / ``a_bits``: the allowed choices, default ``bits``) under ``budget``
+    (:func:`labkit.config.budget.parse_budget`) and the structural limits of :data:`DEFAULT_FLOORS` that the
+    budget does not set itself. A budget that no plan of the allowed
     bits meets is refused (:class:`BudgetError`) before anything is measured."""
     bits = bit_choices(bits)
     w_choices = _choices(w_bits, bits, "weight")
@@ -135,7 +140,7 @@ def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAUL
     spec = with_default_floors(parse_budget(budget), max(w_choices + a_choices))
     plan = BitPlan.from_config(cfg)
     _check_feasible(plan, resolve_budget(plan, spec), *allowed_bits(plan, spec, w_choices, a_choices))
-    sensitivity = measure_sensitivity(cfg, checkpoint, bits, n_calib, progress=progress)
+    sensitivity = measure_sensitivity(cfg, checkpoint, bits, n_calib, progress=progress, method=method)
     return allocate(plan, sensitivity, spec, w_bits, a_bits)
 
 
@@ -205,9 +210,13 @@ def predicted_increase(plan: BitPlan, sensitivity: Sensitivity) -> float:
         sum(sensitivity.activations[g][plan.a_bits[g]] for g in plan.activation_groups())
 
 
-def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bits=None) -> Allocation:
+def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bits=None,
+             weight_scale: float = 1.0) -> Allocation:
     """The optimal plan (module docstring) for ``budget``; ``plan`` is not changed (the result holds a
-    copy)."""
+    copy). ``weight_scale``: the weights' sensitivities count ``weight_scale`` times in the objective
+    (:mod:`labkit.lab.probe`); the result's ``objective`` is the unscaled sum."""
+    if not weight_scale > 0:
+        raise ValueError(f"weight_scale {weight_scale!r}: give a positive factor")
     spec = parse_budget(budget)
     limits = resolve_budget(plan, spec)
     w_choices = _choices(w_bits, sensitivity.bits, "weight")
@@ -216,7 +225,8 @@ def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bit
     _check_covered(plan, sensitivity, groups)
     w_allowed, a_allowed = allowed_bits(plan, spec, w_choices, a_choices)
     _check_feasible(plan, limits, w_allowed, a_allowed)
-    program = _Program(plan, sensitivity, groups, limits, w_choices, a_choices, (w_allowed, a_allowed))
+    program = _Program(plan, sensitivity, groups, limits, w_choices, a_choices, (w_allowed, a_allowed),
+                       weight_scale)
     result = copy.deepcopy(plan)
     for _ in range(MAX_CUTS):
         chosen = program.solve()
@@ -227,8 +237,7 @@ def allocate(plan: BitPlan, sensitivity: Sensitivity, budget, w_bits=None, a_bit
         totals = result.totals()
         if all(totals[k] <= v for k, v in limits.items()):
             return Allocation(result, spec, limits, predicted_increase(result, sensitivity), totals,
-                              sensitivity,
-                              w_choices, a_choices)
+                              sensitivity, w_choices, a_choices, weight_scale)
         program.cut(chosen)  # over a budget by the solver's tolerance only: exclude this assignment
     raise RuntimeError(
         f"no plan within the budget after {MAX_CUTS} solver tolerance cuts: report this budget"
@@ -304,12 +313,12 @@ class _Program:
     """The 0/1 program of the module docstring, with cuts added by :meth:`cut`."""
 
     def __init__(self, plan: BitPlan, s: Sensitivity, groups: dict, limits: dict, w_choices, a_choices,
-                 allowed: tuple[dict, dict]):
+                 allowed: tuple[dict, dict], weight_scale: float = 1.0):
         self.x = [(g.name, b) for g in plan.layers for b in w_choices]
         self.y = [(leader, b) for leader in groups for b in a_choices]
         index = {("w", *v): i for i, v in enumerate(self.x)}
         index.update({("a", *v): len(self.x) + i for i, v in enumerate(self.y)})
-        cost = [s.weights[n][b] for n, b in self.x] + [s.activations[n][b] for n, b in self.y]
+        cost = [weight_scale * s.weights[n][b] for n, b in self.x] + [s.activations[n][b] for n, b in self.y]
         geometry = {q.name: q for q in plan.quantizers}
         rows: list[tuple[dict[int, float], float, float]] = []  # ({column: coefficient}, low, high)
         for name in plan.w_bits:
