@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from labkit.config.arguments import ArgumentError, existing, integer, number, writable_file, writable_folder
-from labkit.config.budget import bit_choices, parse_budget
+from labkit.config.budget import SENSITIVITY_METHODS, bit_choices, parse_budget
 from labkit.config.errors import LabkitError
 from labkit.config.loading import load_config, parse_override, read_config_file, resolve_config
 from labkit.config.paths import resolve
@@ -131,6 +131,13 @@ def _plan_parser(sub) -> None:
                     help="activation bits to choose (default --bits)")
     pl.add_argument("--calib", type=int, default=256, metavar="N",
                     help="training images to measure on (default 256)")
+    pl.add_argument("--sensitivity", default="loss", metavar="METHOD",
+                    help="loss: calibration-loss increase with one layer quantized at a time (default); "
+                         "fisher: empirical Fisher x squared quantization error (second order, as HAWQ-V2)")
+    pl.add_argument("--no-probe", action="store_true",
+                    help="write the plan of least summed sensitivity; by default the plans of several "
+                         "weight scales are each trained 2 epochs and the least training loss wins "
+                         "(labkit.lab.probe)")
     pl.add_argument("--output", "-o", required=True, metavar="FILE",
                     help="config to write, e.g. runs/plan/plan.json")
     pl.add_argument("--plot", metavar="FILE.png", help="also draw the sensitivity heat map there")
@@ -161,10 +168,7 @@ def _sweep_parser(sub) -> None:
                     help="weight and activation bits of every layer")
     sw.add_argument("--budgets", nargs="+", metavar="BUDGET", help="train the proposed plan of each budget "
                     "(as for labkit plan), e.g. weight_bytes=uniform:3,act_bytes=uniform:3")
-    sw.add_argument("--plan-bits", nargs="+", type=int, metavar="B",
-                    help="bits the budget plans choose from (default 2 3 4 8)")
-    sw.add_argument("--calib", type=int, metavar="N",
-                    help="calibration images of the budget plans (default 256)")
+    _budget_plan_options(sw.add_argument_group("budget plans (as for labkit plan)"))
     sw.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
                     help="training seeds (default 0)")
     sw.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
@@ -196,6 +200,17 @@ def _sweep_parser(sub) -> None:
     sl.add_argument("--wait", action="store_true", help="wait for the jobs to end, then write results.csv")
     sl.add_argument("--dry-run", action="store_true", help="write each job's sbatch script to "
                     "DIR/jobs/<point>.sbatch instead of submitting it")
+
+
+def _budget_plan_options(group) -> None:
+    group.add_argument("--plan-bits", nargs="+", type=int, metavar="B",
+                       help="bits the budget plans choose from (default 2 3 4 8)")
+    group.add_argument("--calib", type=int, metavar="N",
+                       help="calibration images of the budget plans (default 256)")
+    group.add_argument("--sensitivity", metavar="METHOD",
+                       help="sensitivity of the budget plans: loss (default) or fisher")
+    group.add_argument("--no-probe", action="store_true",
+                       help="budget plans without the 2-epoch probe of candidates")
 
 
 def _lab_parser(sub) -> None:
@@ -403,7 +418,8 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
     for budget in grid.get("budget") or []:
         parse_budget(budget)  # a bad budget answers before the sweep starts
     grid.setdefault("seed", args.seeds)
-    for flag, value in (("--plan-bits", args.plan_bits), ("--calib", args.calib)):
+    for flag, value in (("--plan-bits", args.plan_bits), ("--calib", args.calib),
+                        ("--sensitivity", args.sensitivity), ("--no-probe", args.no_probe or None)):
         if value is not None and not grid.get("budget"):
             raise ArgumentError(f"{flag} sets how budget points are planned, and this grid has none: give "
                              "--budgets (or leave it out)")
@@ -419,6 +435,7 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
     from labkit.lab import sweep_grid  # torch-free: the grid and settings answer before the heavy imports
 
     options = {"epochs": args.epochs, "calib": 256 if args.calib is None else args.calib,
+               "sensitivity": args.sensitivity or "loss", "probe": not args.no_probe,
                "launcher": args.launcher, "plan_bits": args.plan_bits or (2, 3, 4, 8),
                "parallel": 1 if args.parallel is None else args.parallel, "runner": args.runner}
     for point in sweep_grid.expand_grid({k: v for k, v in grid.items() if k != "slurm"}):
@@ -439,6 +456,10 @@ def cmd_plan(args) -> None:
         if bits:
             bit_choices(bits, what)  # a bad bit-width answers before torch loads
     integer(args.calib, "--calib", 1, fix="training images to measure on")
+    if args.sensitivity not in SENSITIVITY_METHODS:
+        methods = " or ".join(SENSITIVITY_METHODS)
+        raise ArgumentError(f"--sensitivity {args.sensitivity}: use {methods} (loss: one layer quantized at "
+                            "a time; fisher: second order)")
     run = args.run or cfg["network"].get("pretrained")
     if not run:
         raise ArgumentError("no trained network to measure: pass --run (a run folder or checkpoint)")
@@ -447,10 +468,16 @@ def cmd_plan(args) -> None:
     output = writable_file(args.output, "output config", "-o FILE.json")
     plot = args.plot and writable_file(args.plot, "plot", "--plot FILE.png")
     from labkit.precision.allocate import propose
+    from labkit.lab.probe import probe_table, propose_probed
 
-    allocation = propose(cfg, spec, run, bits=args.bits, w_bits=args.w_bits, a_bits=args.a_bits,
-                         n_calib=args.calib,
-                         progress=True)
+    choose = {"bits": args.bits, "w_bits": args.w_bits, "a_bits": args.a_bits, "n_calib": args.calib,
+              "method": args.sensitivity, "progress": True}
+    if args.no_probe:
+        allocation = propose(cfg, spec, run, **choose)
+    else:
+        allocation, probed = propose_probed(cfg, spec, run, **choose)
+        if probed:
+            print(probe_table(probed))
     print(allocation.sensitivity.summary())
     print(allocation.table())
     path = allocation.save(output)

@@ -693,6 +693,14 @@ CASES = [
         ],
     ),
     Case(
+        "plan-sensitivity-unknown",
+        "labkit plan --sensitivity of a measure labkit does not have",
+        r"--sensitivity hessian: use loss or fisher \(loss: one layer quantized at a time",
+        early=True,
+        cli=lambda w: ["plan", w.p("pact.json"), "-b", "BOPs=uniform:4", "-o", w.p("plan.json"),
+                       "--sensitivity", "hessian"],
+    ),
+    Case(
         "convert-missing",
         "labkit convert --from a missing file",
         r"weights file '.*nope\.pth' not found",
@@ -785,6 +793,24 @@ CASES = [
         "labkit sweep --calib without a budget point (it would be ignored)",
         r"--calib sets how budget points are planned, and this grid has none",
         cli=sweep_args("--algorithms", "pact", "--bits", "8", "--calib", "64"),
+    ),
+    Case(
+        "sweep-sensitivity-unknown",
+        "labkit sweep --sensitivity of a measure labkit does not have",
+        r"sensitivity 'hessian' is unknown: use loss or fisher",
+        cli=sweep_args("--algorithms", "pact.4b", "--budgets", "BOPs=uniform:3", "--sensitivity", "hessian"),
+    ),
+    Case(
+        "sweep-sensitivity-without-budgets",
+        "labkit sweep --sensitivity without a budget point (it would be ignored)",
+        r"--sensitivity sets how budget points are planned, and this grid has none",
+        cli=sweep_args("--algorithms", "pact", "--bits", "8", "--sensitivity", "fisher"),
+    ),
+    Case(
+        "sweep-no-probe-without-budgets",
+        "labkit sweep --no-probe without a budget point (it would be ignored)",
+        r"--no-probe sets how budget points are planned, and this grid has none",
+        cli=sweep_args("--algorithms", "pact", "--bits", "8", "--no-probe"),
     ),
     Case(
         "sweep-imagenet-no-checkpoint",

@@ -17,7 +17,7 @@ STAGES = ("config", "models", "quant", "train", "precision", "integer", "export"
 RANK = {name: i for i, name in enumerate(STAGES)}
 #: the training loop and papermill: only these modules may reach them, directly or through others
 TRAINER_USERS = {"labkit.lab.steps", "labkit.lab.widgets", "labkit.lab.sweep", "labkit.lab.sweep_check",
-                 "labkit.lab.notebooks", "labkit.cli"}
+                 "labkit.lab.notebooks", "labkit.lab.probe", "labkit.cli"}
 #: what `labkit integerize` and `labkit export` load: no trainer, no papermill
 DEPLOY_PATH = ("labkit.lab.twins", "labkit.export", "labkit.integer")
 

@@ -72,6 +72,7 @@ from labkit.lab.sweep_jobs import (
     write_record,
 )
 from labkit.precision.allocate import propose
+from labkit.lab.probe import propose_probed
 from labkit.precision.pareto import describe_plan, paired_table
 from labkit.precision.sensitivity import DEFAULT_BITS
 from labkit.train.loop import train
@@ -92,7 +93,8 @@ COLUMNS = ("run", "algorithm", "bits", "budget", "seed", "status", "final_top1",
 def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int = 2, data: str = "embedded",
               configs: str | Path | None = None, data_root: str | None = None, device: str = "auto",
               pretrained: str | None = None, notebook: str | None = None, plan_bits=DEFAULT_BITS,
-              calib: int = 256, launcher: str = "local", parallel: int = 1,
+              calib: int = 256, sensitivity: str = "loss", probe: bool = True, launcher: str = "local",
+              parallel: int = 1,
               slurm: SlurmOptions | dict | None = None, runner: str = "notebook", wait: bool = False,
               dry_run: bool = False, log=print) -> Table:
     """Check every point, then run each as a job (module docstring); returns the results table (also written
@@ -100,9 +102,10 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     submitted without ``wait``; the scripts with ``dry_run``.
 
     ``pretrained`` None: each config's own ``network.pretrained``. Budget points choose among ``plan_bits``
-    (weights and activations) with a sensitivity measured on ``calib`` training images. ``slurm``: options
-    of the Slurm jobs (a dict like a grid file's ``"slurm"`` section); ``wait``: a Slurm sweep returns when
-    its jobs end (a local one always does); ``dry_run``: write each job's sbatch script to
+    (weights and activations) with the ``sensitivity`` method measured on ``calib`` training images, the
+    candidates probed (:func:`labkit.lab.probe.propose_probed`) unless ``probe`` is false.
+    ``slurm``: options of the Slurm jobs (a dict like a grid file's ``"slurm"`` section); ``wait``: a Slurm
+    sweep returns when its jobs end (a local one always does); ``dry_run``: write each job's sbatch script to
     ``jobs/<point>.sbatch`` instead of submitting it (no FP32 run trained, no plan proposed)."""
     grid = dict(grid)
     section = grid.pop("slurm", None)
@@ -110,8 +113,8 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     names = [run_name(p) for p in points]
     found = {p["algorithm"]: algorithm_config(p["algorithm"], data, configs) for p in points}
     options = slurm_options(launcher, section, slurm, dry_run)
-    bits = check_settings(epochs=epochs, calib=calib, plan_bits=plan_bits, launcher=launcher,
-                          parallel=parallel, runner=runner, slurm=options)
+    bits = check_settings(epochs=epochs, calib=calib, plan_bits=plan_bits, sensitivity=sensitivity,
+                          probe=probe, launcher=launcher, parallel=parallel, runner=runner, slurm=options)
     _check_request(notebook, launcher, wait and not dry_run)
     check_points(points, found, names, epochs=epochs, data_root=data_root, pretrained=pretrained,
                  plan_bits=bits, device=device, launcher=launcher)
@@ -119,7 +122,7 @@ def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int 
     out.mkdir(parents=True, exist_ok=True)
     settings = {"epochs": epochs, "data_root": data_root, "device": device, "notebook": notebook,
                 "pretrained": str(resolve(pretrained)) if pretrained else None, "runner": runner,
-                "plan_bits": bits, "calib": calib}
+                "plan_bits": bits, "calib": calib, "sensitivity": sensitivity, "probe": probe}
     with _sweep_lock(out):
         tasks = _tasks(points, names, found, out, settings, log, prepare=not dry_run)
         record = _record(out, tasks, launcher, grid)
@@ -254,7 +257,12 @@ def _propose(config: Path, point: dict, folder: Path, settings: dict, log) -> Pa
     """The proposed plan of ``point``'s budget for ``config``, saved as ``<folder>/<algorithm>-<budget>.json``
     (:func:`_plan_file`)."""
     cfg = run_config(str(config), data_root=settings["data_root"], pretrained=settings["pretrained"])
-    allocation = propose(cfg, point["budget"], bits=settings["plan_bits"], n_calib=settings["calib"])
+    choose = {"bits": settings["plan_bits"], "n_calib": settings["calib"],
+              "method": settings.get("sensitivity", "loss")}
+    if settings.get("probe", True):
+        allocation, _ = propose_probed(cfg, point["budget"], **choose, device=settings["device"], log=log)
+    else:
+        allocation = propose(cfg, point["budget"], **choose)
     path = allocation.save(_plan_file(folder, point))
     log(f"[sweep] {allocation.summary()} -> {path}")
     return path

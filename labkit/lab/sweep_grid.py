@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labkit.config.budget import bit_choices, budget_slug, format_budget, parse_budget
+from labkit.config.budget import SENSITIVITY_METHODS, bit_choices, budget_slug, format_budget, parse_budget
 from labkit.config.errors import LabkitError
 from labkit.config.paths import resolve
 from labkit.lab.launchers import LAUNCHERS, SlurmOptions
@@ -87,7 +87,8 @@ def slurm_options(launcher: str, section: dict | None, slurm, dry_run: bool) -> 
 
 
 def check_settings(*, epochs, calib, plan_bits, launcher: str, parallel, runner: str,
-                   slurm: SlurmOptions | None) -> tuple[int, ...]:
+                   slurm: SlurmOptions | None, sensitivity: str = "loss",
+                   probe: bool = True) -> tuple[int, ...]:
     """The sweep-wide settings; returns ``plan_bits`` as sorted distinct bit-widths."""
     for what, value, fix in (("--epochs", epochs, "every point trains at least one epoch: give 1 or more"),
                              ("--calib", calib, "budget plans measure on at least one image: give 1 or more "
@@ -99,6 +100,10 @@ def check_settings(*, epochs, calib, plan_bits, launcher: str, parallel, runner:
         bits = bit_choices(plan_bits, "--plan-bits")
     except LabkitError as err:
         raise SweepError(str(err)) from None
+    if not isinstance(probe, bool):
+        raise SweepError(f"probe {probe!r}: give True (probe the candidate plans) or False")
+    if sensitivity not in SENSITIVITY_METHODS:
+        raise SweepError(f"sensitivity {sensitivity!r} is unknown: use {' or '.join(SENSITIVITY_METHODS)}")
     if launcher not in LAUNCHERS:
         raise SweepError(f"launcher {launcher!r} is unknown: use {' or '.join(LAUNCHERS)}")
     if runner not in RUNNERS:
