@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from labkit.config.arguments import ArgumentError, existing, integer, number, writable_file, writable_folder
-from labkit.config.budget import SENSITIVITY_METHODS, bit_choices, parse_budget
+from labkit.config.budget import SENSITIVITY_METHOD, SENSITIVITY_METHODS, bit_choices, parse_budget
 from labkit.config.errors import LabkitError
 from labkit.config.loading import load_config, parse_override, read_config_file, resolve_config
 from labkit.config.paths import resolve
@@ -131,7 +131,7 @@ def _plan_parser(sub) -> None:
                     help="activation bits to choose (default --bits)")
     pl.add_argument("--calib", type=int, default=256, metavar="N",
                     help="training images to measure on (default 256)")
-    pl.add_argument("--sensitivity", default="loss", metavar="METHOD",
+    pl.add_argument("--sensitivity", default=SENSITIVITY_METHOD, metavar="METHOD",
                     help="loss: calibration-loss increase with one layer quantized at a time (default); "
                          "fisher: empirical Fisher x squared quantization error (second order, as HAWQ-V2)")
     pl.add_argument("--no-probe", action="store_true",
@@ -435,7 +435,7 @@ def _sweep_request(args) -> tuple[dict, dict, dict]:
     from labkit.lab import sweep_grid  # torch-free: the grid and settings answer before the heavy imports
 
     options = {"epochs": args.epochs, "calib": 256 if args.calib is None else args.calib,
-               "sensitivity": args.sensitivity or "loss", "probe": not args.no_probe,
+               "sensitivity": args.sensitivity or SENSITIVITY_METHOD, "probe": not args.no_probe,
                "launcher": args.launcher, "plan_bits": args.plan_bits or (2, 3, 4, 8),
                "parallel": 1 if args.parallel is None else args.parallel, "runner": args.runner}
     for point in sweep_grid.expand_grid({k: v for k, v in grid.items() if k != "slurm"}):

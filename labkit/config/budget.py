@@ -32,6 +32,7 @@ METRICS = ("weight_bytes", "act_bytes", "BOPs")
 EXAMPLE = "weight_bytes=uniform:3,BOPs=uniform:3"
 #: the per-layer sensitivity measures a plan can be proposed from (labkit.precision.sensitivity)
 SENSITIVITY_METHODS = ("loss", "fisher")
+SENSITIVITY_METHOD = SENSITIVITY_METHODS[0]  # the default
 MIN_BITS_KEY = "min_bits:"  # a structural limit: min_bits:SELECTOR=B
 
 

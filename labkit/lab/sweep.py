@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from papermill.exceptions import PapermillExecutionError
 
-from labkit.config.budget import budget_slug, parse_budget
+from labkit.config.budget import SENSITIVITY_METHOD, budget_slug, parse_budget
 from labkit.config.paths import resolve
 from labkit.config.tables import Table
 from labkit.lab.launchers import SlurmOptions, local_executor, sbatch_script, slurm_executor
@@ -71,8 +71,8 @@ from labkit.lab.sweep_jobs import (
     write_outcome,
     write_record,
 )
-from labkit.precision.allocate import propose
 from labkit.lab.probe import propose_probed
+from labkit.precision.allocate import propose
 from labkit.precision.pareto import describe_plan, paired_table
 from labkit.precision.sensitivity import DEFAULT_BITS
 from labkit.train.loop import train
@@ -93,8 +93,8 @@ COLUMNS = ("run", "algorithm", "bits", "budget", "seed", "status", "final_top1",
 def run_sweep(grid: dict, output_dir: str | Path = "runs/sweep", *, epochs: int = 2, data: str = "embedded",
               configs: str | Path | None = None, data_root: str | None = None, device: str = "auto",
               pretrained: str | None = None, notebook: str | None = None, plan_bits=DEFAULT_BITS,
-              calib: int = 256, sensitivity: str = "loss", probe: bool = True, launcher: str = "local",
-              parallel: int = 1,
+              calib: int = 256, sensitivity: str = SENSITIVITY_METHOD, probe: bool = True,
+              launcher: str = "local", parallel: int = 1,
               slurm: SlurmOptions | dict | None = None, runner: str = "notebook", wait: bool = False,
               dry_run: bool = False, log=print) -> Table:
     """Check every point, then run each as a job (module docstring); returns the results table (also written
@@ -258,7 +258,7 @@ def _propose(config: Path, point: dict, folder: Path, settings: dict, log) -> Pa
     (:func:`_plan_file`)."""
     cfg = run_config(str(config), data_root=settings["data_root"], pretrained=settings["pretrained"])
     choose = {"bits": settings["plan_bits"], "n_calib": settings["calib"],
-              "method": settings.get("sensitivity", "loss")}
+              "method": settings.get("sensitivity", SENSITIVITY_METHOD)}
     if settings.get("probe", True):
         allocation, _ = propose_probed(cfg, point["budget"], **choose, device=settings["device"], log=log)
     else:

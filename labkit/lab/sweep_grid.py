@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labkit.config.budget import SENSITIVITY_METHODS, bit_choices, budget_slug, format_budget, parse_budget
+from labkit.config.budget import (
+    SENSITIVITY_METHOD,
+    SENSITIVITY_METHODS,
+    bit_choices,
+    budget_slug,
+    format_budget,
+    parse_budget,
+)
 from labkit.config.errors import LabkitError
 from labkit.config.paths import resolve
 from labkit.lab.launchers import LAUNCHERS, SlurmOptions
@@ -87,7 +94,7 @@ def slurm_options(launcher: str, section: dict | None, slurm, dry_run: bool) -> 
 
 
 def check_settings(*, epochs, calib, plan_bits, launcher: str, parallel, runner: str,
-                   slurm: SlurmOptions | None, sensitivity: str = "loss",
+                   slurm: SlurmOptions | None, sensitivity: str = SENSITIVITY_METHOD,
                    probe: bool = True) -> tuple[int, ...]:
     """The sweep-wide settings; returns ``plan_bits`` as sorted distinct bit-widths."""
     for what, value, fix in (("--epochs", epochs, "every point trains at least one epoch: give 1 or more"),

@@ -51,7 +51,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from labkit.config.budget import SENSITIVITY_METHODS, bit_choices
+from labkit.config.budget import SENSITIVITY_METHOD, SENSITIVITY_METHODS, bit_choices
 from labkit.config.paths import resolve
 from labkit.config.schema import ConfigError
 from labkit.config.tables import Table
@@ -64,7 +64,7 @@ from labkit.train.checkpoint import CheckpointError, read_state_dict, write_text
 from labkit.train.data import build_datasets
 from labkit.train.runs import RunFolder
 
-METHOD = "loss"  # default: calibration-loss increase, one layer quantized at a time
+METHOD = SENSITIVITY_METHOD  # default: calibration-loss increase, one layer quantized at a time
 #: the sensitivity measures: ``loss`` (one layer quantized at a time, re-run) and ``fisher`` (second order)
 METHODS = dict(zip(SENSITIVITY_METHODS, ("calibration-loss increase, one layer quantized at a time",
                                          "second-order loss increase, diagonal empirical Fisher x squared "
@@ -156,7 +156,7 @@ def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DE
     x, y = calibration_batch(cfg["data"], n_calib)
     plan = BitPlan(qnet, (1, *x.shape[1:]))
     _check_sawb(qnet, plan, bits)
-    run = measure if method == "loss" else measure_fisher
+    run = measure_fisher if method == "fisher" else measure
     base, weights, acts = run(qnet, plan, x, y, bits, batch_size, progress)
     result = Sensitivity(bits, len(x), base, weights, acts, str(path), key, method)
     if cache:
