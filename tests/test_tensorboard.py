@@ -13,7 +13,8 @@ from torch.utils.tensorboard import SummaryWriter
 from labkit.config.loading import load_config
 from labkit.train.loop import train
 from labkit.train.runs import read_history
-from labkit.train.tensorboard import layer_group, quant_tag, record_scalars, scalar_layout
+from labkit.train.checkpoint import load_file
+from labkit.train.tensorboard import HISTOGRAM_BINS, layer_group, quant_tag, record_scalars, scalar_layout
 
 from helpers import ROOT, tiny_overrides
 
@@ -118,6 +119,13 @@ def test_a_float_run_and_no_events_when_switched_off(tmp_path):
     acc = assert_events_equal_history(tmp_path / "fp32")
     assert [e.step for e in acc.Histograms("weights/pilot.0")] == [0, 1]
     assert [e.step for e in acc.Histograms("activations/pilot.2")] == [0, 1]  # the ReLU6's input
+    # the end histogram is the saved weight's: every value counted in HISTOGRAM_BINS equal-width buckets
+    # between min and max (TensorBoard adds an empty one on the left: it keeps right edges only)
+    w = load_file(tmp_path / "fp32" / "last.ckpt")["state_dict"]["pilot.0.weight"]
+    h = acc.Histograms("weights/pilot.0")[-1].histogram_value
+    assert (h.num, h.min, h.max) == (w.numel(), pytest.approx(w.min().item()), pytest.approx(w.max().item()))
+    assert len(h.bucket) == HISTOGRAM_BINS + 1 and h.bucket[0] == 0 and sum(h.bucket) == w.numel()
+    assert np.allclose(np.diff(h.bucket_limit), (h.max - h.min) / HISTOGRAM_BINS)
     train(fp32, tmp_path / "off", progress=False, log=None, tensorboard=False)
     assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "off" / "history.jsonl").read_text().splitlines()[0])["epoch"] == 0
