@@ -212,13 +212,18 @@ def plot_layer_histograms(qnet: nn.Module, weight_layer: str, act_layer: str, ba
 
 
 class LiveClipPlot:
-    """Training callback for notebooks: clip bounds redrawn in place after the first batch, then at most every
-    ``interval`` seconds and after every epoch. Axes show from the start; with ``run`` (a run folder being
-    continued) a line says how many epochs it holds, and its epochs so far are drawn with the first new
-    batch."""
+    """Training callback for notebooks: clip bounds redrawn in place after the first batch, after every epoch
+    and within an epoch at most every ``max(interval, d / budget)`` seconds, ``d`` the last redraw's duration
+    (so that mid-epoch redraws take at most ``budget`` of the training time). Axes show from the start; with
+    ``run`` (a run folder being continued) a line says how many epochs it holds, and its epochs so far are
+    drawn with the first new batch."""
 
-    def __init__(self, title: str = "", interval: float = 3.0, run=None):
-        self.title, self.interval, self.shown = title, interval, 0.0
+    def __init__(self, title: str = "", interval: float = 3.0, run=None, budget: float = 0.05):
+        if not 0 < budget <= 1:
+            raise ValueError(f"LiveClipPlot: budget {budget!r} is not a fraction of the training time in "
+                             "(0, 1]")
+        self.title, self.interval, self.budget = title, interval, budget
+        self.next_at = 0.0  # perf_counter time from which a batch may redraw
         self.points = [r for r in (read_history(run) if run else []) if "quant" in r]
         self.fig = plt.figure(figsize=(15, 4.2), layout="constrained")
         plt.close(self.fig)  # shown through the display handle only, never by the inline backend
@@ -235,21 +240,25 @@ class LiveClipPlot:
         self.handle.display(Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)"))
 
     def on_batch(self, record: dict) -> None:
-        if time.perf_counter() - self.shown >= self.interval:
+        if time.perf_counter() >= self.next_at:
+            started = time.perf_counter()  # the bounds' summary counts as drawing time too
             x = record["epoch"] + (record["batch"] + 1) / record["batches"]
             self._add({"epoch": record["epoch"], "x": x, "quant": record["quant"]()},
                       f"epoch {record['epoch'] + 1}, batch {record['batch'] + 1}/{record['batches']}, "
-                      f"train loss {record['train']['loss']:.3f}")
+                      f"train loss {record['train']['loss']:.3f}", started)
 
     def __call__(self, record: dict) -> None:
         if "quant" in record:
             self._add(record, f"epoch {record['epoch'] + 1} done, valid top-1 {record['valid']['top1']:.2f}%")
 
-    def _add(self, point: dict, where: str) -> None:
+    def _add(self, point: dict, where: str, started: float | None = None) -> None:
+        """Draw with ``point`` added; ``started``: when the work for it began (default now)."""
+        started = time.perf_counter() if started is None else started
         self.points.append(point)
         plot = plot_clip_trajectories(self.points, title=f"{self.title}: {where}", fig=self.fig)
         self.handle.update(plot)
-        self.shown = time.perf_counter()
+        done = time.perf_counter()
+        self.next_at = done + max(self.interval, (done - started) / self.budget)
 
 
 def plot_sensitivity(sensitivity, floor: float = 1e-4, fig=None):
