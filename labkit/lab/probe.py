@@ -31,9 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from labkit.config.budget import SENSITIVITY_METHOD
 from labkit.config.tables import Table
 from labkit.precision.allocate import Allocation, allocate, propose
-from labkit.precision.sensitivity import DEFAULT_BITS, METHOD
+from labkit.precision.sensitivity import DEFAULT_BITS
 from labkit.train.loop import train
 
 WEIGHT_SCALES = (1.0, 0.3, 0.1, 0.03, 0.01)
@@ -106,7 +107,7 @@ def probe_table(probed: list[Probed]) -> Table:
 
 
 def propose_probed(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, w_bits=None,
-                   a_bits=None, n_calib: int = 256, method: str = METHOD, scales=WEIGHT_SCALES,
+                   a_bits=None, n_calib: int = 256, method: str = SENSITIVITY_METHOD, scales=WEIGHT_SCALES,
                    epochs: int = PROBE_EPOCHS, images: int = PROBE_IMAGES, device: str = "auto",
                    progress: bool = False, log=print) -> tuple[Allocation, list[Probed]]:
     """``(the chosen plan, every probed candidate best first)``: the candidates of the module docstring for

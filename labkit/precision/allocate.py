@@ -44,6 +44,7 @@ from scipy.sparse import coo_array
 
 from labkit.config.budget import (
     MIN_BITS_KEY,
+    SENSITIVITY_METHOD,
     BudgetError,
     bit_choices,
     budget_floors,
@@ -54,7 +55,7 @@ from labkit.config.budget import (
 from labkit.config.tables import Table
 from labkit.precision.bitplan import FLOAT, INPUT, BitPlan
 from labkit.precision.costs import act_bytes, bops, weight_bytes
-from labkit.precision.sensitivity import DEFAULT_BITS, METHOD, Sensitivity, measure_sensitivity
+from labkit.precision.sensitivity import DEFAULT_BITS, Sensitivity, measure_sensitivity
 
 MAX_CUTS = 50
 OBJECTIVE_SCALE = 1e4
@@ -127,7 +128,7 @@ class Allocation:
 
 def propose(cfg: dict, budget, checkpoint: str | Path | None = None, bits=DEFAULT_BITS, w_bits=None,
             a_bits=None,
-            n_calib: int = 256, progress: bool = False, method: str = METHOD) -> Allocation:
+            n_calib: int = 256, progress: bool = False, method: str = SENSITIVITY_METHOD) -> Allocation:
     """Measure (or read the cached) sensitivity of PACT/TQT config ``cfg`` with the weights of ``checkpoint``
     (default ``network.pretrained``) at ``bits`` by ``method`` (:data:`labkit.precision.sensitivity.METHODS`),
     and allocate bits (``w_bits`` / ``a_bits``: the allowed choices, default ``bits``) under ``budget``

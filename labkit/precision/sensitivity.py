@@ -64,7 +64,6 @@ from labkit.train.checkpoint import CheckpointError, read_state_dict, write_text
 from labkit.train.data import build_datasets
 from labkit.train.runs import RunFolder
 
-METHOD = SENSITIVITY_METHOD  # default: calibration-loss increase, one layer quantized at a time
 #: the sensitivity measures: ``loss`` (one layer quantized at a time, re-run) and ``fisher`` (second order)
 METHODS = dict(zip(SENSITIVITY_METHODS, ("calibration-loss increase, one layer quantized at a time",
                                          "second-order loss increase, diagonal empirical Fisher x squared "
@@ -91,7 +90,7 @@ class Sensitivity:
     activations: dict[str, dict[int, float]]
     checkpoint: str
     key: str
-    method: str = METHOD
+    method: str = SENSITIVITY_METHOD
     cached: bool = field(default=False, compare=False)
 
     def as_json(self) -> dict:
@@ -107,7 +106,8 @@ class Sensitivity:
         parts = {p: {n: {int(b): float(v) for b, v in by_bits.items()} for n, by_bits in data[p].items()}
                  for p in ("weights", "activations")}
         return cls(tuple(data["bits"]), int(data["n_calib"]), float(data["base_loss"]), parts["weights"],
-                   parts["activations"], data["checkpoint"], data["key"], data.get("method", METHOD), cached)
+                   parts["activations"], data["checkpoint"], data["key"],
+                   data.get("method", SENSITIVITY_METHOD), cached)
 
     def table(self) -> Table:
         """One row per weight layer and activation group: the loss increase at each bit-width."""
@@ -133,7 +133,7 @@ class Sensitivity:
 def measure_sensitivity(cfg: dict, checkpoint: str | Path | None = None, bits=DEFAULT_BITS,
                         n_calib: int = 256,
                         batch_size: int = 128, cache: bool = True, progress: bool = False,
-                        method: str = METHOD) -> Sensitivity:
+                        method: str = SENSITIVITY_METHOD) -> Sensitivity:
     """Sensitivity (module docstring) of the network of PACT/TQT config ``cfg`` with the float weights of
     ``checkpoint`` (a run folder or checkpoint file; default ``network.pretrained``) by ``method`` (one of
     :data:`METHODS`), read from or written to ``sensitivity.json`` beside it when ``cache``."""
@@ -190,7 +190,8 @@ def _check_sawb(qnet: nn.Module, plan: BitPlan, bits: tuple[int, ...]) -> None:
                          f"whose coefficients exist for {sorted(SAWB_COEFFS)} levels only; use bits up to 8")
 
 
-def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int, method: str = METHOD) -> str:
+def cache_key(cfg: dict, checkpoint: Path, bits: tuple[int, ...], n_calib: int,
+              method: str = SENSITIVITY_METHOD) -> str:
     """Method, bits, calibration size, sha256 of the checkpoint and of the settings the result depends on."""
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     network = {k: v for k, v in cfg["network"].items() if k != "pretrained"}
