@@ -240,8 +240,8 @@ class LiveClipPlot:
         self.handle.display(Plot(self.fig, f"{title}: live clip bounds (waiting for the first batch)"))
 
     def on_batch(self, record: dict) -> None:
-        if time.perf_counter() >= self.next_at:
-            started = time.perf_counter()  # the bounds' summary counts as drawing time too
+        started = time.perf_counter()  # the bounds' summary below counts as drawing time too
+        if started >= self.next_at:
             x = record["epoch"] + (record["batch"] + 1) / record["batches"]
             self._add({"epoch": record["epoch"], "x": x, "quant": record["quant"]()},
                       f"epoch {record['epoch'] + 1}, batch {record['batch'] + 1}/{record['batches']}, "
