@@ -1,7 +1,7 @@
 """Load, override and validate the QuantLab-shaped JSON experiment configuration (torch-free).
 
 Sections: ``data``, ``network`` {class, kwargs, pretrained, quantize}, ``training`` {loss_fn, gd {opt,
-lr_sched}, n_epochs, quantize, seed, amp, channels_last, sync_bn}, plus ``meters``, ``description`` and
+lr_sched}, n_epochs, quantize, seed, amp, channels_last, sync_bn, ema}, plus ``meters``, ``description`` and
 ``name``. :mod:`labkit.config.schema` checks every key, type and range; every error names the offending key
 path, e.g. ``training.gd.opt.class``, and unknown keys get the nearest valid one.
 """

@@ -408,6 +408,14 @@ class ControllersCall(Section):
 ControllerConfig = tagged(_call_or_kwargs, **{"<call>": ControllersCall, "<kwargs>": Controllers})
 
 
+class EMA(Section):
+    """``training.ema``: validate, checkpoint and deploy a moving average of the weights from ``start_epoch``
+    on (:mod:`labkit.train.ema`; a run that ends before ``start_epoch`` keeps its trained weights)."""
+
+    decay: float = Field(gt=0, lt=1)
+    start_epoch: int = Field(0, ge=0)
+
+
 class Training(Section):
     n_epochs: Count
     seed: int = Field(0, ge=0, lt=2 ** 63)
@@ -417,6 +425,7 @@ class Training(Section):
     amp: bool = True
     channels_last: bool = True
     sync_bn: bool = True
+    ema: EMA | None = None
 
     @property
     def controllers(self) -> Controllers | None:

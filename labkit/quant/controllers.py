@@ -26,6 +26,15 @@ from labkit.quant.layers import _WeightQuantizer, refresh_weight_bounds
 START_KWARGS = ("init_clip_hi", "init_clip_lo")
 
 
+def sync_quantizers(net: nn.Module) -> None:
+    """What the controllers ensure before every forward pass, for a whole network: every adder's inputs share
+    one eps, and weight bounds that follow the weights are re-derived from them."""
+    for m in net.modules():
+        if isinstance(m, PACTIntegerAdd):
+            m.sync_eps()
+    refresh_weight_bounds([m for m in net.modules() if isinstance(m, _WeightQuantizer)])
+
+
 def parse_schedule(schedule: dict | None, what: str = "schedule") -> dict[int, list[str]]:
     """``{"0": ["start"], "4": "freeze"}`` -> ``{0: ["start"], 4: ["freeze"]}``; validates commands."""
     out: dict[int, list[str]] = {}

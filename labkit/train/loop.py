@@ -4,10 +4,11 @@ epoch train, evaluate, save.
 Networks come from :mod:`labkit.train.build`, the run folder (config, provenance, history, atomic checkpoints,
 lock) is :mod:`labkit.train.runs`. Per batch: controllers step, forward (AMP on CUDA), backward, unscale, TQT
 ``log2 t`` gradient normalisation (:func:`labkit.quant.normalize_tqt_grads`, once per optimizer step),
-optimizer step. A resumed run reaches the same weights as an uninterrupted one: every epoch reseeds the RNGs
-from ``(seed, epoch)``. A non-finite loss or validation metric stops the run with :class:`NonFiniteError`
-naming the epoch, the batch and the first module whose output turned non-finite; nothing of that epoch is
-written.
+optimizer step, weight average (``training.ema``, :mod:`labkit.train.ema`: the average is then what is
+validated and checkpointed). A resumed run reaches the same weights as an uninterrupted one: every epoch
+reseeds the RNGs from ``(seed, epoch)``. A non-finite loss or validation metric stops the run with
+:class:`NonFiniteError` naming the epoch, the batch and the first module whose output turned non-finite;
+nothing of that epoch is written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from labkit.train.build import build_controllers, build_network
 from labkit.train.checkpoint import make_checkpoint
 from labkit.train.data import build_datasets, check_num_classes, fingerprint
 from labkit.train.distributed import all_reduce_sum, convert_sync_batchnorm, init_from_env, shutdown
+from labkit.train.ema import WeightEMA
 from labkit.train.evaluate import autocast, evaluate, resolve_device, summarise, to_device, topk_correct
 from labkit.train.gd import build_optimizer, build_scheduler
 from labkit.train.loaders import make_train_loader, make_val_loader
@@ -39,7 +41,10 @@ from labkit.train.progress import progress as progress_bar
 from labkit.train.runs import QUANTIZERS, RunFolder, open_for_training, provenance_entry
 from labkit.train.tensorboard import TensorBoardLog
 
-__all__ = ["train", "train_one_epoch", "NonFiniteError", "quant_state"]
+__all__ = ["train", "train_one_epoch", "NonFiniteError", "quant_state", "TRAINED_WEIGHTS"]
+
+#: checkpoint key of the trained weights when ``state_dict`` holds their average (``training.ema``)
+TRAINED_WEIGHTS = "trained_state_dict"
 
 
 class NonFiniteError(LabkitError, FloatingPointError):
@@ -70,6 +75,8 @@ class Session:
     scaler: torch.amp.GradScaler = None
     criterion: nn.Module = None
     data_hash: str = ""
+    ema: WeightEMA | None = None  # training.ema
+    evaluated: nn.Module = None  # the network validated and checkpointed: net, or its weight average
     # written with the session's first finished epoch (a start killed at once leaves none)
     provenance: dict | None = None
 
@@ -154,6 +161,8 @@ def build(s: Session, verbose: bool) -> None:
     pin = s.device.type == "cuda"
     s.train_loader = make_train_loader(s.rc.data, train_ds, s.rank, s.world, t.seed, pin)
     s.val_loader = make_val_loader(s.rc.data, val_ds, s.rank, s.world, pin)
+    if t.ema is not None:
+        s.ema = WeightEMA(s.net, t.ema.decay, t.ema.start_epoch)
     s.optimizer = build_optimizer(s.cfg["training"]["gd"], s.net)
     s.scheduler, s.per_batch = build_scheduler(s.cfg["training"]["gd"], s.optimizer, t.n_epochs,
                                                len(s.train_loader))
@@ -178,7 +187,9 @@ def restore(s: Session, resume: bool, overwrite: bool, parameters: dict | None) 
     n_epochs, start, best, history = s.rc.training.n_epochs, 0, -math.inf, []
     if state is not None:
         ckpt = state.checkpoint
-        s.net.load_state_dict(ckpt["state_dict"])
+        s.net.load_state_dict(ckpt.get(TRAINED_WEIGHTS, ckpt["state_dict"]))
+        if s.ema is not None and "ema" in ckpt:
+            s.ema.load_state_dict(ckpt["ema"])
         s.optimizer.load_state_dict(ckpt["optimizer"])
         if s.scheduler is not None:
             s.scheduler.load_state_dict(ckpt["scheduler"])
@@ -207,6 +218,8 @@ def run_epoch(s: Session, epoch: int, best: float) -> dict:
     s.train_loader.sampler.set_epoch(epoch)
     for c in s.controllers:
         c.step_pre_training_epoch(epoch)
+    if s.ema is not None:
+        s.ema.begin_epoch(epoch)
     for callback in s.callbacks:
         if hasattr(callback, "on_epoch_start"):
             callback.on_epoch_start(epoch)
@@ -217,18 +230,21 @@ def run_epoch(s: Session, epoch: int, best: float) -> dict:
     train_metrics = train_one_epoch(s, epoch, desc=f"epoch {epoch + 1}/{n_epochs}")
     for c in s.controllers:
         c.step_pre_validation_epoch(epoch)
-    valid = evaluate(s.net, s.val_loader, s.device, s.amp, s.progress)
+    s.evaluated = s.ema.averaged(s.net) if s.ema is not None and s.ema.active else s.net
+    valid = evaluate(s.evaluated, s.val_loader, s.device, s.amp, s.progress)
     if not math.isfinite(valid["loss"]):
         x, _ = next(iter(s.val_loader))
         raise NonFiniteError(f"validation loss became {valid['loss']} at epoch {epoch + 1}: the first "
-                             f"non-finite output is {first_non_finite(s.net, x.to(s.device))}; epoch "
+                             f"non-finite output is {first_non_finite(s.evaluated, x.to(s.device))}; epoch "
                              f"{epoch + 1} was not saved. Lower training.gd.opt.kwargs.lr or check that "
                              "layer, then resume")
     if s.scheduler is not None and not s.per_batch:
         s.scheduler.step()
     record = {"epoch": epoch, "lr": lr, "train": train_metrics, "valid": valid,
               "best_top1": max(best, valid["top1"]), "seconds": round(time.perf_counter() - t0, 3)}
-    quant = quant_state(s.net)
+    if s.evaluated is not s.net:
+        record["weights"] = "ema"
+    quant = quant_state(s.evaluated)
     if quant:
         record["quant"] = quant
     return record
@@ -241,12 +257,14 @@ def save(s: Session, history: list[dict]) -> None:
     if s.main:
         s.run.write_history(history)
         network = {k: cfg["network"][k] for k in ("class", "kwargs", "quantize") if k in cfg["network"]}
+        averaged = {} if s.evaluated is s.net else {TRAINED_WEIGHTS: s.net.state_dict()}
         ckpt = make_checkpoint(
-            s.net.state_dict(), network, config=cfg, epoch=record["epoch"], best_top1=record["best_top1"],
-            optimizer=s.optimizer.state_dict(),
+            s.evaluated.state_dict(), network, config=cfg, epoch=record["epoch"],
+            best_top1=record["best_top1"], optimizer=s.optimizer.state_dict(),
             scheduler=s.scheduler.state_dict() if s.scheduler is not None else None,
             scaler=s.scaler.state_dict(),
-            controllers=[c.state_dict() for c in s.controllers])
+            controllers=[c.state_dict() for c in s.controllers],
+            **averaged, **({"ema": s.ema.state_dict()} if s.ema is not None else {}))
         s.run.save_checkpoint(ckpt, best=record["valid"]["top1"] >= record["best_top1"])
         if s.provenance is not None:
             s.run.add_provenance(s.provenance)
@@ -283,6 +301,8 @@ def train_one_epoch(s: Session, epoch: int, desc: str = "train") -> dict:
             normalize_tqt_grads(tqt)
         s.scaler.step(s.optimizer)
         s.scaler.update()
+        if s.ema is not None:
+            s.ema.update()
         if s.per_batch:
             s.scheduler.step()
         c1, c5 = topk_correct(logits.detach().float(), y)
