@@ -82,16 +82,44 @@ def test_decay_outside_zero_one_is_refused_naming_the_key():
 
 
 def tiny_pact(**extra):
+    """3 epochs of 4 batches, the average from epoch 1 on."""
     overrides = tiny_overrides(**{
-        "network.pretrained": None, "training.n_epochs": 3,
+        "network.pretrained": None, "training.n_epochs": 3, "data.train.dataset.limit": 128,
+        "data.valid.dataset.limit": 60,
         "training.gd.lr_sched": {"class": "HandScheduler", "kwargs": {"schedule": {"0": 1, "2": 0.1}}},
         "training.ema": {"decay": 0.9, "start_epoch": 1}, **extra})
     return load_config(PACT4, overrides)
 
 
-def test_a_run_validates_checkpoints_and_deploys_the_average(tmp_path, one_thread):
-    run = tmp_path / "run"
-    train(tiny_pact(), run, progress=False, log=None, tensorboard=False)
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_epoch_1(record):
+    if record["epoch"] == 1:
+        raise Interrupt
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tmp_path_factory):
+    """``full``: tiny_pact() in one go; ``split``: the same, killed after epoch 1 was saved, then resumed."""
+    root = tmp_path_factory.mktemp("ema")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_pact()
+        train(cfg, root / "full", progress=False, log=None, tensorboard=False)
+        with pytest.raises(Interrupt):
+            train(cfg, root / "split", progress=False, log=None, tensorboard=False,
+                  callbacks=[stop_after_epoch_1])
+        train(cfg, root / "split", resume=True, progress=False, log=None, tensorboard=False)
+    finally:
+        torch.set_num_threads(n)
+    return root
+
+
+def test_a_run_validates_and_checkpoints_the_average(ema_runs):
+    run = ema_runs / "full"
     history = read_history(run)
     assert [r.get("weights") for r in history] == [None, "ema", "ema"]
     ckpt = load_file(run / "last.ckpt")
@@ -104,42 +132,24 @@ def test_a_run_validates_checkpoints_and_deploys_the_average(tmp_path, one_threa
         history[-1]["valid"]["top1"])
 
 
-@pytest.mark.slow
-def test_the_average_integerizes_exactly(tmp_path, one_thread):
-    """float64 fake-quant and integer networks of an averaged checkpoint predict alike on every image."""
-    run = tmp_path / "run"
-    train(tiny_pact(), run, progress=False, log=None, tensorboard=False)
-    assert TRAINED_WEIGHTS in load_file(run / "last.ckpt")
-    twin = integerize_run(run / "last.ckpt")
-    q64 = copy.deepcopy(twin.qnet).double()
-    exact = compare(q64, integerize(q64, twin.inet.eps_in, (1, 3, 32, 32)),
-                    DataLoader(EmbeddedDigits("valid"), batch_size=120))
-    assert exact.predictions == 100.0 and exact.top1_int == exact.top1_fake
-
-
-class Interrupt(Exception):
-    pass
-
-
-def test_an_interrupted_run_resumes_its_average(tmp_path, one_thread):
-    cfg = tiny_pact()
-    train(cfg, tmp_path / "full", progress=False, log=None, tensorboard=False)
-
-    def stop_after_epoch_1(record):
-        if record["epoch"] == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "split", progress=False, log=None, tensorboard=False,
-              callbacks=[stop_after_epoch_1])
-    train(cfg, tmp_path / "split", resume=True, progress=False, log=None, tensorboard=False)
-    full, split = load_file(tmp_path / "full" / "last.ckpt"), load_file(tmp_path / "split" / "last.ckpt")
+def test_an_interrupted_run_resumes_its_average(ema_runs):
+    full, split = load_file(ema_runs / "full" / "last.ckpt"), load_file(ema_runs / "split" / "last.ckpt")
     for key in ("state_dict", TRAINED_WEIGHTS):
         assert full[key].keys() == split[key].keys()
         for name in full[key]:
             assert torch.equal(full[key][name], split[key][name]), (key, name)
     for name, average in full["ema"]["averages"].items():
         assert torch.equal(average, split["ema"]["averages"][name]), name
+
+
+@pytest.mark.slow
+def test_the_average_integerizes_exactly(ema_runs, one_thread):
+    """float64 fake-quant and integer networks of an averaged checkpoint predict alike on every image."""
+    twin = integerize_run(ema_runs / "full" / "last.ckpt")
+    q64 = copy.deepcopy(twin.qnet).double()
+    exact = compare(q64, integerize(q64, twin.inet.eps_in, (1, 3, 32, 32)),
+                    DataLoader(EmbeddedDigits("valid"), batch_size=120))
+    assert exact.predictions == 100.0 and exact.top1_int == exact.top1_fake
 
 
 def test_a_run_shorter_than_start_epoch_keeps_its_trained_weights(tmp_path, one_thread):
