@@ -92,6 +92,8 @@ def _train_parser(sub) -> None:
                     help="override any config key by its dotted path, value as JSON, e.g. "
                          "--set data.train.dataloader.bs=128 (repeatable)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
+    tr.add_argument("--no-tensorboard", action="store_true",
+                    help="write no TensorBoard events (history.jsonl keeps every record)")
     tr.add_argument("--verbose", action="store_true", help="also print every quantizer's bounds at each "
                     "controller command (always written to the run folder's quantizers.jsonl)")
 
@@ -356,7 +358,7 @@ def cmd_train(args) -> None:
     from labkit.train.loop import train
 
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                   progress=not args.no_progress, verbose=args.verbose)
+                   progress=not args.no_progress, verbose=args.verbose, tensorboard=not args.no_tensorboard)
     print(f"final valid top-1 {result['valid']['top1']:.2f}%  (best {result['best_top1']:.2f}%)  -> {out}")
 
 

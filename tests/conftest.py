@@ -7,7 +7,7 @@ import torch
 
 from labkit.config.loading import load_config
 
-from helpers import EMBEDDED_FP32, EMBEDDED_QAT, ROOT, tiny_overrides
+from helpers import QUIET, EMBEDDED_FP32, EMBEDDED_QAT, ROOT, tiny_overrides
 
 
 @pytest.fixture
@@ -60,12 +60,12 @@ def qat_runs(tmp_path_factory):
     try:
         from labkit.train.loop import train  # noqa: PLC0415 - slow tests only
 
-        train(load_config(EMBEDDED_FP32), root / "fp32", progress=False, log=None)
+        train(load_config(EMBEDDED_FP32), root / "fp32", **QUIET)
         runs = {}
         for name, config in EMBEDDED_QAT.items():
             cfg = load_config(ROOT / "configs" / "embedded" / f"config.{config}.json",
                               {"network.pretrained": str(root / "fp32" / "best.ckpt")})
-            train(cfg, root / name, progress=False, log=None)
+            train(cfg, root / name, **QUIET)
             runs[name] = root / name
     finally:
         torch.set_num_threads(n)

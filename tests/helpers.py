@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"
 #: the embedded QAT configs the integer tests train (configs/embedded/config.<value>.json)
 EMBEDDED_QAT = {"pact8": "pact", "tqt8": "tqt", "pact4": "pact.4b", "tqt4": "tqt.4b"}
+#: train() keywords of a test run that checks no console output or TensorBoard events
+QUIET = {"progress": False, "log": None, "tensorboard": False}
 
 
 def tiny_overrides(**extra) -> dict:

@@ -23,7 +23,7 @@ from labkit.config.loading import set_key
 from labkit.train.checkpoint import save_atomic
 from labkit.train.runs import RunFolder
 
-from helpers import ROOT, make_imagefolder, tiny_overrides
+from helpers import QUIET, ROOT, make_imagefolder, tiny_overrides
 
 FP32 = json.loads((ROOT / "configs" / "embedded" / "config.fp32.json").read_text())
 PACT = json.loads((ROOT / "configs" / "embedded" / "config.pact.json").read_text())
@@ -57,12 +57,13 @@ class Workspace:
 def ws(tmp_path_factory) -> Workspace:
     w = Workspace(tmp_path_factory.mktemp("bad"))
     fp32 = w.write("fp32.json", config(FP32))
-    assert main(["train", fp32, "-o", w.p("run-fp32"), "--no-progress"]) == 0
+    assert main(["train", fp32, "-o", w.p("run-fp32"), "--no-progress", "--no-tensorboard"]) == 0
     pact = config(PACT, **{"network.pretrained": w.p("run-fp32/best.ckpt")})
-    assert main(["train", w.write("pact.json", pact), "-o", w.p("run-pact"), "--no-progress"]) == 0
+    assert main(["train", w.write("pact.json", pact), "-o", w.p("run-pact"), "--no-progress",
+                 "--no-tensorboard"]) == 0
     onecycle = config(FP32, **{"training.gd.lr_sched": {"class": "OneCycleLR", "kwargs": {"max_lr": 0.02}}})
     assert main(["train", w.write("onecycle.json", onecycle), "-o", w.p("run-onecycle"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-tensorboard"]) == 0
     make_imagefolder(w.root / "inet-mismatch", classes=("a", "b"), per_class=1, val_classes=("b", "c"))
     make_imagefolder(w.root / "inet-noval", classes=("a",), per_class=1)
     os.rename(w.root / "inet-noval" / "val", w.root / "inet-noval" / "elsewhere")
@@ -124,7 +125,7 @@ def _train_locked(w: Workspace):
     from labkit.train.loop import train
 
     with RunFolder(w.p("run-locked")).writing():
-        train(load_config(w.write("plain.json", config(FP32))), w.p("run-locked"), progress=False, log=None)
+        train(load_config(w.write("plain.json", config(FP32))), w.p("run-locked"), **QUIET)
 
 
 CASES = [

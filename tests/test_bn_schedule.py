@@ -141,7 +141,7 @@ def test_the_training_loop_trains_with_frozen_statistics(tmp_path):
                                   "training.quantize.kwargs.kwargs_batchnorm": {"recalibration_batches": 0}})
     cfg = load_config(path, overrides, check_files=False)
     lines = []
-    train(cfg, tmp_path / "run", progress=False, log=lines.append)
+    train(cfg, tmp_path / "run", progress=False, log=lines.append, tensorboard=False)
     state, _ = read_state_dict(RunFolder(tmp_path / "run").checkpoint("last"))
     stats = [k for k in state if k.endswith(".running_var") and k.replace("running_var",
                                                                           "num_batches_tracked") in state]

@@ -15,7 +15,7 @@ from labkit.train.loop import train
 
 from deeploy_env import ToolMissing, require, source_dir
 from deeploy_flow import compare_chunked
-from helpers import ROOT
+from helpers import QUIET, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def trained(deeploy_tools, qat_runs, tmp_path_factory):
     try:
         cfg = load_config(ROOT / "configs" / "embedded" / "config.mixed.json",
                           {"network.pretrained": str(fp32)})
-        train(cfg, folder, progress=False, log=None)
+        train(cfg, folder, **QUIET)
     finally:
         torch.set_num_threads(n)
     return {**qat_runs, "mixed": folder}

@@ -20,7 +20,7 @@ from labkit.train.evaluate import evaluate_checkpoint
 from labkit.train.loop import TRAINED_WEIGHTS, train
 from labkit.train.runs import read_history
 
-from helpers import ROOT, SMALL_QUANTIZE, SmallNet, tiny_overrides
+from helpers import QUIET, ROOT, SMALL_QUANTIZE, SmallNet, tiny_overrides
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 
@@ -108,11 +108,11 @@ def ema_runs(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         cfg = tiny_pact()
-        train(cfg, root / "full", progress=False, log=None, tensorboard=False)
+        train(cfg, root / "full", **QUIET)
         with pytest.raises(Interrupt):
-            train(cfg, root / "split", progress=False, log=None, tensorboard=False,
+            train(cfg, root / "split", **QUIET,
                   callbacks=[stop_after_epoch_1])
-        train(cfg, root / "split", resume=True, progress=False, log=None, tensorboard=False)
+        train(cfg, root / "split", resume=True, **QUIET)
     finally:
         torch.set_num_threads(n)
     return root

@@ -9,7 +9,7 @@ from labkit.train.evaluate import evaluate_checkpoint
 from labkit.train.loop import train
 from labkit.train.runs import read_history
 
-from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
+from helpers import QUIET, EMBEDDED_FP32, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def fp32_checkpoint(tmp_path_factory):
     overrides = tiny_overrides(**{"training.n_epochs": 8, "data.train.dataset.limit": 512})
     overrides.pop("training.gd.lr_sched")
     overrides.pop("training.gd.opt.kwargs.lr")
-    result = train(load_config(EMBEDDED_FP32, overrides), run, progress=False, log=None)
+    result = train(load_config(EMBEDDED_FP32, overrides), run, **QUIET)
     assert result["best_top1"] > 80
     return run / "best.ckpt"
 
@@ -39,7 +39,7 @@ class Interrupt(Exception):
 
 def test_pact_learns_alpha_records_bounds_and_resumes_exactly(fp32_checkpoint, tmp_path):
     cfg = quant_config("pact", fp32_checkpoint)
-    train(cfg, tmp_path / "full", progress=False, log=None)
+    train(cfg, tmp_path / "full", **QUIET)
     history = read_history(tmp_path / "full")
     quant = [r["quant"] for r in history]
     act = "features.3.residual_branch.0.2"
@@ -54,8 +54,8 @@ def test_pact_learns_alpha_records_bounds_and_resumes_exactly(fp32_checkpoint, t
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg, tmp_path / "split", progress=False, log=None, callbacks=[stop_after_epoch_1])
-    train(cfg, tmp_path / "split", resume=True, progress=False, log=None)
+        train(cfg, tmp_path / "split", **QUIET, callbacks=[stop_after_epoch_1])
+    train(cfg, tmp_path / "split", resume=True, **QUIET)
     full = load_file(tmp_path / "full" / "last.ckpt")
     split = load_file(tmp_path / "split" / "last.ckpt")
     for key, value in full["state_dict"].items():
@@ -67,7 +67,7 @@ def test_pact_learns_alpha_records_bounds_and_resumes_exactly(fp32_checkpoint, t
 
 def test_tqt_records_log2_thresholds(fp32_checkpoint, tmp_path):
     cfg = quant_config("tqt", fp32_checkpoint)
-    result = train(cfg, tmp_path / "tqt", progress=False, log=None)
+    result = train(cfg, tmp_path / "tqt", **QUIET)
     history = read_history(tmp_path / "tqt")
     layer = history[-1]["quant"]["features.3.residual_branch.0.2"]
     assert "log2_t" in layer

@@ -17,7 +17,7 @@ from labkit.train.checkpoint import load_file, save_atomic
 from labkit.train.loop import train
 from labkit.train.runs import RunError, RunFolder, load_run, read_history
 
-from helpers import EMBEDDED_FP32, ROOT, tiny_overrides
+from helpers import QUIET, EMBEDDED_FP32, ROOT, tiny_overrides
 
 PACT = ROOT / "configs" / "embedded" / "config.pact.json"
 
@@ -30,8 +30,8 @@ def tiny(**extra):
 
 def test_provenance_is_recorded_per_session(tmp_path, capsys):
     cfg = tiny(**{"training.n_epochs": 1})
-    train(cfg, tmp_path / "run", progress=False, log=None, parameters={"epochs": 1})
-    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)
+    train(cfg, tmp_path / "run", **QUIET, parameters={"epochs": 1})
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, **QUIET)
     entries = RunFolder(tmp_path / "run").provenance()
     assert (
         len(entries) == 2
@@ -55,18 +55,18 @@ def test_provenance_is_recorded_per_session(tmp_path, capsys):
 
 def test_resume_extends_a_hand_schedule_exactly(tmp_path):
     """A longer n_epochs on resume (a schedule that allows it) gives the run a longer run would have given."""
-    train(tiny(**{"training.n_epochs": 3}), tmp_path / "long", progress=False, log=None)
-    train(tiny(**{"training.n_epochs": 2}), tmp_path / "ext", progress=False, log=None)
-    train(tiny(**{"training.n_epochs": 3}), tmp_path / "ext", resume=True, progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 3}), tmp_path / "long", **QUIET)
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "ext", **QUIET)
+    train(tiny(**{"training.n_epochs": 3}), tmp_path / "ext", resume=True, **QUIET)
     a, b = (load_file(tmp_path / n / "last.ckpt")["state_dict"] for n in ("long", "ext"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_finished_run_resumed_with_its_config_trains_nothing(tmp_path):
     cfg = tiny(**{"training.n_epochs": 1})
-    train(cfg, tmp_path / "run", progress=False, log=None)
+    train(cfg, tmp_path / "run", **QUIET)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
-    result = train(cfg, tmp_path / "run", resume=True, progress=False, log=None)
+    result = train(cfg, tmp_path / "run", resume=True, **QUIET)
     assert result["epoch"] == 0 and result["valid"] == read_history(tmp_path / "run")[0]["valid"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
@@ -75,24 +75,24 @@ def test_a_finished_run_resumed_with_its_config_trains_nothing(tmp_path):
 def test_resume_accepts_the_same_file_spelled_another_way(tmp_path, monkeypatch):
     """A run trained from the project root with a relative ``network.pretrained`` resumes from a notebook that
     spells the same file absolute; another file is still a difference."""
-    train(tiny(**{"training.n_epochs": 1}), tmp_path / "fp32", progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "fp32", **QUIET)
     (tmp_path / "other.ckpt").write_bytes((tmp_path / "fp32" / "best.ckpt").read_bytes())
     monkeypatch.chdir(tmp_path)
     relative = tiny(**{"training.n_epochs": 1, "network.pretrained": "fp32/best.ckpt"})
     assert relative["network"]["pretrained"] == str(tmp_path / "fp32" / "best.ckpt")  # recorded absolute
-    train(relative, tmp_path / "run", progress=False, log=None)
+    train(relative, tmp_path / "run", **QUIET)
     monkeypatch.chdir(ROOT)
     absolute = tiny(**{"training.n_epochs": 1, "network.pretrained": str(tmp_path / "fp32" / "best.ckpt")})
     monkeypatch.chdir(tmp_path)
-    assert train(absolute, tmp_path / "run", resume=True, progress=False, log=None)["epoch"] == 0
+    assert train(absolute, tmp_path / "run", resume=True, **QUIET)["epoch"] == 0
     other = tiny(**{"training.n_epochs": 1, "network.pretrained": str(tmp_path / "other.ckpt")})
     with pytest.raises(RunError, match="differs from the run's in 'network.pretrained'"):
-        train(other, tmp_path / "run", resume=True, progress=False, log=None)
+        train(other, tmp_path / "run", resume=True, **QUIET)
 
 
 def test_overwrite_replaces_the_run(tmp_path):
-    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", progress=False, log=None)
-    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", overwrite=True, progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", **QUIET)
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", overwrite=True, **QUIET)
     assert [r["epoch"] for r in read_history(tmp_path / "run")] == [0]
     assert len(RunFolder(tmp_path / "run").provenance()) == 1
     assert load_file(tmp_path / "run" / "last.ckpt")["epoch"] == 0
@@ -106,7 +106,7 @@ import labkit.train.runs
 from labkit.config.loading import load_config
 from labkit.train.loop import train
 sys.path.insert(0, {tests!r})
-from helpers import tiny_overrides
+from helpers import QUIET, tiny_overrides
 
 real = shutil.copyfile
 def copy_then_die(src, dst, *a, **k):  # SIGKILL halfway through the best.ckpt copy of epoch 2
@@ -118,7 +118,7 @@ def copy_then_die(src, dst, *a, **k):  # SIGKILL halfway through the best.ckpt c
 labkit.train.runs.shutil.copyfile = copy_then_die
 overrides = {{**tiny_overrides(), "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
              "training.n_epochs": 3}}
-train(load_config({config!r}, overrides), {out!r}, progress=False, log=None)
+train(load_config({config!r}, overrides), {out!r}, **QUIET)
 """
 
 
@@ -136,7 +136,7 @@ def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
     )
     assert load_file(out / "best.ckpt")["epoch"] == 0  # one epoch behind
     cfg = tiny(**{"training.n_epochs": 3})
-    train(cfg, out, resume=True, progress=False, log=None)
+    train(cfg, out, resume=True, **QUIET)
     assert not list(out.glob(".*.tmp"))
     history = read_history(out)
     best_epoch = max(history, key=lambda r: (r["valid"]["top1"], r["epoch"]))["epoch"]
@@ -145,7 +145,7 @@ def test_kill_during_best_checkpoint_write_is_repaired_on_resume(tmp_path):
         (out / "config.json").stat().st_mode & 0o777
     )
     # and the resumed run is the uninterrupted one
-    train(cfg, tmp_path / "whole", progress=False, log=None)
+    train(cfg, tmp_path / "whole", **QUIET)
     a, b = (load_file(p / "last.ckpt")["state_dict"] for p in (out, tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -207,12 +207,12 @@ def load_run_net(cfg):
 
 def test_load_run_falls_back_to_last_when_best_predates_the_quantizers(tmp_path):
     fp32 = tmp_path / "fp32"
-    train(tiny(**{"training.n_epochs": 1}), fp32, progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 1}), fp32, **QUIET)
     cfg = load_config(PACT, {**tiny_overrides(), "network.pretrained": str(fp32 / "best.ckpt"),
                              "training.n_epochs": 2,
                              "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
                              "training.quantize.kwargs.schedules.activation": {"1": "start"}})
-    train(cfg, tmp_path / "pact", progress=False, log=None)
+    train(cfg, tmp_path / "pact", **QUIET)
     run = tmp_path / "pact"
     assert load_run(run, "last").path.name == "last.ckpt"
     # as if the best epoch had been epoch 0, before the activations started
@@ -236,7 +236,7 @@ def test_a_full_disk_during_a_checkpoint_write_loses_nothing_and_resumes_exactly
     import labkit.train.checkpoint as checkpoint
 
     cfg = tiny(**{"training.n_epochs": 2})
-    train(cfg, tmp_path / "whole", progress=False, log=None)
+    train(cfg, tmp_path / "whole", **QUIET)
     calls, real_save = [], torch.save
 
     def full_disk(obj, f):
@@ -249,11 +249,11 @@ def test_a_full_disk_during_a_checkpoint_write_loses_nothing_and_resumes_exactly
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(RunError, match=r"cannot write '.*last\.ckpt' \(No space left on device\): the disk "
                                        r"is full"):
-        train(cfg, tmp_path / "run", progress=False, log=None)
+        train(cfg, tmp_path / "run", **QUIET)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     folder = RunFolder(tmp_path / "run")
     assert load_file(folder.checkpoint("last"))["epoch"] == 0 and not list((tmp_path / "run").glob(".*.tmp"))
-    train(cfg, tmp_path / "run", resume=True, progress=False, log=None)
+    train(cfg, tmp_path / "run", resume=True, **QUIET)
     a, b = (load_file(tmp_path / n / "last.ckpt")["state_dict"] for n in ("whole", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -266,10 +266,10 @@ def test_a_start_that_finishes_no_epoch_leaves_no_provenance_entry(tmp_path, mon
 
     monkeypatch.setattr(loop, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", progress=False, log=None)
+        train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", **QUIET)
     assert RunFolder(tmp_path / "run").provenance() == []
     monkeypatch.undo()
-    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", resume=True, progress=False, log=None)
+    train(tiny(**{"training.n_epochs": 1}), tmp_path / "run", resume=True, **QUIET)
     assert len(RunFolder(tmp_path / "run").provenance()) == 1
 
 
@@ -294,7 +294,7 @@ def test_damaged_run_files_are_named_on_read(tmp_path):
     from labkit.config.errors import CheckpointError
 
     cfg = tiny(**{"training.n_epochs": 1})
-    train(cfg, tmp_path / "run", progress=False, log=None)
+    train(cfg, tmp_path / "run", **QUIET)
     folder = RunFolder(tmp_path / "run")
     (tmp_path / "run" / "provenance.json").write_text('{"time": "now"}')
     with pytest.raises(RunError, match=r"provenance\.json' holds dict, not a JSON list"):
@@ -302,4 +302,4 @@ def test_damaged_run_files_are_named_on_read(tmp_path):
     save_atomic({"state_dict": {}}, folder.checkpoint("last"))
     with pytest.raises(CheckpointError, match=r"last\.ckpt' is no training checkpoint of labkit \(it lacks "
                                               r"epoch"):
-        train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, progress=False, log=None)
+        train(tiny(**{"training.n_epochs": 2}), tmp_path / "run", resume=True, **QUIET)

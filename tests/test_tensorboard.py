@@ -16,7 +16,7 @@ from labkit.train.runs import read_history
 from labkit.train.checkpoint import load_file
 from labkit.train.tensorboard import HISTOGRAM_BINS, layer_group, quant_tag, record_scalars, scalar_layout
 
-from helpers import ROOT, tiny_overrides
+from helpers import QUIET, ROOT, tiny_overrides
 
 #: the quickest PACT run that starts weights (epoch 0) and activations (epoch 1) quantizers
 TINY_PACT = tiny_overrides(**{"network.pretrained": None, "data.train.dataset.limit": 32,
@@ -126,6 +126,6 @@ def test_a_float_run_and_no_events_when_switched_off(tmp_path):
     assert (h.num, h.min, h.max) == (w.numel(), pytest.approx(w.min().item()), pytest.approx(w.max().item()))
     assert len(h.bucket) == HISTOGRAM_BINS + 1 and h.bucket[0] == 0 and sum(h.bucket) == w.numel()
     assert np.allclose(np.diff(h.bucket_limit), (h.max - h.min) / HISTOGRAM_BINS)
-    train(fp32, tmp_path / "off", progress=False, log=None, tensorboard=False)
+    train(fp32, tmp_path / "off", **QUIET)
     assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "off" / "history.jsonl").read_text().splitlines()[0])["epoch"] == 0

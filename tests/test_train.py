@@ -14,7 +14,7 @@ from labkit.train.evaluate import evaluate_checkpoint, topk_correct
 from labkit.train.loop import train
 from labkit.train.runs import read_history
 
-from helpers import EMBEDDED_FP32, tiny_overrides
+from helpers import QUIET, EMBEDDED_FP32, tiny_overrides
 
 
 def test_topk_correct_counts():
@@ -35,7 +35,7 @@ def test_hand_scheduler_factors():
 
 def test_training_writes_run_folder_and_learns(tiny_config, tmp_path):
     cfg = tiny_config(**{"training.n_epochs": 3})
-    result = train(cfg, tmp_path / "run", progress=False, log=None)
+    result = train(cfg, tmp_path / "run", **QUIET)
     history = read_history(tmp_path / "run")
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
@@ -65,11 +65,11 @@ def test_resume_reaches_the_same_weights(tiny_config, tmp_path, workers):
     cfg = tiny_config(**{"training.n_epochs": 3, "data.train.dataset.transform.kwargs.augment": True,
                          "network.kwargs.dropout": 0.2, "data.train.dataloader.num_workers": workers,
                          "training.gd.lr_sched": {"class": "OneCycleLR", "kwargs": {"max_lr": 0.05}}})
-    train(cfg, tmp_path / "full", progress=False, log=None)
+    train(cfg, tmp_path / "full", **QUIET)
     with pytest.raises(Interrupt):  # killed right after epoch 1 was saved
-        train(cfg, tmp_path / "split", progress=False, log=None, callbacks=[stop_after(1)])
+        train(cfg, tmp_path / "split", **QUIET, callbacks=[stop_after(1)])
     assert load_file(tmp_path / "split" / "last.ckpt")["epoch"] == 1
-    train(cfg, tmp_path / "split", resume=True, progress=False, log=None)
+    train(cfg, tmp_path / "split", resume=True, **QUIET)
     full = load_file(tmp_path / "full" / "last.ckpt")["state_dict"]
     split = load_file(tmp_path / "split" / "last.ckpt")["state_dict"]
     assert full.keys() == split.keys()
@@ -96,10 +96,10 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
 def test_corrupt_checkpoint_on_resume_is_reported(tiny_config, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(**{"training.n_epochs": 1})
-    train(cfg, run, progress=False, log=None)
+    train(cfg, run, **QUIET)
     (run / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="last.ckpt' is corrupt"):
-        train(cfg, run, resume=True, progress=False, log=None)
+        train(cfg, run, resume=True, **QUIET)
 
 
 def test_cli_train_prints_progress_and_top1(tmp_path, capsys):
@@ -164,7 +164,7 @@ def test_help_documents_every_option(command, capsys):
     text = capsys.readouterr().out
     options = {"convert": ["--from", "--output", "--capacity"],
                "train": ["--output-dir", "--epochs", "--resume", "--device", "--data-root", "--pretrained",
-                         "--set"],
+                         "--set", "--no-tensorboard"],
                "eval": ["--config", "--data-root", "--device"]}.get(command[0] if command else "",
                                                                     ["convert", "train",
                                                                                                      "eval",
