@@ -58,18 +58,9 @@ class WeightEMA:
         sync_quantizers(twin)
         return twin
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "start_epoch": self.start_epoch, "active": self.active,
-                "averages": dict(zip(self.names, self.averages))}
-
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint's averages (a resumed run goes on averaging where it stopped)."""
-        averages = state["averages"]
-        missing = [n for n in self.names if n not in averages]
-        if missing:
-            raise KeyError(f"the checkpoint's weight average lacks {len(missing)} parameter(s), e.g. "
-                           f"{missing[0]}")
+    def load_averages(self, state_dict: dict) -> None:
+        """The averages from the ``state_dict`` of an averaged network (a checkpoint's: resuming goes on
+        averaging where the run stopped)."""
         for name, average in zip(self.names, self.averages):
-            average.copy_(averages[name])
-        self.active = bool(state.get("active", False))
+            average.copy_(state_dict[name])

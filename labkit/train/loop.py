@@ -188,8 +188,8 @@ def restore(s: Session, resume: bool, overwrite: bool, parameters: dict | None) 
     if state is not None:
         ckpt = state.checkpoint
         s.net.load_state_dict(ckpt.get(TRAINED_WEIGHTS, ckpt["state_dict"]))
-        if s.ema is not None and "ema" in ckpt:
-            s.ema.load_state_dict(ckpt["ema"])
+        if s.ema is not None and TRAINED_WEIGHTS in ckpt:  # state_dict is the averaged network
+            s.ema.load_averages(ckpt["state_dict"])
         s.optimizer.load_state_dict(ckpt["optimizer"])
         if s.scheduler is not None:
             s.scheduler.load_state_dict(ckpt["scheduler"])
@@ -263,8 +263,7 @@ def save(s: Session, history: list[dict]) -> None:
             best_top1=record["best_top1"], optimizer=s.optimizer.state_dict(),
             scheduler=s.scheduler.state_dict() if s.scheduler is not None else None,
             scaler=s.scaler.state_dict(),
-            controllers=[c.state_dict() for c in s.controllers],
-            **averaged, **({"ema": s.ema.state_dict()} if s.ema is not None else {}))
+            controllers=[c.state_dict() for c in s.controllers], **averaged)
         s.run.save_checkpoint(ckpt, best=record["valid"]["top1"] >= record["best_top1"])
         if s.provenance is not None:
             s.run.add_provenance(s.provenance)
