@@ -37,9 +37,9 @@ def small_quantized_net():
 def test_average_follows_the_formula_from_its_start_epoch_on():
     net = small_quantized_net()
     ema = WeightEMA(net, decay=0.75, start_epoch=1)
-    averaged = dict(net.named_parameters())
+    every = dict(net.named_parameters())
     assert ema.names and all(n.rsplit(".", 1)[-1] in ("weight", "bias") for n in ema.names)
-    assert set(averaged) - set(ema.names), "the quantizers' learned clips are not averaged"
+    assert set(every) - set(ema.names), "the quantizers' learned clips are not averaged"
     w = net.get_parameter("conv1.weight")
     ema.begin_epoch(0)
     with torch.no_grad():

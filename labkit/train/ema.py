@@ -28,25 +28,24 @@ class WeightEMA:
     """The moving average of ``net``'s weights (``decay`` per optimizer step, reset at ``start_epoch``)."""
 
     def __init__(self, net: nn.Module, decay: float, start_epoch: int = 0):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay, self.start_epoch = float(decay), int(start_epoch)
         self.names = [n for n, _ in net.named_parameters() if n.rsplit(".", 1)[-1] in AVERAGED]
-        self.params = [net.get_parameter(n) for n in self.names]
-        self.averages = [p.detach().clone() for p in self.params]
+        # views of the parameters' storage: the optimizer updates it in place, so they stay current
+        self.weights = [net.get_parameter(n).detach() for n in self.names]
+        self.averages = [w.clone() for w in self.weights]
         self.active = False
 
     def begin_epoch(self, epoch: int) -> None:
         """Averaging runs from ``start_epoch`` on; at ``start_epoch`` it starts from the current weights."""
         if epoch == self.start_epoch:
-            torch._foreach_copy_(self.averages, [p.detach() for p in self.params])
+            torch._foreach_copy_(self.averages, self.weights)
         self.active = epoch >= self.start_epoch
 
     @torch.no_grad()
     def update(self) -> None:
         """``avg <- avg + (1 - decay) * (w - avg)`` after an optimizer step (none before ``start_epoch``)."""
         if self.active:
-            torch._foreach_lerp_(self.averages, [p.detach() for p in self.params], 1.0 - self.decay)
+            torch._foreach_lerp_(self.averages, self.weights, 1.0 - self.decay)
 
     @torch.no_grad()
     def averaged(self, net: nn.Module) -> nn.Module:
