@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from labkit.config.loading import load_config
 
-from helpers import QUIET, EMBEDDED_FP32, EMBEDDED_QAT, ROOT, tiny_overrides
+from helpers import QUIET, EMBEDDED_FP32, EMBEDDED_QAT, ROOT, TRAIN_THREADS, intra_op_threads, tiny_overrides
 
 
 @pytest.fixture
@@ -22,10 +21,8 @@ def tiny_config():
 def one_thread():
     """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (30 ms per
     conv)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -36,37 +33,38 @@ def pact8():
 
     from test_integerize import SHAPE, eps_in_for, started_net  # noqa: PLC0415 - test module helpers
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):  # restored before the session goes on: later tests train with their own threads
         qnet = started_net()
         inet = integerize(qnet, eps_in_for(), SHAPE)
-    finally:
-        # restored before the session goes on: later tests train with their own threads
-        torch.set_num_threads(n)
     yield qnet, inet
 
 
 @pytest.fixture(scope="session")
-def qat_runs(tmp_path_factory):
-    """The embedded default as a user trains it: configs/embedded/config.fp32.json, then the PACT and TQT
-    configs at 8 and 4 bit fine-tuning its best checkpoint, all unchanged but for the output folders
-    (~8-14 min; one session fixture for test_integerize and test_int32). Trained with one thread, as in the
-    whole module's run (``one_thread``), so that a selected test sees the same networks: the thread count
-    changes float32 sums, hence the trained weights."""
-    root = tmp_path_factory.mktemp("qat")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from labkit.train.loop import train  # noqa: PLC0415 - slow tests only
+def fp32_run():
+    """The project's ``runs/embedded-fp32`` as a user makes it (configs/embedded/config.fp32.json), trained
+    or resumed to its last epoch here unless complete: one FP32 run for the session fixtures, the browser
+    test and the notebooks, which fine-tune from it too."""
+    from labkit.train.loop import train  # noqa: PLC0415 - slow tests only
 
-        train(load_config(EMBEDDED_FP32), root / "fp32", **QUIET)
-        runs = {}
+    folder = ROOT / "runs" / "embedded-fp32"
+    with intra_op_threads(TRAIN_THREADS):
+        train(load_config(EMBEDDED_FP32), folder, resume=True, progress=False, log=None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qat_runs(fp32_run, tmp_path_factory):
+    """The embedded default as a user trains it: the PACT and TQT configs at 8 and 4 bit fine-tuning the FP32
+    run's best checkpoint, all unchanged but for the output folders (~3 min; one session fixture for
+    test_integerize, test_int32 and test_deeploy_trained)."""
+    from labkit.train.loop import train  # noqa: PLC0415 - slow tests only
+
+    root = tmp_path_factory.mktemp("qat")
+    runs = {}
+    with intra_op_threads(TRAIN_THREADS):
         for name, config in EMBEDDED_QAT.items():
             cfg = load_config(ROOT / "configs" / "embedded" / f"config.{config}.json",
-                              {"network.pretrained": str(root / "fp32" / "best.ckpt")})
+                              {"network.pretrained": str(fp32_run / "best.ckpt")})
             train(cfg, root / name, **QUIET)
             runs[name] = root / name
-    finally:
-        torch.set_num_threads(n)
     return runs

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import random
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 
@@ -23,6 +25,20 @@ EMBEDDED_FP32 = ROOT / "configs" / "embedded" / "config.fp32.json"
 EMBEDDED_QAT = {"pact8": "pact", "tqt8": "tqt", "pact4": "pact.4b", "tqt4": "tqt.4b"}
 #: train() keywords of a test run that checks no console output or TensorBoard events
 QUIET = {"progress": False, "log": None, "tensorboard": False}
+#: intra-op threads of the session's trained runs: fixed, so that a selected test sees the networks a whole
+#: session sees (the thread count changes float32 sums, hence the trained weights); two train the embedded
+#: default ~1.9x faster than one on a 2-core machine
+TRAIN_THREADS = 2
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_overrides(**extra) -> dict:

@@ -7,7 +7,6 @@ than the machine's 23 GB at 16 (docs/export.md). Skipped, before the mixed net i
 source or cmake, ccache and gcc are missing (deeploy_env)."""
 
 import pytest
-import torch
 
 from labkit.cli import main as labkit
 from labkit.config.loading import load_config
@@ -15,7 +14,7 @@ from labkit.train.loop import train
 
 from deeploy_env import ToolMissing, require, source_dir
 from deeploy_flow import compare_chunked
-from helpers import QUIET, ROOT
+from helpers import QUIET, ROOT, TRAIN_THREADS, intra_op_threads
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +31,14 @@ def deeploy_tools():
 
 
 @pytest.fixture(scope="module")
-def trained(deeploy_tools, qat_runs, tmp_path_factory):
+def trained(deeploy_tools, fp32_run, qat_runs, tmp_path_factory):
     """The QAT runs and a mixed-precision run (configs/embedded/config.mixed.json) fine-tuned, like them, from
-    their FP32 run with one thread."""
-    fp32 = qat_runs["pact8"].parent / "fp32" / "best.ckpt"
+    the FP32 run."""
     folder = tmp_path_factory.mktemp("deeploy-trained") / "mixed"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(TRAIN_THREADS):
         cfg = load_config(ROOT / "configs" / "embedded" / "config.mixed.json",
-                          {"network.pretrained": str(fp32)})
+                          {"network.pretrained": str(fp32_run / "best.ckpt")})
         train(cfg, folder, **QUIET)
-    finally:
-        torch.set_num_threads(n)
     return {**qat_runs, "mixed": folder}
 
 

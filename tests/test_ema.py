@@ -20,7 +20,7 @@ from labkit.train.evaluate import evaluate_checkpoint
 from labkit.train.loop import TRAINED_WEIGHTS, train
 from labkit.train.runs import read_history
 
-from helpers import QUIET, ROOT, SMALL_QUANTIZE, SmallNet, tiny_overrides
+from helpers import QUIET, ROOT, SMALL_QUANTIZE, SmallNet, intra_op_threads, tiny_overrides
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 
@@ -104,17 +104,12 @@ def stop_after_epoch_1(record):
 def ema_runs(tmp_path_factory):
     """``full``: tiny_pact() in one go; ``split``: the same, killed after epoch 1 was saved, then resumed."""
     root = tmp_path_factory.mktemp("ema")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         cfg = tiny_pact()
         train(cfg, root / "full", **QUIET)
         with pytest.raises(Interrupt):
-            train(cfg, root / "split", **QUIET,
-                  callbacks=[stop_after_epoch_1])
+            train(cfg, root / "split", **QUIET, callbacks=[stop_after_epoch_1])
         train(cfg, root / "split", resume=True, **QUIET)
-    finally:
-        torch.set_num_threads(n)
     return root
 
 

@@ -12,24 +12,19 @@ from labkit.export import CUSTOM_DOMAIN, ExportError, check_export, export, finn
 from labkit.export.deeploy import KEEP_ADD
 from labkit.integer import int32_twin, integerize, requant_layers
 
+from helpers import intra_op_threads
 from test_integerize import SHAPE, digits, eps_in_for, started_net
 
 
 @pytest.fixture(scope="module")
 def nets(pact8):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         tqt = started_net(w_bits=4, a_bits=4, tqt=True, pow2=True, seed=1)
         inet = pact8[1]
         # pact32: the plain int32 twin, one RequantShift per requantization (test_int32 and test_deeploy check
         # the default twin's shift groups and pre-clips)
         yield {"pact": inet, "tqt_pow2": integerize(tqt, eps_in_for(bits=8, pow2=True), SHAPE),
                "pact32": int32_twin(inet, max_groups=1, preclip=False, flat=False)[0]}
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", ["pact", "tqt_pow2"])
