@@ -42,10 +42,10 @@ def intra_op_threads(n: int):
 
 
 def tiny_overrides(**extra) -> dict:
-    """A quick embedded run: 256 train / 120 valid images, 2 epochs, no dropout or augmentation."""
+    """A quick embedded run: 128 train / 60 valid images, 2 epochs, no dropout or augmentation."""
     overrides = {
-        "data.train.dataset.limit": 256,
-        "data.valid.dataset.limit": 120,
+        "data.train.dataset.limit": 128,
+        "data.valid.dataset.limit": 60,
         "data.train.dataloader.bs": 32,
         "data.train.dataset.transform.kwargs.augment": False,
         "network.kwargs.dropout": 0.0,

@@ -20,7 +20,7 @@ from labkit.train.evaluate import evaluate_checkpoint
 from labkit.train.loop import TRAINED_WEIGHTS, train
 from labkit.train.runs import read_history
 
-from helpers import QUIET, ROOT, SMALL_QUANTIZE, SmallNet, intra_op_threads, tiny_overrides
+from helpers import QUIET, ROOT, SMALL_QUANTIZE, SmallNet, TRAIN_THREADS, intra_op_threads, tiny_overrides
 
 PACT4 = ROOT / "configs" / "embedded" / "config.pact.4b.json"
 
@@ -82,9 +82,9 @@ def test_decay_outside_zero_one_is_refused_naming_the_key():
 
 
 def tiny_pact(**extra):
-    """3 epochs of 4 batches, the average from epoch 1 on."""
+    """3 epochs of 2 batches, the average from epoch 1 on."""
     overrides = tiny_overrides(**{
-        "network.pretrained": None, "training.n_epochs": 3, "data.train.dataset.limit": 128,
+        "network.pretrained": None, "training.n_epochs": 3, "data.train.dataset.limit": 64,
         "data.valid.dataset.limit": 60,
         "training.gd.lr_sched": {"class": "HandScheduler", "kwargs": {"schedule": {"0": 1, "2": 0.1}}},
         "training.ema": {"decay": 0.9, "start_epoch": 1}, **extra})
@@ -104,7 +104,7 @@ def stop_after_epoch_1(record):
 def ema_runs(tmp_path_factory):
     """``full``: tiny_pact() in one go; ``split``: the same, killed after epoch 1 was saved, then resumed."""
     root = tmp_path_factory.mktemp("ema")
-    with intra_op_threads(1):
+    with intra_op_threads(TRAIN_THREADS):
         cfg = tiny_pact()
         train(cfg, root / "full", **QUIET)
         with pytest.raises(Interrupt):

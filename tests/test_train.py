@@ -34,12 +34,12 @@ def test_hand_scheduler_factors():
 
 
 def test_training_writes_run_folder_and_learns(tiny_config, tmp_path):
-    cfg = tiny_config(**{"training.n_epochs": 3})
+    cfg = tiny_config(**{"training.n_epochs": 3, "data.train.dataset.limit": 256})  # enough to learn from
     result = train(cfg, tmp_path / "run", **QUIET)
     history = read_history(tmp_path / "run")
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert result["valid"] == history[-1]["valid"] and history[-1]["valid"]["n"] == 120
+    assert result["valid"] == history[-1]["valid"] and history[-1]["valid"]["n"] == 60
     assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["n_epochs"] == 3
     ckpt = load_file(tmp_path / "run" / "last.ckpt")
     assert ckpt["epoch"] == 2 and ckpt["format"] == "labkit-checkpoint"
@@ -60,9 +60,11 @@ def stop_after(epoch):
     return callback
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# with 2 loader workers (started anew each epoch, ~1 s each here): the full set
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_reaches_the_same_weights(tiny_config, tmp_path, workers):
     cfg = tiny_config(**{"training.n_epochs": 3, "data.train.dataset.transform.kwargs.augment": True,
+                         "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
                          "network.kwargs.dropout": 0.2, "data.train.dataloader.num_workers": workers,
                          "training.gd.lr_sched": {"class": "OneCycleLR", "kwargs": {"max_lr": 0.05}}})
     train(cfg, tmp_path / "full", **QUIET)

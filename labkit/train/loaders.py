@@ -42,6 +42,5 @@ def make_train_loader(data: Data, dataset, rank: int, world: int, seed: int, pin
 def make_val_loader(data: Data, dataset, rank: int = 0, world: int = 1, pin: bool = False) -> DataLoader:
     """Every validation sample exactly once across the processes (no padding, unlike DistributedSampler)."""
     return DataLoader(dataset, batch_size=max(1, data.valid_bs // world),
-                      sampler=ShardSampler(len(dataset), rank,
-                                                                                                 world),
+                      sampler=ShardSampler(len(dataset), rank, world),
                       num_workers=data.valid.dataloader.num_workers, pin_memory=pin)
