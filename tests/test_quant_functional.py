@@ -207,3 +207,32 @@ def test_tqt_nan_input_defined():
 
 def test_eps_floor_constant():
     assert 0 < EPS_MIN < 1e-6
+
+
+
+@pytest.mark.parametrize("algorithm", ["pact", "tqt"])
+@pytest.mark.parametrize("bound_shape", [(), (1, 6, 1, 1)], ids=["per-tensor", "per-channel"])
+def test_channels_last_batches_give_the_contiguous_results(algorithm, bound_shape):
+    """An NHWC batch (what training feeds with ``training.channels_last``) stays NHWC and gives the NCHW
+    batch's output and x gradient bit for bit; the bound gradients sum the same terms in another order."""
+    g = torch.Generator().manual_seed(3)
+    x, upstream = torch.randn(4, 6, 5, 7, generator=g) * 2, torch.randn(4, 6, 5, 7, generator=g)
+
+    def run(memory_format):
+        xin = x.clone(memory_format=memory_format).requires_grad_()
+        if algorithm == "pact":
+            bounds = (torch.full(bound_shape, -1.1, requires_grad=True),
+                      torch.full(bound_shape, 2.3, requires_grad=True))
+            q = pact_quantize(xin, *bounds, 16)
+        else:
+            bounds = (torch.full(bound_shape, 1.2, requires_grad=True),)
+            q = tqt_quantize(xin, *bounds, 16, signed=True)
+        q.backward(upstream.contiguous(memory_format=memory_format))
+        return q, xin.grad, [b.grad for b in bounds]
+
+    q, gx, gb = run(torch.contiguous_format)
+    q_nhwc, gx_nhwc, gb_nhwc = run(torch.channels_last)
+    assert q_nhwc.is_contiguous(memory_format=torch.channels_last) and not q_nhwc.is_contiguous()
+    assert torch.equal(q_nhwc, q) and torch.equal(gx_nhwc, gx)
+    for a, b in zip(gb_nhwc, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -156,7 +156,7 @@ def build(s: Session, verbose: bool) -> None:
     if s.world > 1 and t.sync_bn:
         convert_sync_batchnorm(s.net)
     s.net.to(s.device)
-    if s.device.type == "cuda" and t.channels_last:
+    if t.channels_last:
         s.net.to(memory_format=torch.channels_last)
     pin = s.device.type == "cuda"
     s.train_loader = make_train_loader(s.rc.data, train_ds, s.rank, s.world, t.seed, pin)
