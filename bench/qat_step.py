@@ -103,7 +103,7 @@ class Runner:
     """One variant: network, optimizer, controllers, batch; ``step()`` is one timed training step."""
 
     def __init__(self, variant: str, width: float, size: int, batch: int, table: str, device: torch.device,
-                 amp: bool, seed: int = 0):
+                 amp: bool, seed: int = 0, channels_last: bool = True):
         self.variant, self.device, self.amp = variant, device, amp
         self.compiled = variant.endswith("_compiled")
         kind = variant.replace("_compiled", "")
@@ -139,6 +139,9 @@ class Runner:
                 raise ValueError(f"unknown variant {variant!r}")
             net.to(device).train()
             self.opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5)
+        if channels_last:  # as labkit's loop trains (training.channels_last): network and batch NHWC
+            net.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.net = net
         self.scaler = torch.amp.GradScaler(device.type) if amp else None
 
@@ -226,7 +229,8 @@ def memory_probe(args) -> dict:
     set at that moment and ``rss_step_mb`` the difference (the steps' own allocations)."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    r = Runner(args.probe, args.width[0], args.size[0], args.batch, args.table, device, args.amp)
+    r = Runner(args.probe, args.width[0], args.size[0], args.batch, args.table, device, args.amp,
+               channels_last=args.channels_last)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -250,7 +254,8 @@ def memory_probe(args) -> dict:
 def run_probe(variant: str, width: float, size: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", variant, "--width", str(width), "--size",
            str(size), "--batch", str(args.batch), "--threads", str(args.threads), "--table", args.table,
-           "--device", args.device, "--probe-steps", str(args.probe_steps)] + (["--amp"] if args.amp else [])
+           "--device", args.device, "--probe-steps", str(args.probe_steps)]
+    cmd += (["--amp"] if args.amp else []) + ([] if args.channels_last else ["--contiguous"])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {variant} {width}/{size} failed:\n{proc.stderr[-3000:]}")
@@ -266,7 +271,8 @@ def run_case(width: float, size: int, variants: list[str], args) -> dict:
     device = torch.device(args.device)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    runners = {v: Runner(v, width, size, args.batch, args.table, device, args.amp) for v in variants}
+    runners = {v: Runner(v, width, size, args.batch, args.table, device, args.amp,
+                         channels_last=args.channels_last) for v in variants}
     build_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
@@ -404,6 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--compile", action="store_true", help="add the torch.compile'd labkit variants")
     add("--device", default="cpu")
     add("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU) + GradScaler")
+    add("--contiguous", dest="channels_last", action="store_false",
+        help="NCHW network and batch (default: channels_last, as training.channels_last trains)")
     add("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     add("--probe-steps", type=int, default=2, help="training steps per memory probe")
     add("--quick", action="store_true", help="smoke test: width 0.35, 32 px, batch 4, 2 steps")
