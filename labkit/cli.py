@@ -287,8 +287,8 @@ def _export_parser(sub) -> None:
     ex.add_argument("--margin", type=float, metavar="M", help="deeploy with --calibrate: factor on "
                     "the largest values seen (default 2)")
     ex.add_argument("--max-groups", type=int, default=None, metavar="K",
-                    help="deeploy: the most shift groups "
-                    "(RequantShift nodes) per requantization (default 2; 1: one shift each)")
+                    help="deeploy: the most shift groups (RequantShift nodes) per requantization (default 3; "
+                    "1: one shift each)")
     ex.add_argument("--no-preclip", action="store_true", help="deeploy: no pre-clip (fewer nodes, no Mul "
                     "constants; less precise on 8-bit networks: docs/export.md)")
     ex.add_argument("--input-bits", type=int, default=8, metavar="B",
@@ -556,7 +556,7 @@ def _export_args(args) -> Path:
     if (args.max_groups is not None or args.no_preclip) and args.target != "deeploy":
         raise ArgumentError("--max-groups and --no-preclip set the int32 twin of --target deeploy only")
     if args.max_groups is not None:
-        integer(args.max_groups, "--max-groups", 1, fix="shift groups per requantization, 2 by default")
+        integer(args.max_groups, "--max-groups", 1, fix="shift groups per requantization, 3 by default")
     if args.batch is not None:
         integer(args.batch, "--batch", 1, fix="the static batch of the exported graph")
         if args.n_inputs % args.batch:

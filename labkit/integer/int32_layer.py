@@ -43,8 +43,9 @@ __all__ = ["INT32_MAX", "Int32Requant", "PreClip", "int32_requant"]
 INT32_MAX = 2 ** 31 - 1
 #: defaults: the most shift groups per requantization, whether to pre-clip, the proven error (codes) below
 #: which the form with the fewest nodes is taken (2^-10: a few more nodes where they buy precision; at 2^-7
-#: one of 360 predictions of a PACT 8/8 net flipped, docs/export.md)
-MAX_GROUPS = 2
+#: one of 360 predictions of a PACT 8/8 net flipped, docs/export.md). 3 groups: at 2 one of 360 predictions of
+#: a TQT 8/8 net (channels_last, 2 threads) flipped; 3 replace some pre-clips, so the nets take fewer nodes
+MAX_GROUPS = 3
 PRECLIP = True
 TOLERANCE = 2.0 ** -10
 #: multiplier bits that suffice: a channel gains nothing from more shift (groups merge such channels freely)
