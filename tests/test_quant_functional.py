@@ -209,7 +209,6 @@ def test_eps_floor_constant():
     assert 0 < EPS_MIN < 1e-6
 
 
-
 @pytest.mark.parametrize("algorithm", ["pact", "tqt"])
 @pytest.mark.parametrize("bound_shape", [(), (1, 6, 1, 1)], ids=["per-tensor", "per-channel"])
 def test_channels_last_batches_give_the_contiguous_results(algorithm, bound_shape):

@@ -64,7 +64,6 @@ def stop_after(epoch):
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_reaches_the_same_weights(tiny_config, tmp_path, workers):
     cfg = tiny_config(**{"training.n_epochs": 3, "data.train.dataset.transform.kwargs.augment": True,
-                         "data.train.dataset.limit": 128, "data.valid.dataset.limit": 60,
                          "network.kwargs.dropout": 0.2, "data.train.dataloader.num_workers": workers,
                          "training.gd.lr_sched": {"class": "OneCycleLR", "kwargs": {"max_lr": 0.05}}})
     train(cfg, tmp_path / "full", **QUIET)
